@@ -1,0 +1,1 @@
+"""Knowledge distillation for image classification: data, models, losses and the training engine."""

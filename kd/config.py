@@ -1,0 +1,71 @@
+"""Typed root schema: a typo or a wrong type in a config or an override fails at composition."""
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Phase(Enum):
+    teacher = "teacher"
+    student = "student"
+
+
+@dataclass
+class ModelConfig:
+    _target_: str = MISSING
+    num_classes: int = MISSING
+    width: float = 1.0
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    num_classes: int = MISSING
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    crop_padding: int = 4
+    hflip: bool = True
+    val_fraction: float = 0.0
+    split_seed: int = 0
+    source: Any = MISSING  # a `_target_` node returning kd.data.Splits
+
+
+@dataclass
+class LoggerConfig:
+    # An explicit mode beats the WANDB_MODE variable, which beats the offline default.
+    mode: str = "${oc.env:WANDB_MODE,offline}"
+    project: str = "kd"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    phase: Phase = Phase.teacher
+    seed: int = 0
+    epochs: int = 240
+    batch_size: int = 64
+    eval_batch_size: int = 512
+    device: str = "auto"
+    # "auto" looks the teacher up in `teacher_store`; a path loads that checkpoint; "none" runs without one.
+    teacher_checkpoint: str = "auto"
+    # Student runs of every seed share the teacher trained with this seed (one teacher per table).
+    teacher_seed: int = 0
+    teacher_store: str = "outputs/teachers"
+    # Largest allowed gap (percentage points) between a teacher's measured and recorded test top-1.
+    teacher_acc_tolerance: float = 0.5
+    progress_bar: Optional[bool] = None  # None: only when stderr is a terminal
+    dataset: DatasetConfig = MISSING
+    teacher: ModelConfig = MISSING
+    student: ModelConfig = MISSING
+    loss: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+ConfigStore.instance().store(name="config_schema", node=Config)

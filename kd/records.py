@@ -1,0 +1,109 @@
+"""What a run leaves in its folder: metrics.jsonl, result.json, checkpoints, and the facts they carry."""
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain Python values (what W&B, result.json and checkpoints store)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def model_name(model_cfg: DictConfig) -> str:
+    """A model node's name: the factory its `_target_` names (e.g. resnet20)."""
+    return model_cfg._target_.rsplit(".", 1)[-1]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(model: nn.Module, image_shape: tuple[int, ...], device: torch.device) -> int:
+    """Forward FLOPs for one image (torch.utils.flop_counter counts a multiply-add as 2 FLOPs), eval mode."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, *image_shape, device=device))
+    model.train(was_training)
+    return counter.get_total_flops()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware, so a number can be traced to what produced it."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cpu_threads": torch.get_num_threads(),
+        "hostname": platform.node(),
+        "git_commit": git_commit(),
+    }

@@ -1,0 +1,121 @@
+"""The teacher store: trained teachers filed under a key of what defines them, and loading them safely.
+
+An entry is `<teacher_store>/<name>/teacher.pt` plus `manifest.json` (identity, resolved config, final
+test accuracy, sha256 of the weights). The manifest is written last, so an entry without one is incomplete.
+"""
+import hashlib
+import json
+import logging
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd.records import model_name, plain_config, save_checkpoint, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+# Keys of the config that change what a teacher learns; everything else (device, logging, ...) does not.
+IDENTITY_KEYS = ("dataset", "teacher", "optimizer", "scheduler", "epochs", "batch_size")
+
+
+def identity(cfg: DictConfig, seed: int) -> dict[str, Any]:
+    """What defines a teacher: data, architecture, training recipe and seed."""
+    ident = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(IDENTITY_KEYS)), resolve=True)
+    ident["dataset"]["source"].pop("download", None)  # fetching the data does not change it
+    ident["seed"] = seed
+    return ident
+
+
+def entry_dir(cfg: DictConfig, seed: int) -> Path:
+    """The store folder for the teacher that cfg defines: readable name plus a hash of its identity."""
+    digest = hashlib.sha256(json.dumps(identity(cfg, seed), sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{cfg.dataset.name}_{model_name(cfg.teacher)}_w{cfg.teacher.width:g}_seed{seed}_{digest}"
+    return Path(cfg.teacher_store) / name
+
+
+def save_to_store(cfg: DictConfig, model: nn.Module, metrics: dict[str, Any], run_dir: Path) -> Path:
+    """File a finished teacher (its final weights) in the store; returns the checkpoint path."""
+    entry = entry_dir(cfg, cfg.seed)
+    entry.mkdir(parents=True, exist_ok=True)
+    checkpoint = entry / "teacher.pt"
+    save_checkpoint(checkpoint, checkpoint_payload(cfg.teacher, model, metrics, cfg))
+    manifest = {
+        "identity": identity(cfg, cfg.seed),
+        "metrics": metrics,
+        "sha256": sha256_file(checkpoint),
+        "run_dir": str(run_dir),
+        "config": plain_config(cfg),
+    }
+    write_json(entry / "manifest.json", manifest)
+    log.info("teacher stored in %s (test/acc1 %.2f)", entry, metrics["test/acc1"])
+    return checkpoint
+
+
+def checkpoint_payload(model_cfg: DictConfig, model: nn.Module, metrics: dict[str, Any], cfg: DictConfig) -> dict:
+    """Weights with what is needed to check them: architecture node, metrics, resolved config."""
+    return {
+        "model": model.state_dict(),
+        "arch": OmegaConf.to_container(model_cfg, resolve=True),
+        "metrics": metrics,
+        "config": plain_config(cfg),
+    }
+
+
+def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | None:
+    """The teacher checkpoint for a student run, or None when none is configured and none is required."""
+    choice = cfg.teacher_checkpoint
+    if choice == "none":
+        if required:
+            raise ValueError("the loss needs a teacher but teacher_checkpoint=none: set it to auto or a path.")
+        return None
+    if choice != "auto":
+        path = Path(choice)
+        if not path.is_file():
+            raise FileNotFoundError(f"teacher_checkpoint={choice}: no such file.")
+        return path
+    entry = entry_dir(cfg, cfg.teacher_seed)
+    if (entry / "manifest.json").is_file():
+        return entry / "teacher.pt"
+    if not required:
+        log.info("no teacher in the store for this config; training without one (%s)", entry)
+        return None
+    raise FileNotFoundError(
+        f"no trained teacher for this config in {entry}. Train it first:\n  {teacher_command(cfg, overrides)}\n"
+        "or pass teacher_checkpoint=PATH."
+    )
+
+
+# Overrides (by their first key) that concern only the student run.
+STUDENT_ONLY = {"phase", "seed", "loss", "student", "model@student", "teacher_checkpoint", "teacher_seed", "logger"}
+
+
+def teacher_command(cfg: DictConfig, overrides: list[str]) -> str:
+    """The command that trains the teacher a student run needs: its overrides minus the student-only ones."""
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in STUDENT_ONLY]
+    args = ["python", "train.py", "phase=teacher", f"seed={cfg.teacher_seed}", *kept]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def load(path: Path, model_cfg: DictConfig, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the teacher from its config node, load the checkpoint's weights (tensors only), freeze it."""
+    payload = torch.load(path, map_location=device, weights_only=True)
+    expected = OmegaConf.to_container(model_cfg, resolve=True)
+    stored = payload.get("arch", {})
+    mismatched = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
+        raise ValueError(f"teacher checkpoint {path} does not match the teacher config ({details}).")
+    manifest = path.parent / "manifest.json"
+    if manifest.is_file() and path.name == "teacher.pt":
+        recorded = json.loads(manifest.read_text())["sha256"]
+        if sha256_file(path) != recorded:
+            raise ValueError(f"{path} does not match the sha256 in {manifest}: the file changed after training.")
+    teacher = instantiate(model_cfg).to(device)
+    teacher.load_state_dict(payload["model"])
+    teacher.eval().requires_grad_(False)
+    return teacher, payload["metrics"]
