@@ -148,7 +148,7 @@ def augment(images: Tensor, padding: int, hflip: bool, generator: torch.Generato
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 images to float, scaled to [0, 1], then standardised per channel (mean/std shaped (1, C, 1, 1))."""
-    return (images.float().div_(255.0) - mean) / std
+    return (images.float() / 255.0 - mean) / std
 
 
 def batches(split: Split, batch_size: int, generator: Optional[torch.Generator] = None) -> Iterator[Split]:

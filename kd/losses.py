@@ -1,6 +1,5 @@
 """Training criteria. Each is called as criterion(student_logits, teacher_logits, targets) and returns a
 dict of named, already-weighted loss terms whose sum is the loss; the loop logs each term."""
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,5 +50,5 @@ class KDLoss(nn.Module):
         if self.alpha > 0:
             terms["loss_kd"] = self.alpha * kd_divergence(student_logits, teacher_logits, self.temperature)
         else:  # the alpha=0 baseline: no teacher pass, the same keys in the logs
-            terms["loss_kd"] = torch.zeros((), device=student_logits.device)
+            terms["loss_kd"] = student_logits.new_zeros(())
         return terms
