@@ -1,0 +1,206 @@
+"""End to end: teacher then student through train.py and through kd.engine.run, on real (tiny) data."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize
+from hydra.utils import instantiate
+from wandb.proto import wandb_internal_pb2
+
+import kd.config  # noqa: F401  (registers the schema)
+from kd import engine, records
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
+# Small models keep the suite fast; the pipeline is the same for every pair.
+TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25"]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    store = f"teacher_store={tmp_path / 'teachers'}"
+    with initialize(version_base="1.3", config_path="../conf"):
+        return compose("config", overrides=[*TINY, "epochs=2", "logger.mode=disabled", store, *overrides])
+
+
+def train_py(tmp_path: Path, run_dir: str, *overrides: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "train.py", *TINY, "epochs=2", f"teacher_store={tmp_path / 'teachers'}"]
+    args += [f"hydra.run.dir={tmp_path / run_dir}", *overrides]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def wandb_records(run_dir: Path) -> list:
+    """Parse the offline run's .wandb file (a LevelDB-style log of protobuf records in 32 KiB blocks)."""
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, chunks, out = path.read_bytes(), 7, [], []  # 7-byte file header: ":W&B", magic, version
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunks.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            out.append(wandb_internal_pb2.Record.FromString(b"".join(chunks)))
+            chunks = []
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A real teacher run, then a student run from the store, through train.py (W&B offline)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    teacher = train_py(tmp, "teacher", "phase=teacher", "logger.mode=offline")
+    assert teacher.returncode == 0, teacher.stderr
+    student = train_py(tmp, "student", "phase=student", "logger.mode=offline")
+    assert student.returncode == 0, student.stderr
+    return tmp
+
+
+def test_teacher_run_records_and_store(pipeline):
+    result = json.loads((pipeline / "teacher" / "result.json").read_text())
+    assert result["phase"] == "teacher" and result["epochs"] == 2
+    (entry,) = (pipeline / "teachers").iterdir()
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["sha256"] == records.sha256_file(entry / "teacher.pt")
+    assert manifest["metrics"]["test/acc1"] == result["test/acc1"]
+    assert manifest["identity"]["teacher"]["_target_"].endswith(".resnet8")
+    assert result["teacher_checkpoint"] == str(entry / "teacher.pt")
+
+
+def test_student_run_records(pipeline):
+    run = pipeline / "student"
+    result = json.loads((run / "result.json").read_text())
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in epochs] == [1, 2]
+    for key in ("train/loss", "train/loss_ce", "train/loss_kd", "test/acc1", "test/acc5", "test/agreement", "lr"):
+        assert all(key in m for m in epochs), key
+    for m in epochs:
+        assert m["train/loss"] == pytest.approx(m["train/loss_ce"] + m["train/loss_kd"], rel=1e-5)
+    assert result["test/acc1"] == epochs[-1]["test/acc1"]
+    best = max(epochs, key=lambda m: m["test/acc1"])
+    assert (result["best_epoch"], result["test/acc1_best"]) == (best["epoch"], best["test/acc1"])
+    teacher_result = json.loads((pipeline / "teacher" / "result.json").read_text())
+    assert result["teacher/acc1"] == pytest.approx(teacher_result["test/acc1"])
+    student = instantiate(json_cfg(result)["student"])
+    assert result["params"] == sum(p.numel() for p in student.parameters())
+    assert result["flops_per_image"] > 0 and result["wall_time_s"] > 0
+    assert result["env"]["torch"] == torch.__version__ and result["config"]["loss"]["alpha"] == 0.9
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+
+def json_cfg(result: dict):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(result["config"])
+
+
+def test_checkpoints_carry_weights_and_config(pipeline):
+    for name in ("last.pt", "best.pt"):
+        payload = torch.load(pipeline / "student" / name, weights_only=True)
+        assert payload["arch"]["_target_"].endswith(".simple_cnn") and payload["config"]["phase"] == "student"
+        model = instantiate(payload["arch"])
+        model.load_state_dict(payload["model"])
+    assert torch.load(pipeline / "student" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_wandb_offline_run_read_back(pipeline):
+    """The metrics logged to W&B, read back from the offline run files, are the ones in metrics.jsonl."""
+    run = pipeline / "student"
+    logged = wandb_records(run)
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in logged if r.HasField("history")
+    ]
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["test/acc1"] for h in history] == pytest.approx([m["test/acc1"] for m in epochs])
+    assert [h["train/loss_kd"] for h in history] == pytest.approx([m["train/loss_kd"] for m in epochs])
+    (run_record,) = [r.run for r in logged if r.HasField("run")]
+    assert run_record.job_type == "student" and "loss:KDLoss" in run_record.tags
+    config = {i.key: json.loads(i.value_json) for i in run_record.config.update}
+    assert config["loss"]["alpha"] == 0.9 and config["student"]["width"] == 0.25
+
+
+def test_missing_teacher_names_the_command(tmp_path):
+    proc = train_py(tmp_path, "student", "phase=student", "logger.mode=disabled", "loss.alpha=0.5")
+    assert proc.returncode != 0
+    assert "no trained teacher" in proc.stderr
+    command = proc.stderr.split("Train it first:\n", 1)[1].splitlines()[0].strip()
+    assert command.startswith("python train.py phase=teacher seed=0 experiment=quickstart")
+    assert "loss.alpha" not in command and "student.width" not in command
+    assert not (tmp_path / "student" / "result.json").exists()
+    # The printed command really trains the teacher the student needs.
+    argv = [sys.executable, *command.split()[1:], f"hydra.run.dir={tmp_path / 'teacher'}", "logger.mode=disabled"]
+    assert subprocess.run(argv, cwd=REPO, capture_output=True, timeout=300).returncode == 0
+    proc = train_py(tmp_path, "student2", "phase=student", "logger.mode=disabled", "loss.alpha=0.5")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("teacher")
+    result = engine.run(compose_cfg(tmp, "phase=teacher"), tmp / "run")
+    return Path(result["teacher_checkpoint"])
+
+
+def test_teacher_gets_no_gradients_and_stays_frozen(teacher_ckpt, tmp_path):
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher_ckpt}")
+    data = engine.load_data(cfg.dataset, torch.device("cpu"))
+    job = engine.build_job(cfg, kd.config.Phase.student, instantiate(cfg.loss), data, torch.device("cpu"))
+    engine.attach_teacher(job, cfg, teacher_ckpt, torch.device("cpu"))
+    before = {k: v.clone() for k, v in job.teacher.state_dict().items()}
+    student_before = [p.clone() for p in job.model.parameters()]
+    engine.train_one_epoch(job, epoch=1)
+    assert all(p.grad is None and not p.requires_grad for p in job.teacher.parameters())
+    assert not job.teacher.training
+    assert all(torch.equal(before[k], v) for k, v in job.teacher.state_dict().items())  # BN stats too
+    assert any(not torch.equal(a, b) for a, b in zip(student_before, job.model.parameters()))
+
+
+def test_student_without_teacher_and_determinism(tmp_path):
+    cfg = compose_cfg(tmp_path, "phase=student", "loss=ce", "teacher_checkpoint=none")
+    first = engine.run(cfg, tmp_path / "a")
+    second = engine.run(cfg, tmp_path / "b")
+    assert "teacher/acc1" not in first and "test/agreement" not in first
+    keys = [k for k in first if k.startswith(("train/", "test/"))]
+    assert {k: first[k] for k in keys} == {k: second[k] for k in keys}
+
+
+def test_teacher_checkpoint_of_another_architecture_is_refused(teacher_ckpt, tmp_path):
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher_ckpt}", "model@teacher=resnet14")
+    with pytest.raises(ValueError, match=r"does not match the teacher config \(_target_: checkpoint .*resnet8"):
+        engine.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_teacher_whose_accuracy_disagrees_with_its_record_is_refused(teacher_ckpt, tmp_path):
+    payload = torch.load(teacher_ckpt, weights_only=True)
+    payload["metrics"]["test/acc1"] += 5.0  # as if trained on other data or with another normalization
+    moved = tmp_path / "teacher.pt"
+    torch.save(payload, moved)
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={moved}")
+    with pytest.raises(ValueError, match="wrong checkpoint, dataset or normalization"):
+        engine.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+def test_validation_split_selects_the_best_epoch(tmp_path):
+    cfg = compose_cfg(tmp_path, "phase=teacher", "dataset.val_fraction=0.2")
+    result = engine.run(cfg, tmp_path / "run")
+    assert result["best_selected_by"] == "val/acc1" and "val/acc1_best" in result
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = max(epochs, key=lambda m: m["val/acc1"])
+    assert result["test/acc1_best"] == best["test/acc1"]
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="../shared/data/cifar10 is not here")
+def test_imagefolder_run_on_a_slice_of_cifar10(tmp_path):
+    cfg = compose_cfg(
+        tmp_path, "phase=teacher", "dataset=imagefolder", f"dataset.source.root={SHARED_CIFAR10}",
+        "dataset.source.max_per_class=20", "epochs=1",
+    )
+    result = engine.run(cfg, tmp_path / "run")
+    assert result["config"]["dataset"]["name"] == "imagefolder" and 0 <= result["test/acc1"] <= 100
+    assert (tmp_path / "run" / "result.json").is_file()
