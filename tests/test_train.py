@@ -204,3 +204,15 @@ def test_imagefolder_run_on_a_slice_of_cifar10(tmp_path):
     result = engine.run(cfg, tmp_path / "run")
     assert result["config"]["dataset"]["name"] == "imagefolder" and 0 <= result["test/acc1"] <= 100
     assert (tmp_path / "run" / "result.json").is_file()
+
+
+def test_trained_student_serves_as_teacher_by_path(pipeline, tmp_path):
+    """Teacher-assistant chains: a student's checkpoint is a teacher when the teacher node names its model."""
+    student_ckpt = pipeline / "student" / "last.pt"
+    cfg = compose_cfg(
+        tmp_path, "phase=student", f"teacher_checkpoint={student_ckpt}", "model@teacher=simple_cnn",
+        "teacher.width=0.25", "model@student=resnet8", "student.width=0.25", "epochs=1",
+    )
+    result = engine.run(cfg, tmp_path / "run")
+    recorded = torch.load(student_ckpt, weights_only=True)["metrics"]["test/acc1"]
+    assert result["teacher/acc1"] == pytest.approx(recorded) and "test/agreement" in result

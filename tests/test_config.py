@@ -1,0 +1,477 @@
+"""Configs: every option of every group composes and instantiates, the presets hold their recipes, the typed
+schema rejects typos and wrong types at composition, and the teacher store keys on what defines a teacher.
+
+Composition runs in-process (hydra.initialize + compose). Nothing here downloads: the CIFAR sources are
+composed and checked against their factory's signature, never instantiated.
+"""
+
+import functools
+import inspect
+import math
+import shlex
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
+from PIL import Image
+from torch import nn
+
+import kd.config  # noqa: F401  (registers the typed root schema `config_schema`)
+from kd import engine, teachers
+from kd.config import Phase
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group, discovered from its yaml files (a new file is covered automatically)."""
+    names = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    assert names, f"no options found in conf/{group}"
+    return names
+
+
+def compose_fresh(*overrides: str) -> DictConfig:
+    with hydra.initialize(version_base="1.3", config_path="../conf"):
+        return hydra.compose("config", overrides=list(overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def compose(*overrides: str) -> DictConfig:
+    """compose_fresh, cached (a composition costs ~0.1 s) and read-only, so no test can change another's config."""
+    cfg = compose_fresh(*overrides)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def target_name(node: DictConfig) -> str:
+    return node._target_.rsplit(".", 1)[-1]
+
+
+def assert_target_accepts(node: DictConfig) -> None:
+    """The node's `_target_` imports and its signature accepts the node's arguments (without calling it)."""
+    factory = get_method(node._target_)
+    kwargs = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    inspect.signature(factory).bind(**kwargs)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every option of every group
+
+
+def test_root_config_composes_with_the_schema():
+    cfg = compose()
+    assert cfg.phase is Phase.teacher
+    engine.check_config(cfg)
+    # Every interpolation (num_classes, logger.mode) resolves and no value is left MISSING.
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_option_builds_as_teacher_and_student(name, one_thread):
+    cfg = compose("dataset=digits", f"model@teacher={name}", f"model@student={name}")
+    assert target_name(cfg.teacher) == target_name(cfg.student)
+    assert cfg.teacher.num_classes == cfg.student.num_classes == 10
+    with torch.device("meta"):  # no weight initialisation: only its structure is compared
+        teacher = instantiate(cfg.teacher)
+    student = instantiate(cfg.student)
+    assert isinstance(teacher, nn.Module) and isinstance(student, nn.Module)
+    # The same node under both mounts builds the same network (one forward is enough: the zoo is tested elsewhere).
+    shapes = lambda model: {k: v.shape for k, v in model.state_dict().items()}  # noqa: E731
+    assert shapes(teacher) == shapes(student)
+    student.eval()
+    with torch.no_grad():
+        logits = student(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert logits.shape == (2, 10)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", options("loss"))
+def test_loss_option_instantiates_and_returns_finite_terms(name):
+    criterion = instantiate(compose(f"loss={name}").loss)
+    generator = torch.Generator().manual_seed(0)
+    student_logits = torch.randn(8, 10, generator=generator, requires_grad=True)
+    teacher_logits = torch.randn(8, 10, generator=generator)
+    targets = torch.randint(0, 10, (8,), generator=generator)
+    terms = criterion(student_logits, teacher_logits, targets)
+    assert isinstance(terms, dict) and terms
+    assert all(isinstance(v, torch.Tensor) and v.shape == () for v in terms.values()), terms
+    total = sum(terms.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert student_logits.grad is not None and torch.isfinite(student_logits.grad).all()
+    assert student_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_optimizer_option_steps(name):
+    cfg = compose(f"optimizer={name}")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optimizer.lr)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    optimizer.step()
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def sgd(lr: float = 0.1) -> torch.optim.Optimizer:
+    return torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=lr)
+
+
+def lrs_after_steps(scheduler, optimizer, steps: int) -> list[float]:
+    """lrs[k] is the learning rate after k scheduler steps, i.e. the one 1-based epoch k + 1 trains with."""
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+@pytest.mark.parametrize("name", options("scheduler"))
+def test_scheduler_option_steps_with_finite_non_negative_lr(name):
+    cfg = compose(f"scheduler={name}", "epochs=4")
+    optimizer = sgd()
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    lrs = lrs_after_steps(scheduler, optimizer, 6)  # past `epochs` too
+    assert all(math.isfinite(lr) and lr >= 0 for lr in lrs), lrs
+
+
+def test_multistep_decays_tenfold_after_150_180_210_epochs():
+    optimizer = sgd(0.1)
+    scheduler = instantiate(compose("scheduler=multistep").scheduler)(optimizer)
+    lrs = lrs_after_steps(scheduler, optimizer, 240)
+    # 150 epochs at the base lr, as in RepDistiller (decay once epoch > 150, 1-based).
+    assert lrs[149] == pytest.approx(0.1)
+    assert lrs[150] == pytest.approx(0.01)
+    assert lrs[179] == pytest.approx(0.01)
+    assert lrs[180] == pytest.approx(0.001)
+    assert lrs[210] == pytest.approx(0.0001)
+    assert lrs[239] == pytest.approx(0.0001)
+
+
+def test_cosine_warms_up_linearly_then_decays_to_min_lr_at_epochs():
+    cfg = compose("scheduler=cosine", "epochs=10", "scheduler.warmup_epochs=2", "scheduler.min_lr=0.001")
+    assert cfg.scheduler.epochs == 10  # follows the root `epochs`
+    base, min_lr = 0.1, 0.001
+    optimizer = sgd(base)
+    lrs = lrs_after_steps(instantiate(cfg.scheduler)(optimizer), optimizer, 12)
+    assert lrs[0] == pytest.approx(base / 2)
+    assert lrs[1] == pytest.approx(base)
+    assert lrs[2] == pytest.approx(base)
+    assert lrs[6] == pytest.approx((base + min_lr) / 2)  # half-way through the decay
+    for k in range(2, 11):
+        expected = min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * (k - 2) / 8))
+        assert lrs[k] == pytest.approx(expected)
+    assert all(a > b for a, b in zip(lrs[2:10], lrs[3:11]))
+    assert lrs[10] == pytest.approx(min_lr)
+    assert lrs[11] == lrs[12] == pytest.approx(min_lr)  # stays there past `epochs`
+
+
+def test_scheduler_none_keeps_the_base_lr():
+    optimizer = sgd(0.05)
+    lrs = lrs_after_steps(instantiate(compose("scheduler=none").scheduler)(optimizer), optimizer, 5)
+    assert lrs == pytest.approx([0.05] * 6)
+
+
+def write_image_tree(root: Path, classes: list[str]) -> Path:
+    for part in ("train", "test"):
+        for i, name in enumerate(classes):
+            (root / part / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (i * 20, 100, 200 - i * 20)).save(root / part / name / "0.png")
+    return root
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_dataset_option_composes_and_its_source_is_buildable(name, tmp_path):
+    overrides = [f"dataset={name}"]
+    if name == "imagefolder":
+        root = write_image_tree(tmp_path / "images", [f"c{i}" for i in range(10)])
+        overrides.append(f"dataset.source.root={root}")
+    cfg = compose(*overrides)
+    ds = cfg.dataset
+    assert ds.name == name  # the name is what run folders and the teacher store file it under
+    assert ds.num_classes > 0
+    assert len(ds.mean) == len(ds.std) == 3 and all(s > 0 for s in ds.std)
+    assert 0 <= ds.val_fraction < 1
+    assert cfg.teacher.num_classes == cfg.student.num_classes == ds.num_classes
+    assert_target_accepts(ds.source)
+    if name in ("digits", "imagefolder"):
+        splits = instantiate(ds.source)
+        assert len(splits.classes) == ds.num_classes
+        assert splits.train.images.shape[1:] == splits.test.images.shape[1:] == (3, 32, 32)
+        assert len(splits.train) > 0 and len(splits.test) > 0
+    # The CIFAR sources download when instantiated: composed and signature-checked only.
+
+
+def test_imagefolder_needs_a_root():
+    cfg = compose("dataset=imagefolder")
+    with pytest.raises(OmegaConfBaseException, match="root"):
+        instantiate(cfg.dataset.source)
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_preset_composes_and_passes_check_config(name):
+    cfg = compose(f"experiment={name}")
+    engine.check_config(cfg)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg.teacher.num_classes == cfg.student.num_classes == cfg.dataset.num_classes
+    for node in (cfg.teacher, cfg.student, cfg.loss):
+        assert_target_accepts(node)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# presets
+
+CRD_PAIRS = {
+    "crd_resnet56_resnet20": ("resnet56", "resnet20"),
+    "crd_resnet110_resnet20": ("resnet110", "resnet20"),
+    "crd_resnet110_resnet32": ("resnet110", "resnet32"),
+    "crd_resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4"),
+    "crd_wrn_40_2_wrn_16_2": ("wrn_40_2", "wrn_16_2"),
+    "crd_wrn_40_2_wrn_40_1": ("wrn_40_2", "wrn_40_1"),
+    "crd_vgg13_vgg8": ("vgg13", "vgg8"),
+}
+
+
+def test_crd_presets_are_exactly_the_seven_pairs():
+    assert sorted(p.stem for p in (CONF / "experiment").glob("crd_*.yaml")) == sorted(CRD_PAIRS)
+
+
+@pytest.mark.parametrize("name", sorted(CRD_PAIRS))
+def test_crd_preset_is_the_crd_cifar100_recipe(name):
+    cfg = compose(f"experiment={name}")
+    assert cfg.dataset.name == "cifar100" and cfg.dataset.num_classes == 100
+    assert cfg.teacher.num_classes == cfg.student.num_classes == 100
+    # Standard CIFAR augmentation, trained on all 50k training images.
+    assert cfg.dataset.crop_padding == 4 and cfg.dataset.hflip and cfg.dataset.val_fraction == 0.0
+    assert (target_name(cfg.teacher), target_name(cfg.student)) == CRD_PAIRS[name]
+    assert cfg.teacher.width == cfg.student.width == 1.0
+    assert cfg.epochs == 240 and cfg.batch_size == 64
+    opt = cfg.optimizer
+    assert opt._target_ == "torch.optim.SGD"
+    assert (opt.lr, opt.momentum, opt.weight_decay) == pytest.approx((0.05, 0.9, 5e-4))
+    assert not opt.get("nesterov", False)
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.MultiStepLR"
+    assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.scheduler.gamma == pytest.approx(0.1)
+    assert cfg.loss._target_ == "kd.losses.KDLoss"
+    assert (cfg.loss.alpha, cfg.loss.temperature) == pytest.approx((0.9, 4.0))
+
+
+def test_seed_cifar10_preset():
+    cfg = compose("experiment=seed_cifar10")
+    assert cfg.dataset.name == "cifar10" and cfg.dataset.num_classes == 10
+    assert target_name(cfg.teacher) == target_name(cfg.student) == "resnet18"
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum) == pytest.approx((0.001, 0.9))
+    assert cfg.optimizer.weight_decay == 0.0
+    assert cfg.scheduler._target_ == "kd.schedulers.constant"
+    assert cfg.epochs == 10
+
+
+def test_quickstart_preset_runs_offline_on_digits():
+    cfg = compose("experiment=quickstart")
+    assert cfg.dataset.name == "digits" and cfg.dataset.source._target_ == "kd.data.digits"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the typed schema
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("epochz=3", "epochz"),
+        ("loss.alpa=0.5", "loss.alpa"),
+        ("dataset.val_fractoin=0.1", "dataset.val_fractoin"),
+    ],
+)
+def test_schema_rejects_unknown_keys(override, named):
+    with pytest.raises(CONFIG_ERRORS) as error:
+        compose(override)
+    assert named in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("epochs=abc", "epochs", "abc"),
+        ("batch_size=1.5", "batch_size", "1.5"),
+        ("student.width=wide", "student.width", "wide"),
+        ("phase=studnet", "phase", "studnet"),
+    ],
+)
+def test_schema_rejects_wrong_types(override, key, value):
+    with pytest.raises(CONFIG_ERRORS) as error:
+        compose(override)
+    assert override in str(error.value)
+    # It is the typed schema that refused the value, naming the full key.
+    cause = error.value.__cause__
+    assert isinstance(cause, ValidationError), repr(cause)
+    assert f"full_key: {key}" in str(cause) and value in str(cause)
+
+
+@pytest.mark.parametrize(
+    "override, missing", [("model@student=resnet9000", "model/resnet9000"), ("loss=nope", "loss/nope")]
+)
+def test_unknown_group_option_is_rejected(override, missing):
+    with pytest.raises(CONFIG_ERRORS) as error:
+        compose(override)
+    assert missing in str(error.value)
+
+
+def test_width_sweep_values_compose_to_floats():
+    (sweep,) = OverridesParser.create().parse_overrides(["student.width=0.25,0.5,1,2"])
+    values = list(sweep.sweep_string_iterator())
+    assert values == ["0.25", "0.5", "1", "2"]
+    widths = [compose(f"student.width={v}").student.width for v in values]
+    assert widths == [0.25, 0.5, 1.0, 2.0]
+    assert all(type(w) is float for w in widths)
+
+
+def test_phase_composes_to_the_enum():
+    assert compose().phase is Phase.teacher
+    phase = compose("phase=student").phase
+    assert phase is Phase.student and phase.value == "student"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logger.mode
+
+
+def test_logger_mode_defaults_to_offline(monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert compose_fresh().logger.mode == "offline"
+
+
+def test_logger_mode_follows_wandb_mode(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose_fresh().logger.mode == "disabled"
+
+
+def test_explicit_logger_mode_beats_wandb_mode(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert compose_fresh("logger.mode=online").logger.mode == "online"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the teacher store key and the teacher command
+
+
+def test_entry_dir_is_stable_and_under_the_store():
+    first, second = teachers.entry_dir(compose_fresh(), 0), teachers.entry_dir(compose_fresh(), 0)
+    assert first == second
+    assert first.parent == Path(compose().teacher_store)
+    assert first.name.startswith("cifar100_resnet56_w1_seed0_")
+
+
+@pytest.mark.parametrize(
+    "overrides, seed",
+    [
+        (["teacher.width=2"], 0),
+        (["dataset=cifar10"], 0),
+        ([], 1),
+        (["epochs=200"], 0),
+        (["optimizer.lr=0.1"], 0),
+        (["model@teacher=resnet110"], 0),
+        (["batch_size=128"], 0),
+        (["scheduler=cosine"], 0),
+        (["dataset.val_fraction=0.1"], 0),
+    ],
+)
+def test_entry_dir_changes_with_what_defines_the_teacher(overrides, seed):
+    assert teachers.entry_dir(compose(*overrides), seed) != teachers.entry_dir(compose(), 0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss.alpha=0.5"],
+        ["student.width=2"],
+        ["logger.mode=online"],
+        ["device=cpu"],
+        ["dataset.source.download=false"],
+        ["phase=student", "seed=3", "teacher_seed=4", "loss=ce", "model@student=resnet8", "teacher_checkpoint=none"],
+    ],
+)
+def test_entry_dir_ignores_student_only_settings(overrides):
+    assert teachers.entry_dir(compose(*overrides), 0) == teachers.entry_dir(compose(), 0)
+
+
+STUDENT_RUN = [
+    "experiment=crd_resnet56_resnet20",
+    "phase=student",
+    "seed=3",
+    "loss.alpha=0.5",
+    "epochs=5",
+    "student.width=2",
+    "model@student=resnet8",
+    "dataset=digits",
+    "teacher_checkpoint=auto",
+    "teacher_seed=2",
+    "teacher.width=2",
+    "logger.mode=online",
+    "logger.tags=[a,b]",
+    "scheduler.milestones=[2,4]",
+]
+
+
+def test_teacher_command_keeps_only_what_the_teacher_needs():
+    cfg = compose(*STUDENT_RUN)
+    args = shlex.split(teachers.teacher_command(cfg, STUDENT_RUN))
+    assert args == [
+        "python", "train.py", "phase=teacher", "seed=2",
+        "experiment=crd_resnet56_resnet20", "epochs=5", "dataset=digits", "teacher.width=2",
+        "scheduler.milestones=[2,4]",
+    ]
+
+
+def test_teacher_command_trains_the_teacher_the_student_looks_up():
+    student_cfg = compose(*STUDENT_RUN)
+    args = shlex.split(teachers.teacher_command(student_cfg, STUDENT_RUN))
+    teacher_cfg = compose(*args[2:])
+    assert teacher_cfg.phase is Phase.teacher
+    # The teacher run files itself under entry_dir(cfg, cfg.seed); the student looks under its teacher_seed.
+    looked_up = teachers.entry_dir(student_cfg, student_cfg.teacher_seed)
+    assert teachers.entry_dir(teacher_cfg, teacher_cfg.seed) == looked_up
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# check_config
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("epochs=0", "epochs"),
+        ("batch_size=0", "batch_size"),
+        ("eval_batch_size=0", "eval_batch_size"),
+        ("student.width=0", "student.width"),
+        ("teacher.width=-1", "teacher.width"),
+        ("dataset.val_fraction=1.0", "dataset.val_fraction"),
+    ],
+)
+def test_check_config_rejects_unusable_values(override, key):
+    cfg = compose(override)
+    with pytest.raises(ValueError, match=rf"(^|\W){key}="):
+        engine.check_config(cfg)
