@@ -11,6 +11,9 @@ class Phase(Enum):
     teacher = "teacher"
     student = "student"
 
+    def __str__(self) -> str:  # so ${phase} in paths reads "student", not "Phase.student"
+        return self.value
+
 
 @dataclass
 class ModelConfig:

@@ -103,7 +103,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}: need at least 1")
     for role in ("teacher", "student"):
-        if cfg[role].width <= 0:
+        if not cfg[role].width > 0:  # also catches NaN
             problems.append(f"{role}.width={cfg[role].width}: the width multiplier must be > 0 (1 = standard)")
     if not 0.0 <= cfg.dataset.val_fraction < 1.0:
         problems.append(f"dataset.val_fraction={cfg.dataset.val_fraction}: must be in [0, 1)")

@@ -353,6 +353,10 @@ def test_phase_composes_to_the_enum():
     assert compose().phase is Phase.teacher
     phase = compose("phase=student").phase
     assert phase is Phase.student and phase.value == "student"
+    # Run folders interpolate ${phase}: they must read outputs/student/..., not outputs/Phase.student/...
+    OmegaConf.set_struct(cfg := compose_fresh("phase=student"), False)
+    cfg.folder = "outputs/${phase}"
+    assert cfg.folder == "outputs/student"
 
 
 # ---------------------------------------------------------------------------------------------------------------
