@@ -1,8 +1,10 @@
 """Train a teacher (phase=teacher) or distill a student from it (phase=student). See README.md."""
+import os
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
@@ -12,9 +14,25 @@ from kd import engine
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # One W&B group per sweep, named after its folder; cores shared out between parallel jobs.
+        cfg.logger.group = cfg.logger.group or "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
+        if cfg.threads is None:
+            cfg.threads = threads_per_job(hydra_cfg.launcher)
     result = engine.run(cfg, Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task))
     # The sweep metric: validation accuracy when a validation split exists, so searches never see test.
     return result.get("val/acc1", result["test/acc1"])
+
+
+def threads_per_job(launcher: DictConfig) -> int | None:
+    """CPU threads for one job: the launcher's cpus_per_task (submitit), or the cores split over n_jobs (joblib)."""
+    if launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    n_jobs, cores = launcher.get("n_jobs"), os.cpu_count() or 1
+    if not n_jobs or n_jobs == 1:
+        return None
+    parallel = n_jobs if n_jobs > 0 else max(1, cores + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+    return max(1, cores // parallel)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,13 @@ class Config:
     teacher_store: str = "outputs/teachers"
     # Largest allowed gap (percentage points) between a teacher's measured and recorded test top-1.
     teacher_acc_tolerance: float = 0.5
+    # Student runs whose teacher is not in the store train it first (once, under a file lock).
+    train_missing_teacher: bool = False
+    teacher_lock_timeout_s: float = 86400.0
+    # CPU threads for this job; None keeps torch's default (train.py splits the cores between parallel jobs).
+    threads: Optional[int] = None
+    # Measure batch-1 latency and throughput at batch_size of the trained model (seconds of work).
+    profile: bool = True
     progress_bar: Optional[bool] = None  # None: only when stderr is a terminal
     dataset: DatasetConfig = MISSING
     teacher: ModelConfig = MISSING

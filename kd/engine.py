@@ -68,13 +68,18 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
     check_config(cfg)
     device = resolve_device(cfg.device)
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     teacher_path = None
     if phase is Phase.student:
-        teacher_path = teachers.resolve(cfg, criterion.needs_teacher, list(overrides))
+        teacher_path = find_or_train_teacher(cfg, criterion.needs_teacher, overrides)
     data = load_data(cfg.dataset, device)
     job = build_job(cfg, phase, criterion, data, device)
     summary = {"phase": phase.value, "params": records.count_parameters(job.model)}
-    summary["flops_per_image"] = records.forward_flops(job.model, tuple(data.test.images.shape[1:]), device)
+    image_shape = tuple(data.test.images.shape[1:])
+    summary["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
+    if cfg.profile:
+        summary.update(records.profile_model(job.model, image_shape, cfg.batch_size, device))
     if teacher_path is not None:
         summary.update(attach_teacher(job, cfg, teacher_path, device))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +98,20 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
     result["config"] = records.plain_config(cfg)
     records.write_json(out_dir / "result.json", result)
     return result
+
+
+def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[str]) -> Optional[Path]:
+    """The student's teacher checkpoint; with train_missing_teacher=true a missing one is trained first, once."""
+    try:
+        return teachers.resolve(cfg, required, list(overrides))
+    except teachers.MissingTeacher as missing:
+        if not cfg.train_missing_teacher:
+            raise
+        with teachers.store_lock(missing.entry, cfg.teacher_lock_timeout_s):
+            if not (missing.entry / "manifest.json").is_file():  # a parallel job may have filed it meanwhile
+                log.info("training the missing teacher into %s", missing.entry)
+                run(teachers.teacher_config(cfg), missing.entry / "run")
+        return missing.entry / "teacher.pt"
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -3,8 +3,10 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,38 @@ def forward_flops(model: nn.Module, image_shape: tuple[int, ...], device: torch.
         model(torch.zeros(1, *image_shape, device=device))
     model.train(was_training)
     return counter.get_total_flops()
+
+
+def profile_model(model: nn.Module, image_shape: tuple[int, ...], batch_size: int, device: torch.device) -> dict:
+    """Eval-mode forward speed on this device: median batch-1 latency and throughput at batch_size."""
+    was_training = model.training
+    model.eval()
+    profile = {}
+    for batch, name in ((1, "latency_ms"), (batch_size, "throughput_img_s")):
+        seconds = _median_forward_seconds(model, torch.zeros(batch, *image_shape, device=device))
+        profile[name] = seconds * 1e3 if batch == 1 else batch / seconds
+    model.train(was_training)
+    return profile
+
+
+@torch.inference_mode()
+def _median_forward_seconds(model: nn.Module, inputs: torch.Tensor, budget_s: float = 0.5) -> float:
+    """Median of timed forwards after two warm-up ones; at least 3 and at most 50, within about budget_s."""
+    for _ in range(2):
+        model(inputs)
+    times: list[float] = []
+    while len(times) < 3 or (sum(times) < budget_s and len(times) < 50):
+        _synchronize(inputs.device)
+        start = time.perf_counter()
+        model(inputs)
+        _synchronize(inputs.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def git_commit() -> str | None:

@@ -7,10 +7,12 @@ import hashlib
 import json
 import logging
 import shlex
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+from filelock import FileLock, Timeout
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -84,10 +86,48 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | Non
     if not required:
         log.info("no teacher in the store for this config; training without one (%s)", entry)
         return None
-    raise FileNotFoundError(
+    raise MissingTeacher(
+        entry,
         f"no trained teacher for this config in {entry}. Train it first:\n  {teacher_command(cfg, overrides)}\n"
-        "or pass teacher_checkpoint=PATH."
+        "or pass teacher_checkpoint=PATH, or train_missing_teacher=true to train it on demand.",
     )
+
+
+class MissingTeacher(FileNotFoundError):
+    """The store has no teacher for this config; `entry` is where it belongs."""
+
+    def __init__(self, entry: Path, message: str):
+        super().__init__(message)
+        self.entry = entry
+
+
+def teacher_config(cfg: DictConfig) -> DictConfig:
+    """The teacher-phase config that trains the teacher a student config needs."""
+    teacher_cfg = cfg.copy()
+    teacher_cfg.phase = "teacher"
+    teacher_cfg.seed = cfg.teacher_seed
+    return teacher_cfg
+
+
+@contextmanager
+def store_lock(entry: Path, timeout_s: float) -> Iterator[None]:
+    """Hold `<entry>.lock` so parallel jobs (joblib, SLURM arrays) train and file a teacher only once.
+
+    flock-based: the OS drops the lock when its holder dies, so a crashed job never leaves it stale.
+    """
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(f"{entry}.lock", timeout=timeout_s)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TimeoutError(
+            f"waited {timeout_s:.0f} s for {lock.lock_file}: another job is still training this teacher. "
+            "Raise teacher_lock_timeout_s, or train it first with phase=teacher."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # Overrides (by their first key) that concern only the student run.

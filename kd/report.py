@@ -1,0 +1,780 @@
+"""Tables and plots from Hydra multirun sweeps: `python -m kd.report SWEEP_DIR [SWEEP_DIR ...]`.
+
+Flow: job folders (result.json, metrics.jsonl, .hydra/overrides.yaml) -> runs -> groups (same config but
+the seed) -> summary rows (mean ± std over seeds, Δ to the baseline) -> report.md, report.csv, report.tex,
+PNG plots. The jobs a sweep should have are expanded from its multirun.yaml with Hydra's own parser, so a
+missing or failed job is listed, never silently averaged away.
+"""
+import argparse
+import csv
+import itertools
+import json
+import math
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from kd import plots
+
+# Config keys (and their subtrees) that do not change the experiment: runs differing only here are one group.
+IGNORED_KEYS = (
+    "logger", "device", "progress_bar", "eval_batch_size",
+    "teacher_checkpoint", "teacher_store", "teacher_acc_tolerance",
+)
+# What a phase never reads: a teacher run trains with cross-entropy and has no student or teacher_seed.
+UNUSED_BY_PHASE = {"teacher": ("student", "loss", "teacher_seed")}
+SEED_KEY = "seed"
+METHOD = "method"  # the pseudo-key naming the loss (KD, CE); pivots may use it
+MISSING = "–"  # shown for a key a group's config does not have (e.g. loss.alpha of a CE run)
+METRICS = {"last": "test/acc1", "best": "test/acc1_best"}
+# Optional per-run numbers shown as extra columns when some run has them (later versions of result.json).
+EXTRA_COLUMNS = {"latency_ms": "latency (ms)", "throughput_img_s": "throughput (img/s)"}
+MAX_CURVES_PER_PLOT = 8
+
+
+@dataclass
+class Run:
+    """One job folder: its overrides, and its result.json (None when the job failed or never finished)."""
+
+    path: Path
+    sweep_dir: Path
+    overrides: tuple[str, ...]
+    result: Optional[dict[str, Any]]
+    key: dict[str, Any] = field(default_factory=dict)  # flattened config minus seed and IGNORED_KEYS, plus method
+    problem: str = ""
+
+    @property
+    def seed(self) -> Any:
+        return (self.result or {}).get("config", {}).get(SEED_KEY)
+
+
+@dataclass
+class Group:
+    """Finished runs whose configs differ only in the seed (and in IGNORED_KEYS)."""
+
+    key: dict[str, Any]
+    runs: list[Run]
+    expected: int = 0  # how many seeds the sweeps asked for (>= len(runs))
+
+
+@dataclass
+class Row:
+    """One line of the table: a group's statistics over seeds."""
+
+    index: int
+    group: Group
+    stats: dict[str, tuple[float, float]]  # "last"/"best" -> (mean, sample std; nan for n=1)
+    numbers: dict[str, Optional[float]]  # params, flops_m, teacher_acc1; EXTRA_COLUMNS keys when present
+    baseline: Optional["Row"] = None
+
+    @property
+    def n(self) -> int:
+        return len(self.group.runs)
+
+    def delta(self, metric: str) -> Optional[float]:
+        if self.baseline is None:
+            return None
+        return self.stats[metric][0] - self.baseline.stats[metric][0]
+
+
+@dataclass
+class Problem:
+    """An expected job without a result: missing (no folder) or failed/unfinished (folder, no result.json)."""
+
+    sweep_dir: Path
+    overrides: tuple[str, ...]
+    status: str
+    path: Optional[Path] = None
+    swept: tuple[str, ...] = ()  # the overrides that tell this job from the sweep's others
+
+    def line(self) -> str:
+        where = f"`{self.path.relative_to(self.sweep_dir)}`" if self.path else "no job folder"
+        return f"{self.status}: {' '.join(self.swept or self.overrides)} ({where} in `{self.sweep_dir}`)"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Folders under sweep_dir (or sweep_dir itself) that Hydra ran a job in."""
+    sweep_dir = Path(sweep_dir)
+    if (sweep_dir / ".hydra" / "overrides.yaml").is_file():
+        return [sweep_dir]
+    return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml"))
+
+
+def load_run(path: Path, sweep_dir: Path) -> Run:
+    """Read one job folder; a missing or unreadable result.json marks it failed or unfinished."""
+    overrides = tuple(str(o) for o in OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "overrides.yaml")))
+    run = Run(path, Path(sweep_dir), overrides, None)
+    try:
+        run.result = json.loads((path / "result.json").read_text())
+    except FileNotFoundError:
+        run.problem = "failed or unfinished (no result.json" + _progress(path) + ")"
+        return run
+    except json.JSONDecodeError as err:
+        run.problem = f"unreadable result.json ({err})"
+        return run
+    run.key = group_key(run.result.get("config", {}), seed_linked_keys(path))
+    return run
+
+
+def load_runs(sweep_dirs: Sequence[Path]) -> list[Run]:
+    """Every job folder of the sweeps, finished or not."""
+    return [load_run(path, Path(d)) for d in sweep_dirs for path in job_dirs(Path(d))]
+
+
+def _progress(path: Path) -> str:
+    """How far a job without result.json got, from its metrics.jsonl."""
+    epochs = [record.get("epoch") for record in read_jsonl(path / "metrics.jsonl")]
+    return f"; last epoch logged: {epochs[-1]}" if epochs else "; no epoch logged"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a missing file or a truncated last line gives what is readable."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict with dotted keys; lists become JSON text so that values are hashable."""
+    if not isinstance(tree, dict):
+        return {prefix: json.dumps(tree) if isinstance(tree, (list, dict)) else tree}
+    if not tree and prefix:
+        return {prefix: "{}"}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def is_under(key: str, roots: Sequence[str]) -> bool:
+    """Whether a dotted key is one of `roots` or inside one of them."""
+    return any(key == root or key.startswith(root + ".") for root in roots)
+
+
+def is_ignored(key: str) -> bool:
+    return is_under(key, (SEED_KEY, *IGNORED_KEYS))
+
+
+def seed_linked_keys(path: Path) -> set[str]:
+    """Keys whose unresolved value is `${seed}` (e.g. teacher_seed='${seed}'): they follow the seed."""
+    raw = path / ".hydra" / "config.yaml"
+    if not raw.is_file():
+        return set()
+    tree = OmegaConf.to_container(OmegaConf.load(raw), resolve=False)
+    return {key for key, value in flatten(tree).items() if value == "${" + SEED_KEY + "}"}
+
+
+def group_key(config: dict[str, Any], linked: set[str] = frozenset()) -> dict[str, Any]:
+    """The experiment a run belongs to: its flattened config minus the seed, IGNORED_KEYS and what its phase
+    never reads, plus method."""
+    unused = UNUSED_BY_PHASE.get(str(config.get("phase")), ())
+    flat = {k: v for k, v in flatten(config).items() if not is_ignored(k) and not is_under(k, unused)}
+    flat.update({k: "${" + SEED_KEY + "}" for k in linked if k in flat})
+    return {METHOD: method_name(config), **flat}
+
+
+def method_name(config: dict[str, Any]) -> str:
+    """The loss class without "Loss" (KD, CE); the teacher phase always trains with cross-entropy."""
+    if config.get("phase") == "teacher":
+        return "teacher (CE)"
+    target = str(config.get("loss", {}).get("_target_", "?"))
+    name = target.rsplit(".", 1)[-1]
+    return name[: -len("Loss")] if name.endswith("Loss") and name != "Loss" else name
+
+
+# ---------------------------------------------------------------- expected jobs
+
+
+def expected_jobs(sweep_dir: Path) -> Optional[list[tuple[str, ...]]]:
+    """The jobs multirun.yaml asks for (the basic sweeper's cartesian product); None when it cannot say."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    hydra_cfg = OmegaConf.load(path).hydra
+    sweeper = OmegaConf.to_container(hydra_cfg.get("sweeper") or {}, resolve=False)
+    if not str(sweeper.get("_target_", "BasicSweeper")).endswith("BasicSweeper"):
+        return None  # other sweepers (Optuna, Ax) choose their jobs at run time
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    arguments = params + [str(o) for o in hydra_cfg.overrides.task]
+    choices: "OrderedDict[str, list[str]]" = OrderedDict()
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [tuple(job) for job in itertools.product(*choices.values())]
+
+
+def normalize(overrides: Sequence[str]) -> frozenset[tuple[str, str]]:
+    """Overrides as (key, value) pairs, parsed by Hydra, so that equal overrides compare equal."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except Exception:  # an override Hydra cannot parse here still matches itself
+        return frozenset((o, "") for o in overrides)
+    return frozenset((o.get_key_element(), o.get_value_element_as_str()) for o in parsed)
+
+
+def seedless(job: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:
+    """A job's overrides without the seed and the keys that do not change the experiment."""
+    return frozenset((k, v) for k, v in job if not is_ignored(k.lstrip("+~")))
+
+
+def sweep_jobs(sweep_dir: Path, runs: Sequence[Run]) -> set[frozenset[tuple[str, str]]]:
+    """Every job of a sweep: the expanded grid, plus any job folder the grid does not name."""
+    jobs = {normalize(job) for job in expected_jobs(sweep_dir) or []}
+    return jobs | {normalize(run.overrides) for run in runs if run.sweep_dir == Path(sweep_dir)}
+
+
+def find_problems(sweep_dirs: Sequence[Path], runs: Sequence[Run]) -> list[Problem]:
+    """Expected jobs without a folder (missing) and folders without a readable result.json (failed)."""
+    problems = []
+    for sweep_dir in map(Path, sweep_dirs):
+        mine = [run for run in runs if run.sweep_dir == sweep_dir]
+        finished = {normalize(run.overrides) for run in mine if run.result is not None}
+        present = {normalize(run.overrides) for run in mine}
+        grid = expected_jobs(sweep_dir) or []
+        for number, job in enumerate(grid):
+            if normalize(job) not in present:
+                problems.append(Problem(sweep_dir, job, f"missing (job {number})"))
+        for run in mine:
+            if run.result is None and normalize(run.overrides) not in finished:  # a finished rerun supersedes
+                problems.append(Problem(sweep_dir, run.overrides, run.problem, run.path))
+        for problem in problems:
+            if problem.sweep_dir == sweep_dir:
+                problem.swept = swept_overrides(problem.overrides, [*grid, *(run.overrides for run in mine)])
+    return problems
+
+
+def swept_overrides(job: Sequence[str], jobs: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The overrides of `job` that not every job of the sweep shares (the swept values)."""
+    common = set.intersection(*(set(other) for other in jobs)) if jobs else set()
+    return tuple(o for o in job if o not in common)
+
+
+# ---------------------------------------------------------------- groups and statistics
+
+
+def group_runs(runs: Sequence[Run], sweep_dirs: Sequence[Path] = ()) -> list[Group]:
+    """Finished runs grouped by config minus the seed; `expected` counts the seeds the sweeps asked for."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        if run.result is not None:
+            signature = json.dumps(run.key, sort_keys=True, default=str)
+            groups.setdefault(signature, Group(run.key, [])).runs.append(run)
+    jobs = {Path(d): [seedless(job) for job in sweep_jobs(Path(d), runs)] for d in sweep_dirs}
+    for group in groups.values():
+        signatures = {(run.sweep_dir, seedless(normalize(run.overrides))) for run in group.runs}
+        asked = sum(jobs.get(d, []).count(signature) for d, signature in signatures)
+        group.expected = max(asked, len(group.runs))
+    return list(groups.values())
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; nan for one value)."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        return math.nan, math.nan
+    return float(array.mean()), float(array.std(ddof=1)) if array.size > 1 else math.nan
+
+
+def mean_of_present(runs: Sequence[Run], key: str, scale: float = 1.0) -> Optional[float]:
+    """Mean of a result.json number over the runs that have it; None when none has it."""
+    values = [run.result[key] for run in runs if isinstance(run.result.get(key), (int, float))]
+    return float(np.mean(values)) / scale if values else None
+
+
+def summarize(groups: Sequence[Group]) -> list[Row]:
+    """One row per group, sorted by its varying keys, with mean ± std over seeds and the baseline to compare."""
+    keys = varying_keys([group.key for group in groups])
+    ordered = sorted(groups, key=lambda group: [sort_value(group.key.get(k, MISSING)) for k in keys])
+    rows = []
+    for index, group in enumerate(ordered, start=1):
+        stats = {}
+        for name, metric in METRICS.items():
+            values = [run.result.get(metric) for run in group.runs]
+            stats[name] = mean_std([math.nan if v is None else v for v in values])
+        numbers = {"params": mean_of_present(group.runs, "params"),
+                   "flops_m": mean_of_present(group.runs, "flops_per_image", 1e6),
+                   "teacher_acc1": mean_of_present(group.runs, "teacher/acc1")}
+        extras = {key: mean_of_present(group.runs, key) for key in EXTRA_COLUMNS}
+        numbers.update({key: value for key, value in extras.items() if value is not None})
+        rows.append(Row(index, group, stats, numbers))
+    for row in rows:
+        row.baseline = find_baseline(row, rows)
+    return rows
+
+
+def varying_keys(keys: Sequence[dict[str, Any]]) -> list[str]:
+    """Keys whose value differs between groups (in config order), without loss._target_ (method says it)."""
+    names = list(dict.fromkeys(k for key in keys for k in key))
+    varying = [k for k in names if len({json.dumps(key.get(k, MISSING), default=str) for key in keys}) > 1]
+    return [k for k in varying if k != "loss._target_"]
+
+
+def sort_value(value: Any) -> tuple:
+    """Numbers before text, missing values last, so that 0.5 < 4 < 16 and not "16" < "4"."""
+    if value == MISSING:
+        return (2, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def is_baseline(key: dict[str, Any]) -> bool:
+    """A student trained without the teacher's soft targets: CE, or KD with alpha = 0."""
+    return key.get("phase") == "student" and (key[METHOD] == "CE" or key.get("loss.alpha") == 0)
+
+
+# Keys a baseline may differ in, most to least specific: alpha alone (same T), any loss setting of the
+# same method, then a CE run of the same student (the teacher is not used by a baseline).
+BASELINE_TIERS = (("loss.alpha",), ("loss",), ("loss", METHOD, "teacher", "teacher_seed"))
+
+
+def find_baseline(row: Row, rows: Sequence[Row]) -> Optional[Row]:
+    """The baseline row with the same config except the fewest loss keys; None for baselines and teachers."""
+    if row.group.key.get("phase") != "student" or is_baseline(row.group.key):
+        return None
+    candidates = [other for other in rows if is_baseline(other.group.key)]
+    for allowed in BASELINE_TIERS:
+        matches = [other for other in candidates if same_except(row.group.key, other.group.key, allowed)]
+        if matches:
+            return matches[0]
+    return None
+
+
+def same_except(a: dict[str, Any], b: dict[str, Any], allowed: Sequence[str]) -> bool:
+    """Whether two group keys agree on every key outside the `allowed` subtrees."""
+    for key in set(a) | set(b):
+        if not is_under(key, allowed) and a.get(key, MISSING) != b.get(key, MISSING):
+            return False
+    return True
+
+
+def epoch_curve(group: Group, metric: str = "test/acc1") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Epochs, mean and sample std (nan for one run) of a per-epoch metric over the group's runs."""
+    series = []
+    for run in group.runs:
+        by_epoch = {r["epoch"]: r[metric] for r in read_jsonl(run.path / "metrics.jsonl") if metric in r}
+        series.append(by_epoch)
+    epochs = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    stats = [mean_std([s[e] for s in series]) for e in epochs]
+    return np.array(epochs), np.array([m for m, _ in stats]), np.array([s for _, s in stats])
+
+
+# ---------------------------------------------------------------- tables
+
+
+def fmt_value(value: Any, key: str = "") -> str:
+    """A config value as a table shows it: 0.9, 4, 0.25; a `_target_` by its last name (resnet8)."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if key.endswith("_target_") and isinstance(value, str):
+        return value.rsplit(".", 1)[-1]
+    return str(value)
+
+
+def fmt_stat(stat: tuple[float, float]) -> str:
+    """mean ± std to two decimals; the mean alone when there is no std (n=1)."""
+    mean, std = stat
+    if math.isnan(mean):
+        return "n/a"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def fmt_n(group: Group) -> str:
+    """n, `n of N` when the sweeps asked for N, and a warning when a seed repeats."""
+    n = len(group.runs)
+    text = str(n) if n == group.expected else f"{n} of {group.expected}"
+    return text + (" (repeated seeds)" if len({run.seed for run in group.runs}) < n else "")
+
+
+def fmt_number(value: Optional[float], digits: int = 2) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if digits == 0 else f"{value:.{digits}f}"
+
+
+def key_columns(rows: Sequence[Row]) -> list[str]:
+    """The method column, then the config keys that vary between the groups."""
+    return [METHOD] + [k for k in varying_keys([row.group.key for row in rows]) if k != METHOD]
+
+
+def table(rows: Sequence[Row], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """The main table as header and text cells."""
+    keys = key_columns(rows)
+    extras = [k for k in EXTRA_COLUMNS if any(k in row.numbers for row in rows)]
+    header = ["#", *keys, *[f"test top-1 {m} (%)" for m in metrics], "n", "params", "FLOPs (M)", "teacher top-1"]
+    header += [f"Δ {m}" for m in metrics] + [EXTRA_COLUMNS[k] for k in extras]
+    cells = []
+    for row in rows:
+        line = [str(row.index), *[fmt_value(row.group.key.get(k, MISSING), k) for k in keys]]
+        line += [fmt_stat(row.stats[m]) for m in metrics] + [fmt_n(row.group)]
+        line += [fmt_number(row.numbers["params"], 0), fmt_number(row.numbers["flops_m"]),
+                 fmt_number(row.numbers["teacher_acc1"])]
+        line += [fmt_delta(row, m) for m in metrics] + [fmt_number(row.numbers.get(k)) for k in extras]
+        cells.append(line)
+    return header, cells
+
+
+def fmt_delta(row: Row, metric: str) -> str:
+    delta = row.delta(metric)
+    return "" if delta is None else f"{delta:+.2f} (vs #{row.baseline.index})"
+
+
+def markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    lines = [header, ["---"] * len(header), *cells]
+    return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
+                          ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("±", r"$\pm$"), ("Δ", r"$\Delta$"),
+                          (MISSING, "--")):
+        text = text.replace(char, escaped)
+    return text.replace(r"\textbackslash\{\}", r"\textbackslash{}")
+
+
+def latex_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs})."""
+    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule"]
+    lines.append(" & ".join(latex_escape(h) for h in header) + r" \\")
+    lines.append(r"\midrule")
+    lines += [" & ".join(latex_escape(c) for c in line) + r" \\" for line in cells]
+    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+
+
+def csv_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """The table with full-precision numbers, one dict per row (std empty for n=1, Δ empty without baseline)."""
+    keys = key_columns(rows)
+    records = []
+    for row in rows:
+        record = {"row": row.index, **{k: row.group.key.get(k, MISSING) for k in keys}}
+        for name, (mean, std) in row.stats.items():
+            record[f"test_acc1_{name}_mean"], record[f"test_acc1_{name}_std"] = _num(mean), _num(std)
+        record.update(n=row.n, n_expected=row.group.expected, seeds=" ".join(str(r.seed) for r in row.group.runs))
+        record["best_selected_by"] = " ".join(sorted({str(r.result.get("best_selected_by")) for r in row.group.runs}))
+        record.update({k: _num(v) for k, v in row.numbers.items()})
+        for name in row.stats:
+            record[f"delta_{name}"] = _num(row.delta(name))
+        record["baseline_row"] = row.baseline.index if row.baseline else ""
+        records.append(record)
+    return records
+
+
+def _num(value: Optional[float]) -> Any:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    names = list(dict.fromkeys(k for record in records for k in record))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+# ---------------------------------------------------------------- pivots
+
+
+@dataclass
+class Panel:
+    """One pivot table: the rows with the same values of every varying key but the two pivoted ones."""
+
+    title: str
+    row_values: list[Any]
+    col_values: list[Any]
+    cells: dict[tuple[str, str], Row]
+
+
+def pivot_panels(rows: Sequence[Row], row_key: str, col_key: str) -> list[Panel]:
+    """Rows arranged as row_key × col_key, one panel per combination of the other varying keys."""
+    others = [k for k in key_columns(rows) if k not in (row_key, col_key)]
+    others = [k for k in others if len({json.dumps(r.group.key.get(k, MISSING), default=str) for r in rows}) > 1]
+    panels: dict[tuple, list[Row]] = {}
+    for row in rows:
+        panels.setdefault(tuple(fmt_value(row.group.key.get(k, MISSING)) for k in others), []).append(row)
+    result = []
+    for values, members in panels.items():
+        def distinct(key: str) -> list[Any]:
+            return sorted({m.group.key.get(key, MISSING) for m in members}, key=sort_value)
+        cells = {(fmt_value(m.group.key.get(row_key, MISSING)), fmt_value(m.group.key.get(col_key, MISSING))): m
+                 for m in members}
+        title = ", ".join(f"{k}={v}" for k, v in zip(others, values))
+        result.append(Panel(title, distinct(row_key), distinct(col_key), cells))
+    return result
+
+
+def pivot_table(panel: Panel, row_key: str, col_key: str, metric: str) -> tuple[list[str], list[list[str]]]:
+    """A panel as header and text cells of mean ± std (with n when it is 1 or short of the sweep's)."""
+    header = [f"{row_key} \\ {col_key}", *[fmt_value(c) for c in panel.col_values]]
+    cells = []
+    for r in panel.row_values:
+        line = [fmt_value(r)]
+        for c in panel.col_values:
+            row = panel.cells.get((fmt_value(r), fmt_value(c)))
+            line.append("" if row is None else fmt_stat(row.stats[metric]) + pivot_n(row.group))
+        cells.append(line)
+    return header, cells
+
+
+def pivot_n(group: Group) -> str:
+    if len(group.runs) != group.expected:
+        return f" (n={len(group.runs)} of {group.expected})"
+    return " (n=1)" if len(group.runs) == 1 else ""
+
+
+def pivot_records(panels: Sequence[Panel], row_key: str, col_key: str, metric: str) -> list[dict[str, Any]]:
+    """Pivot cells in long form with full-precision numbers."""
+    records = []
+    for panel in panels:
+        for (r, c), row in panel.cells.items():
+            mean, std = row.stats[metric]
+            records.append({"panel": panel.title, row_key: r, col_key: c, "row": row.index,
+                            f"test_acc1_{metric}_mean": _num(mean), f"test_acc1_{metric}_std": _num(std),
+                            "n": row.n, "n_expected": row.group.expected})
+    return records
+
+
+# ---------------------------------------------------------------- plots
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each key's last dotted part (alpha, width) unless two keys share it."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def row_label(row: Row, keys: Sequence[str]) -> str:
+    """A legend label: the method, then key=value for the other given keys."""
+    names = short_names([k for k in keys if k != METHOD])
+    parts = [str(row.group.key[METHOD])] + [f"{names[k]}={fmt_value(row.group.key.get(k, MISSING), k)}" for k in names]
+    return " ".join(parts) + (" (baseline)" if is_baseline(row.group.key) else "")
+
+
+def plot_heatmap(rows: Sequence[Row], out_dir: Path, metric: str) -> str:
+    """heatmap_alpha_temperature.png, one panel per combination of the other varying keys."""
+    keys, name = ("loss.alpha", "loss.temperature"), "heatmap_alpha_temperature.png"
+    kd_rows = [row for row in rows if all(k in row.group.key for k in keys)]
+    if any(len({row.group.key[k] for row in kd_rows}) < 2 for k in keys):
+        return f"{name} skipped: loss.alpha and loss.temperature do not both vary."
+    panels = []
+    for panel in pivot_panels(kd_rows, *keys):
+        labels = [fmt_value(v) for v in panel.row_values], [fmt_value(v) for v in panel.col_values]
+        values = np.array([[panel.cells[(r, c)].stats[metric][0] if (r, c) in panel.cells else np.nan
+                            for c in labels[1]] for r in labels[0]])
+        panels.append(plots.Heatmap(panel.title, *labels, values))
+    plots.heatmaps(panels, *keys, out_dir / name)
+    return f"![{name}]({name})"
+
+
+SIZE_PLOTS = {"params": ("acc_vs_params.png", "parameters"), "flops_m": ("acc_vs_flops.png", "FLOPs / image (M)")}
+
+
+def plot_vs_size(rows: Sequence[Row], out_dir: Path, metric: str, number: str) -> str:
+    """acc_vs_params.png / acc_vs_flops.png: one line per setting of the keys that are not the model's."""
+    name, xlabel = SIZE_PLOTS[number]
+    if len({row.numbers[number] for row in rows}) < 2 or any(row.numbers[number] is None for row in rows):
+        return f"{name} skipped: the runs do not vary in {xlabel}."
+    keys = [k for k in key_columns(rows) if not k.startswith(("student.", "teacher."))]
+    lines: dict[str, list[Row]] = {}
+    for row in rows:
+        lines.setdefault(row_label(row, keys), []).append(row)
+    series = []
+    for label, members in lines.items():
+        members.sort(key=lambda row: row.numbers[number])
+        x = np.array([row.numbers[number] for row in members])
+        y, spread = (np.array([row.stats[metric][i] for row in members]) for i in (0, 1))
+        series.append(plots.Series(label, x, y, spread, dashed=is_baseline(members[0].group.key)))
+    plots.lines(series, xlabel + " (log scale)", f"test top-1 {metric} (%)", out_dir / name, log_x=True)
+    return f"![{name}]({name})"
+
+
+def plot_curves(rows: Sequence[Row], out_dir: Path) -> list[str]:
+    """curves.png (curves_1.png, ... beyond MAX_CURVES_PER_PLOT groups): test top-1 per epoch, mean ± std."""
+    keys = key_columns(rows)
+    chunks = [rows[i : i + MAX_CURVES_PER_PLOT] for i in range(0, len(rows), MAX_CURVES_PER_PLOT)]
+    notes = []
+    for number, chunk in enumerate(chunks, start=1):
+        name = "curves.png" if len(chunks) == 1 else f"curves_{number}.png"
+        series = [plots.Series(f"#{row.index} {row_label(row, keys)}", *epoch_curve(row.group),
+                               dashed=is_baseline(row.group.key)) for row in chunk]
+        series = [s for s in series if s.x.size]
+        if not series:
+            notes.append(f"{name} skipped: no metrics.jsonl with test/acc1.")
+            continue
+        plots.bands(series, "epoch", "test top-1 (%)", out_dir / name)
+        notes.append(f"![{name}]({name})")
+    return notes
+
+
+def write_plots(rows: Sequence[Row], out_dir: Path, metric: str) -> list[str]:
+    """Every plot the sweep supports; returns Markdown lines (an image, or why a plot was skipped)."""
+    if not rows:
+        return ["No plots: no finished run."]
+    notes = [plot_heatmap(rows, out_dir, metric)]
+    notes += [plot_vs_size(rows, out_dir, metric, number) for number in SIZE_PLOTS]
+    return notes + plot_curves(rows, out_dir)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def intro(sweep_dirs: Sequence[Path], runs: Sequence[Run], rows: Sequence[Row]) -> list[str]:
+    """What the report covers and how to read its cells."""
+    lines = ["# Sweep report", ""]
+    for d in sweep_dirs:
+        mine = [run for run in runs if run.sweep_dir == d]
+        grid = expected_jobs(d)
+        asked = f"{len(grid)} jobs in multirun.yaml's grid" if grid is not None else "no multirun.yaml grid"
+        lines.append(f"- `{d}`: {asked}, {len(mine)} job folders, {sum(r.result is not None for r in mine)} finished")
+    constant = [k for k in ("phase", "dataset.name", "teacher._target_", "student._target_", "epochs")
+                if rows and k not in key_columns(rows) and k in rows[0].group.key]
+    fixed = ", ".join(f"{k}={fmt_value(rows[0].group.key[k], k)}" for k in constant)
+    selectors = sorted({str(r.result.get("best_selected_by")) for row in rows for r in row.group.runs})
+    lines += ["", f"Fixed: {fixed}." if fixed else "", "",
+              "Cells: test top-1 (%), mean ± sample std (ddof=1) over seeds; with n=1 the mean alone. "
+              "n: finished seeds, written `n of N` when the sweep asked for N (the missing runs are listed below).",
+              f"**last** = the final epoch; **best** = test top-1 at the epoch selected by {' / '.join(selectors)}"
+              + (" (the test split itself, so optimistic; dataset.val_fraction > 0 selects on a validation split)"
+                 if "test/acc1" in selectors else "") + ".",
+              "Δ = this row's mean minus its baseline row's (`vs #k`): the same config with loss.alpha=0 "
+              "(same temperature when that group exists), else a CE student of the same config; blank without one.",
+              ""]
+    return lines
+
+
+def pivot_sections(
+    rows: Sequence[Row], pivots: Sequence[tuple[str, str]], metric: str, out_dir: Path
+) -> tuple[list[str], list[str]]:
+    """Markdown and LaTeX for each --pivot, and pivot_<row>_<col>.csv next to the report."""
+    markdown, latex = [], []
+    for row_key, col_key in pivots:
+        panels = pivot_panels(rows, row_key, col_key)
+        markdown.append(f"## Pivot: {row_key} × {col_key} (test top-1 {metric}, %)\n")
+        latex.append(f"% pivot: {row_key} x {col_key} (test top-1 {metric})")
+        for panel in panels:
+            header, cells = pivot_table(panel, row_key, col_key, metric)
+            markdown += [f"{panel.title}:\n" if panel.title else "", markdown_table(header, cells)]
+            latex += [f"% {panel.title}" if panel.title else "", latex_table(header, cells)]
+        write_csv(out_dir / f"pivot_{row_key}_{col_key}.csv", pivot_records(panels, row_key, col_key, metric))
+    return markdown, latex
+
+
+def problem_section(problems: Sequence[Problem], rows: Sequence[Row], sweep_dirs: Sequence[Path]) -> list[str]:
+    """The "Missing or failed runs" section: each job, then the table rows and settings they affect."""
+    lines = ["## Missing or failed runs", ""]
+    if not problems:
+        lines.append("None: every expected job has a result.json.")
+    ungridded = [f"`{d}`" for d in sweep_dirs if expected_jobs(d) is None]
+    if ungridded:
+        lines += ["", f"No basic-sweeper multirun.yaml in {', '.join(ungridded)}: only its job folders were checked."]
+    lines += [f"- {p.line()}" for p in problems]
+    absent = settings_without_rows(problems, [run for row in rows for run in row.group.runs])
+    if absent:
+        lines += ["", "Settings with no finished run (no row in the table): " + "; ".join(absent) + "."]
+    short = [f"#{row.index} ({fmt_n(row.group)})" for row in rows if row.n < row.group.expected]
+    if short:
+        lines += ["", "Groups with fewer seeds than asked for: " + ", ".join(short) + "."]
+    repeated = [f"#{row.index}" for row in rows if len({r.seed for r in row.group.runs}) < row.n]
+    if repeated:
+        lines += ["", "Groups with the same seed more than once (all counted): " + ", ".join(repeated) + "."]
+    return lines + [""]
+
+
+def settings_without_rows(problems: Sequence[Problem], finished: Sequence[Run]) -> list[str]:
+    """The swept settings (seed aside) of problem jobs that no finished run of their sweep shares."""
+    have = {(run.sweep_dir, seedless(normalize(run.overrides))) for run in finished}
+    absent = {}
+    for problem in problems:
+        if (problem.sweep_dir, seedless(normalize(problem.overrides))) not in have:
+            setting = [o for o in problem.swept if not is_ignored(o.split("=", 1)[0].lstrip("+~"))]
+            absent.setdefault(" ".join(setting), None)
+    return list(absent)
+
+
+def check_pivots(rows: Sequence[Row], pivots: Sequence[tuple[str, str]]) -> None:
+    """Reject a pivot on a key no group has, naming the keys that exist."""
+    known = sorted({k for row in rows for k in row.group.key})
+    for key in (k for pivot in pivots for k in pivot):
+        if key not in known:
+            raise ValueError(f"--pivot {key}: no such config key; keys: {', '.join(known)}")
+
+
+def write_report(
+    sweep_dirs: Sequence[Path], out_dir: Optional[Path] = None, pivots: Sequence[tuple[str, str]] = (),
+    latex: bool = False, metric: str = "both",
+) -> Path:
+    """Write report.md, report.csv (and report.tex, pivot CSVs, PNGs) into out_dir; return report.md's path."""
+    sweep_dirs = [Path(d) for d in sweep_dirs]
+    out_dir = Path(out_dir or sweep_dirs[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(sweep_dirs)
+    problems = find_problems(sweep_dirs, runs)
+    rows = summarize(group_runs(runs, sweep_dirs))
+    check_pivots(rows, pivots)
+    metrics = ["last", "best"] if metric == "both" else [metric]
+    primary = "best" if metric == "best" else "last"
+    header, cells = table(rows, metrics)
+    write_csv(out_dir / "report.csv", csv_records(rows))
+    pivot_md, pivot_tex = pivot_sections(rows, pivots, primary, out_dir)
+    plot_lines = write_plots(rows, out_dir, primary)
+    markdown = [*intro(sweep_dirs, runs, rows), markdown_table(header, cells), *pivot_md,
+                *problem_section(problems, rows, sweep_dirs), "## Plots", "", *[f"{line}\n" for line in plot_lines]]
+    (out_dir / "report.md").write_text("\n".join(markdown))
+    if latex:
+        (out_dir / "report.tex").write_text("\n".join([latex_table(header, cells), *pivot_tex]))
+    for problem in problems:
+        print(f"kd.report: {problem.line()}", file=sys.stderr)
+    return out_dir / "report.md"
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kd.report", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dirs", nargs="+", type=Path, help="Hydra multirun folders (or single run folders)")
+    parser.add_argument("--pivot", nargs=2, action="append", default=[], metavar=("ROW", "COL"),
+                        help="also a ROW x COL table of mean ± std, e.g. loss.alpha loss.temperature; "
+                             f"a dotted config key or `{METHOD}` (repeatable)")
+    parser.add_argument("--latex", action="store_true", help="also write report.tex (booktabs)")
+    parser.add_argument("--metric", choices=("last", "best", "both"), default="both",
+                        help="which test top-1 the tables show: last epoch, best epoch, or both")
+    parser.add_argument("--out", type=Path, help="output folder (default: the first sweep folder)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; 1 when the folders hold no job at all or a pivot key does not exist."""
+    args = parse_args(argv)
+    missing = [d for d in args.sweep_dirs if not d.is_dir()]
+    if missing:
+        print(f"kd.report: no such folder: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 1
+    if not any(job_dirs(d) for d in args.sweep_dirs):
+        print("kd.report: no job folders (with .hydra/overrides.yaml) found", file=sys.stderr)
+        return 1
+    try:
+        path = write_report(args.sweep_dirs, args.out, [tuple(p) for p in args.pivot], args.latex, args.metric)
+    except ValueError as err:
+        print(f"kd.report: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""kd.report on a real multirun (teacher, then 2 alphas x 2 temperatures x 2 seeds) and on hand-made sweeps."""
+import csv
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from kd import report
+
+REPO = Path(__file__).resolve().parents[1]
+# 16x16 digits and batch 128 keep 9 trainings within seconds; the pipeline is the same as at 32x32.
+TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25",
+        "epochs=1", "batch_size=128", "++dataset.source.image_size=16", "logger.mode=disabled"]
+SWEEP = ["loss.alpha=0,0.9", "loss.temperature=1,4", "seed=0,1"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def train_py(*args: str) -> None:
+    # One thread: these models are too small to gain from two, and a second thread stalls when the CPU is shared.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A real teacher run, then a real student multirun of 8 jobs through train.py -m."""
+    tmp = tmp_path_factory.mktemp("report")
+    store = f"teacher_store={tmp / 'teachers'}"
+    train_py(*TINY, "phase=teacher", store, f"hydra.run.dir={tmp / 'teacher'}")
+    train_py("-m", *TINY, "phase=student", store, *SWEEP, f"hydra.sweep.dir={tmp / 'sweep'}")
+    return tmp / "sweep"
+
+
+@pytest.fixture(scope="module")
+def out(sweep, tmp_path_factory) -> Path:
+    """The report of the complete sweep, with a pivot and LaTeX."""
+    out = tmp_path_factory.mktemp("out")
+    assert report.main([str(sweep), "--out", str(out), "--latex", "--pivot", "loss.alpha", "loss.temperature"]) == 0
+    return out
+
+
+def results_by_setting(sweep: Path) -> dict[tuple[float, float], list[dict]]:
+    """The result.json records, read directly, keyed by (alpha, temperature)."""
+    by_setting: dict[tuple[float, float], list[dict]] = {}
+    for path in sorted(sweep.rglob("result.json")):
+        result = json.loads(path.read_text())
+        loss = result["config"]["loss"]
+        by_setting.setdefault((float(loss["alpha"]), float(loss["temperature"])), []).append(result)
+    return by_setting
+
+
+def csv_rows(path: Path) -> dict[tuple[float, float], dict[str, str]]:
+    with path.open() as f:
+        return {(float(r["loss.alpha"]), float(r["loss.temperature"])): r for r in csv.DictReader(f)}
+
+
+def job_folder(sweep: Path, **values: str) -> Path:
+    """The one job folder whose overrides contain every key=value given (dots written as __).
+
+    Folders may nest: Hydra names them after the overrides, and teacher_store=/a/path holds slashes.
+    """
+    wanted = {f"{k.replace('__', '.')}={v}" for k, v in values.items()}
+    (match,) = [p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")
+                if wanted <= set(yaml.safe_load(p.read_text()))]
+    return match
+
+
+def section(markdown: str, heading: str) -> str:
+    return markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_expected_jobs_are_the_grid(sweep):
+    jobs = report.expected_jobs(sweep)
+    assert len(jobs) == 8
+    folders = {report.normalize(yaml.safe_load(p.read_text())) for p in sweep.rglob(".hydra/overrides.yaml")}
+    assert {report.normalize(job) for job in jobs} == folders
+    assert sum("loss.alpha=0.9" in job and "seed=1" in job for job in jobs) == 2
+
+
+def test_table_matches_an_independent_computation(sweep, out):
+    expected, table = results_by_setting(sweep), csv_rows(out / "report.csv")
+    assert set(table) == set(expected) == {(a, t) for a in (0.0, 0.9) for t in (1.0, 4.0)}
+    for setting, results in expected.items():
+        row = table[setting]
+        assert (int(row["n"]), int(row["n_expected"])) == (2, 2)
+        for name, key in (("last", "test/acc1"), ("best", "test/acc1_best")):
+            values = [r[key] for r in results]
+            assert float(row[f"test_acc1_{name}_mean"]) == pytest.approx(statistics.mean(values), abs=1e-9)
+            assert float(row[f"test_acc1_{name}_std"]) == pytest.approx(statistics.stdev(values), abs=1e-9)
+        assert float(row["params"]) == results[0]["params"]
+        assert float(row["teacher_acc1"]) == pytest.approx(statistics.mean(r["teacher/acc1"] for r in results))
+    for temperature in (1.0, 4.0):  # Δ: alpha 0.9 against alpha 0 at the same temperature
+        kd, base = (statistics.mean(r["test/acc1"] for r in expected[(a, temperature)]) for a in (0.9, 0.0))
+        assert float(table[(0.9, temperature)]["delta_last"]) == pytest.approx(kd - base, abs=1e-9)
+        assert table[(0.0, temperature)]["delta_last"] == ""
+
+
+def test_markdown_table_columns_and_cells(sweep, out):
+    markdown = (out / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| # |"))
+    assert "loss.alpha" in header and "loss.temperature" in header and "method" in header
+    assert "student.width" not in header and "seed" not in header and "logger" not in header
+    values = [r["test/acc1"] for r in results_by_setting(sweep)[(0.9, 4.0)]]
+    cell = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    assert any(line.startswith("| ") and "| 0.9 | 4 |" in line and cell in line for line in markdown.splitlines())
+    assert "selected by test/acc1" in markdown
+    assert "None: every expected job has a result.json." in section(markdown, "Missing or failed runs")
+
+
+def test_pivot_equals_group_means(sweep, out):
+    table = csv_rows(out / "report.csv")
+    with (out / "pivot_loss.alpha_loss.temperature.csv").open() as f:
+        pivot = {(float(r["loss.alpha"]), float(r["loss.temperature"])): r for r in csv.DictReader(f)}
+    assert set(pivot) == set(table)
+    for setting, results in results_by_setting(sweep).items():
+        mean = statistics.mean(r["test/acc1"] for r in results)
+        assert float(pivot[setting]["test_acc1_last_mean"]) == pytest.approx(mean, abs=1e-9)
+        assert float(pivot[setting]["test_acc1_last_mean"]) == float(table[setting]["test_acc1_last_mean"])
+    markdown = section((out / "report.md").read_text(), "Pivot: loss.alpha × loss.temperature")
+    line = next(line for line in markdown.splitlines() if line.startswith("| 0.9 |"))
+    assert f"{float(table[(0.9, 1.0)]['test_acc1_last_mean']):.2f} ± " in line.split("|")[2]
+
+
+def test_latex_written(out):
+    tex = (out / "report.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 2  # the table and the pivot
+    assert r"$\pm$" in tex and r"loss.alpha" in tex and "±" not in tex
+
+
+def test_plots_are_valid_pngs(out):
+    markdown = (out / "report.md").read_text()
+    for name in ("heatmap_alpha_temperature.png", "curves.png"):
+        path = out / name
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 0 and image.shape[1] > 0
+        assert f"![{name}]({name})" in markdown
+    assert not (out / "acc_vs_params.png").exists()  # one student width: nothing to plot against
+    assert "acc_vs_params.png skipped" in markdown
+
+
+def test_deleted_result_is_listed_and_its_group_is_short(sweep, tmp_path, capsys):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    job = job_folder(copy, loss__alpha="0.9", loss__temperature="4", seed="1")
+    (job / "result.json").unlink()
+    assert report.main([str(copy)]) == 0
+    assert "failed or unfinished" in capsys.readouterr().err
+    problems = section((copy / "report.md").read_text(), "Missing or failed runs")
+    assert f"`{job.name}`" in problems and "loss.alpha=0.9 loss.temperature=4 seed=1" in problems
+    row = csv_rows(copy / "report.csv")[(0.9, 4.0)]
+    assert (row["n"], row["n_expected"], row["test_acc1_last_std"]) == ("1", "2", "")
+    other_seed = job_folder(copy, loss__alpha="0.9", loss__temperature="4", seed="0")
+    assert float(row["test_acc1_last_mean"]) == json.loads((other_seed / "result.json").read_text())["test/acc1"]
+    table_line = next(l for l in (copy / "report.md").read_text().splitlines() if "| 0.9 | 4 |" in l)
+    assert "| 1 of 2 |" in table_line
+
+
+def test_removed_folders_are_missing_from_the_grid(sweep, tmp_path, capsys):
+    copy = shutil.copytree(sweep, tmp_path / "sweep")
+    shutil.rmtree(job_folder(copy, loss__alpha="0", loss__temperature="1", seed="0"))
+    for seed in ("0", "1"):
+        shutil.rmtree(job_folder(copy, loss__alpha="0.9", loss__temperature="1", seed=seed))
+    assert report.main([str(copy)]) == 0
+    assert capsys.readouterr().err.count("missing (job") == 3
+    problems = section((copy / "report.md").read_text(), "Missing or failed runs")
+    assert "loss.alpha=0 loss.temperature=1 seed=0 (no job folder" in problems
+    assert "Settings with no finished run (no row in the table): loss.alpha=0.9 loss.temperature=1." in problems
+    table = csv_rows(copy / "report.csv")
+    assert (0.9, 1.0) not in table
+    assert (table[(0.0, 1.0)]["n"], table[(0.0, 1.0)]["n_expected"]) == ("1", "2")
+
+
+# ---------------------------------------------------------------- hand-made sweeps (no training)
+
+
+def fake_job(folder: Path, overrides: list[str], config: dict, **result) -> None:
+    """A job folder as train.py leaves it: overrides, result.json with the config, a two-epoch metrics.jsonl."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+    record = {"phase": "student", "best_selected_by": "val/acc1", "config": config, **result}
+    (folder / "result.json").write_text(json.dumps(record))
+    epochs = [{"epoch": 1, "test/acc1": result["test/acc1"] / 2}, {"epoch": 2, "test/acc1": result["test/acc1"]}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+
+
+def fake_config(loss: dict, width: float, seed: int, **top) -> dict:
+    return {"phase": "student", "seed": seed, "epochs": 2, "device": "cpu", "logger": {"mode": "disabled"},
+            "student": {"_target_": "kd.models.simple_cnn.simple_cnn", "width": width}, "loss": loss, **top}
+
+
+@pytest.fixture
+def ce_and_kd_sweep(tmp_path) -> Path:
+    """CE and KD students at two widths; no multirun.yaml; KD at width 1 has one seed only."""
+    ce, kd = {"_target_": "kd.losses.CELoss", "label_smoothing": 0.0}, {"_target_": "kd.losses.KDLoss", "alpha": 0.9,
+                                                                         "temperature": 4}
+    number = 0
+    for name, loss in (("ce", ce), ("kd", kd)):
+        for width, params in ((0.5, 1000), (1.0, 4000)):
+            for seed in (0, 1) if (name, width) != ("kd", 1.0) else (0,):
+                acc = 50 + 10 * width + 5 * (name == "kd") + seed
+                fake_job(tmp_path / f"{number}_job", [f"loss={name}", f"student.width={width}", f"seed={seed}"],
+                         fake_config(loss, width, seed, device=f"cuda:{seed}"), **{
+                             "test/acc1": acc, "test/acc1_best": acc + 1, "params": params,
+                             "flops_per_image": 3e6 * params / 1000, "latency_ms": 2.0})
+                number += 1
+    return tmp_path
+
+
+def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
+    assert report.main([str(ce_and_kd_sweep), "--metric", "last"]) == 0
+    with (ce_and_kd_sweep / "report.csv").open() as f:
+        rows = {(r["method"], r["student.width"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(m, w) for m in ("CE", "KD") for w in ("0.5", "1.0")}  # device differs: still one group
+    assert float(rows[("KD", "0.5")]["delta_last"]) == pytest.approx(60.5 - 55.5)
+    assert float(rows[("KD", "1.0")]["delta_last"]) == pytest.approx(65 - 60.5)
+    assert rows[("KD", "1.0")]["baseline_row"] == rows[("CE", "1.0")]["row"]
+    markdown = (ce_and_kd_sweep / "report.md").read_text()
+    kd_line = next(l for l in markdown.splitlines() if l.startswith(f"| {rows[('KD', '1.0')]['row']} |"))
+    assert "| 65.00 |" in kd_line and "±" not in kd_line and "best" not in markdown.split("| # |")[1].split("\n")[0]
+    assert "latency (ms)" in markdown and "selected by val/acc1" in markdown
+    for name in ("acc_vs_params.png", "acc_vs_flops.png", "curves.png"):
+        assert (ce_and_kd_sweep / name).read_bytes()[:8] == PNG_SIGNATURE
+        assert matplotlib.image.imread(ce_and_kd_sweep / name).size > 0
+    assert "heatmap_alpha_temperature.png skipped" in markdown
+
+
+def test_group_key_drops_seed_and_bookkeeping_but_keeps_seed_links():
+    one = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 0, teacher_seed=0, teacher_store="/a")
+    two = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=0, teacher_store="/b")
+    assert report.group_key(one) == report.group_key({**two, "logger": {"mode": "online"}, "progress_bar": True})
+    assert report.group_key(one)["method"] == "KD" and "seed" not in report.group_key(one)
+    paired = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=1)
+    assert report.group_key(paired) != report.group_key(one)  # a different teacher is another experiment
+    assert report.group_key(paired, {"teacher_seed"})["teacher_seed"] == "${seed}"
+    teacher = {**one, "phase": "teacher", "teacher": {"_target_": "kd.models.cifar_resnet.resnet8"}}
+    assert report.group_key(teacher) == report.group_key({**teacher, "student": {}, "loss": {"alpha": 0.0}})
+    assert report.group_key(teacher)["method"] == "teacher (CE)"
+
+
+def test_seed_linked_keys_read_the_unresolved_config(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra/config.yaml").write_text("seed: 3\nteacher_seed: ${seed}\nepochs: ${seed}x\n")
+    assert report.seed_linked_keys(tmp_path) == {"teacher_seed"}
+
+
+def test_bad_pivot_key_and_empty_folder_fail(ce_and_kd_sweep, tmp_path, capsys):
+    assert report.main([str(ce_and_kd_sweep), "--pivot", "loss.alfa", "method"]) == 1
+    assert "no such config key" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 1

@@ -1,0 +1,97 @@
+"""Multiruns through real subprocesses: the teacher preflight, joblib, submitit_local and optuna."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize
+from omegaconf import OmegaConf
+
+import kd.config  # noqa: F401  (registers the schema)
+from train import threads_per_job
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25"]
+TINY += ["epochs=1", "logger.mode=disabled", "profile=false"]
+
+pytestmark = pytest.mark.slow
+
+
+def multirun(tmp: Path, *overrides: str, store: Path | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "train.py", "-m", *TINY, f"teacher_store={store or tmp / 'teachers'}"]
+    args += [f"hydra.sweep.dir={tmp / 'sweep'}", *overrides]
+    return subprocess.run(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+
+
+def results(sweep: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One teacher for the sweeps below, trained through a student sweep that asks for it."""
+    tmp = tmp_path_factory.mktemp("store")
+    proc = multirun(tmp, "phase=student", "loss.alpha=0.9", "train_missing_teacher=true")
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.count("training the missing teacher") == 1
+    return tmp / "teachers"
+
+
+def test_sweep_without_its_teacher_stops_once_before_any_job(tmp_path):
+    proc = multirun(tmp_path, "phase=student", "loss.alpha=0.5,0.9", "seed=0,1")
+    assert proc.returncode != 0
+    assert proc.stdout.count("no trained teacher for this config") == 1
+    assert "python train.py phase=teacher seed=0 experiment=quickstart" in proc.stdout
+    assert not (tmp_path / "sweep").exists()  # no job started
+
+
+def test_joblib_runs_jobs_in_parallel_with_the_cores_split(tmp_path, store):
+    proc = multirun(
+        tmp_path, "phase=student", "loss.alpha=0,0.9", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", store=store
+    )
+    assert proc.returncode == 0, proc.stdout
+    runs = results(tmp_path / "sweep")
+    assert sorted(r["config"]["loss"]["alpha"] for r in runs) == [0.0, 0.9]
+    expected_threads = threads_per_job(OmegaConf.create({"n_jobs": 2}))
+    assert all(r["config"]["threads"] == expected_threads == r["env"]["cpu_threads"] for r in runs)
+    # One W&B group for the sweep, tags naming dataset, pair and loss.
+    assert len({r["config"]["logger"]["group"] for r in runs}) == 1
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert folders[0].startswith("0_") and "loss.alpha=0," in folders[0] and "teacher_store" not in folders[0]
+
+
+def test_submitit_local_launcher(tmp_path, store):
+    overrides = ["hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"]
+    proc = multirun(tmp_path, "phase=student", "seed=0,1", *overrides, store=store)
+    assert proc.returncode == 0, proc.stdout
+    runs = results(tmp_path / "sweep")
+    assert sorted(r["config"]["seed"] for r in runs) == [0, 1] and all(r["config"]["threads"] == 1 for r in runs)
+    assert all("teacher/acc1" in r for r in runs)
+
+
+def test_optuna_search_maximises_validation_accuracy(tmp_path, store):
+    # The teacher of a search is trained with the same held-out validation split, so train it on demand.
+    proc = multirun(tmp_path, "sweep=optuna_kd", "hydra.sweeper.n_trials=3", "train_missing_teacher=true", store=store)
+    assert proc.returncode == 0, proc.stdout
+    runs = results(tmp_path / "sweep")
+    assert len(runs) == 3 and all(r["best_selected_by"] == "val/acc1" for r in runs)
+    assert len({(r["config"]["loss"]["alpha"], r["config"]["loss"]["temperature"]) for r in runs}) == 3
+    best = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert best.best_value == pytest.approx(max(r["val/acc1"] for r in runs))
+
+
+def test_threads_per_job():
+    assert threads_per_job(OmegaConf.create({"n_jobs": 1})) is None
+    assert threads_per_job(OmegaConf.create({"cpus_per_task": 3, "n_jobs": 8})) == 3
+    assert threads_per_job(OmegaConf.create({"n_jobs": -1})) == 1  # one thread for each of all the cores
+    assert threads_per_job(OmegaConf.create({"n_jobs": 10_000})) == 1
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml")))
+def test_sweep_presets_compose(name):
+    with initialize(version_base="1.3", config_path="../conf"):
+        cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
+    assert cfg.phase.value == "student" and cfg.hydra.sweeper.params
+    if name.startswith("crd_table"):
+        assert cfg.train_missing_teacher and set(cfg.hydra.sweeper.params) >= {"experiment", "loss.alpha", "seed"}
