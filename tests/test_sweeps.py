@@ -95,3 +95,14 @@ def test_sweep_presets_compose(name):
     assert cfg.phase.value == "student" and cfg.hydra.sweeper.params
     if name.startswith("crd_table"):
         assert cfg.train_missing_teacher and set(cfg.hydra.sweeper.params) >= {"experiment", "loss.alpha", "seed"}
+
+
+def test_slurm_launcher_config(monkeypatch):
+    monkeypatch.setenv("SLURM_PARTITION", "gpu")
+    monkeypatch.delenv("SLURM_ACCOUNT", raising=False)
+    with initialize(version_base="1.3", config_path="../conf"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu" and launcher.account is None
+    assert (launcher.gpus_per_node, launcher.tasks_per_node, launcher.cpus_per_task) == (1, 1, 8)
+    assert threads_per_job(launcher) == 8
