@@ -26,6 +26,7 @@ from kd import plots
 IGNORED_KEYS = (
     "logger", "device", "progress_bar", "eval_batch_size",
     "teacher_checkpoint", "teacher_store", "teacher_acc_tolerance",
+    "threads", "profile", "train_missing_teacher", "teacher_lock_timeout_s",
 )
 # What a phase never reads: a teacher run trains with cross-entropy and has no student or teacher_seed.
 UNUSED_BY_PHASE = {"teacher": ("student", "loss", "teacher_seed")}
@@ -34,7 +35,7 @@ METHOD = "method"  # the pseudo-key naming the loss (KD, CE); pivots may use it
 MISSING = "–"  # shown for a key a group's config does not have (e.g. loss.alpha of a CE run)
 METRICS = {"last": "test/acc1", "best": "test/acc1_best"}
 # Optional per-run numbers shown as extra columns when some run has them (later versions of result.json).
-EXTRA_COLUMNS = {"latency_ms": "latency (ms)", "throughput_img_s": "throughput (img/s)"}
+EXTRA_COLUMNS = {"latency_ms": ("latency (ms)", 2), "throughput_img_s": ("throughput (img/s)", 0)}
 MAX_CURVES_PER_PLOT = 8
 
 
@@ -420,14 +421,14 @@ def table(rows: Sequence[Row], metrics: Sequence[str]) -> tuple[list[str], list[
     keys = key_columns(rows)
     extras = [k for k in EXTRA_COLUMNS if any(k in row.numbers for row in rows)]
     header = ["#", *keys, *[f"test top-1 {m} (%)" for m in metrics], "n", "params", "FLOPs (M)", "teacher top-1"]
-    header += [f"Δ {m}" for m in metrics] + [EXTRA_COLUMNS[k] for k in extras]
+    header += [f"Δ {m}" for m in metrics] + [EXTRA_COLUMNS[k][0] for k in extras]
     cells = []
     for row in rows:
         line = [str(row.index), *[fmt_value(row.group.key.get(k, MISSING), k) for k in keys]]
         line += [fmt_stat(row.stats[m]) for m in metrics] + [fmt_n(row.group)]
         line += [fmt_number(row.numbers["params"], 0), fmt_number(row.numbers["flops_m"]),
                  fmt_number(row.numbers["teacher_acc1"])]
-        line += [fmt_delta(row, m) for m in metrics] + [fmt_number(row.numbers.get(k)) for k in extras]
+        line += [fmt_delta(row, m) for m in metrics] + [fmt_number(row.numbers.get(k), EXTRA_COLUMNS[k][1]) for k in extras]
         cells.append(line)
     return header, cells
 
@@ -511,13 +512,16 @@ def pivot_panels(rows: Sequence[Row], row_key: str, col_key: str) -> list[Panel]
         panels.setdefault(tuple(fmt_value(row.group.key.get(k, MISSING)) for k in others), []).append(row)
     result = []
     for values, members in panels.items():
-        def distinct(key: str) -> list[Any]:
-            return sorted({m.group.key.get(key, MISSING) for m in members}, key=sort_value)
         cells = {(fmt_value(m.group.key.get(row_key, MISSING)), fmt_value(m.group.key.get(col_key, MISSING))): m
                  for m in members}
         title = ", ".join(f"{k}={v}" for k, v in zip(others, values))
-        result.append(Panel(title, distinct(row_key), distinct(col_key), cells))
+        result.append(Panel(title, distinct_values(members, row_key), distinct_values(members, col_key), cells))
     return result
+
+
+def distinct_values(rows: Sequence[Row], key: str) -> list[Any]:
+    """The values of `key` among the rows, sorted (numbers first, missing last)."""
+    return sorted({row.group.key.get(key, MISSING) for row in rows}, key=sort_value)
 
 
 def pivot_table(panel: Panel, row_key: str, col_key: str, metric: str) -> tuple[list[str], list[list[str]]]:
