@@ -44,6 +44,8 @@ class LoggerConfig:
     group: Optional[str] = None
     name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    # An online start that has not reached W&B within this many seconds falls back to offline.
+    init_timeout_s: float = 30.0
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Config:
     # Measure batch-1 latency and throughput at batch_size of the trained model (seconds of work).
     profile: bool = True
     progress_bar: Optional[bool] = None  # None: only when stderr is a terminal
+    # True: bitwise-repeatable CUDA kernels (slower; ops without a deterministic kernel raise); False: cuDNN autotuning.
+    deterministic: bool = False
     dataset: DatasetConfig = MISSING
     teacher: ModelConfig = MISSING
     student: ModelConfig = MISSING

@@ -1,10 +1,13 @@
 """The training engine: `run(cfg, out_dir)` trains the teacher or the student that `cfg.phase` names.
 
-Flow: check the config -> load data -> (student) find, load and check the teacher -> train epoch by
-epoch, evaluating on test (and validation) after each -> records in out_dir, W&B, the teacher store.
+Flow: check the config -> return out_dir's result.json if this run finished there, or resume from its
+last.pt -> (student) find, load and check the teacher -> load data -> train epoch by epoch, evaluating on
+test (and validation) after each -> records in out_dir, W&B, the teacher store.
 """
+import json
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -61,18 +64,52 @@ class Job:
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Train the phase's model, write metrics.jsonl, checkpoints and result.json into out_dir; return the result."""
+    """Train the phase's model, write metrics.jsonl, checkpoints and result.json into out_dir; return the result.
+
+    Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished.
+    """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    phase = Phase(cfg.phase)
     check_config(cfg)
+    finished, checkpoint = previous_run(cfg, out_dir)
+    if finished is not None:
+        log.info("%s already holds this run's result.json: returning it without training again", out_dir)
+        return finished
+    job, summary = set_up(cfg, overrides)
+    if checkpoint is not None:
+        restore(job, checkpoint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = tracking.start(cfg, out_dir, checkpoint.get("wandb_id") if checkpoint else None)
+    try:
+        tracker.summary.update(summary)
+        result = {**summary, **fit(job, cfg, out_dir, tracker, checkpoint)}
+        tracker.summary.update(result)
+    except BaseException:
+        tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
+        raise
+    tracker.finish()
+    if Phase(cfg.phase) is Phase.teacher:
+        result["teacher_checkpoint"] = str(teachers.save_to_store(cfg, job.model, result, out_dir))
+    result.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.mean.device))
+    result["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
+    result["config"] = records.plain_config(cfg)
+    records.write_json(out_dir / "result.json", result)
+    return result
+
+
+def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, Any]]:
+    """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; the run's facts."""
+    phase = Phase(cfg.phase)
+    configure_determinism(cfg.deterministic)
     device = resolve_device(cfg.device)
-    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()
+    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks alpha and T
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    teacher_path = None
+    teacher_path, teacher_payload = None, None
     if phase is Phase.student:
         teacher_path = find_or_train_teacher(cfg, criterion.needs_teacher, overrides)
+    if teacher_path is not None:  # read and checked before any data is decoded
+        teacher_payload = teachers.read(teacher_path, cfg.teacher)
     data = load_data(cfg.dataset, device)
     job = build_job(cfg, phase, criterion, data, device)
     summary = {"phase": phase.value, "params": records.count_parameters(job.model)}
@@ -81,23 +118,71 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
     if cfg.profile:
         summary.update(records.profile_model(job.model, image_shape, cfg.batch_size, device))
     if teacher_path is not None:
-        summary.update(attach_teacher(job, cfg, teacher_path, device))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = tracking.start(cfg, out_dir)
+        summary.update(attach_teacher(job, cfg, teacher_path, device, teacher_payload))
+    return job, summary
+
+
+# Keys that change nothing a run computes: a run folder may be resumed with other values of these.
+RESULT_NEUTRAL = (
+    "logger", "device", "progress_bar", "threads", "profile", "eval_batch_size", "teacher_store",
+    "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance", "dataset.source.download",
+)
+# A teacher run never reads these (a teacher trained on demand carries its student's values).
+TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint")
+# What last.pt must hold to resume a run exactly.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "metrics", "best", "rng", "config")
+
+
+def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Optional[dict]]:
+    """(result, None) when out_dir holds this run finished, (None, last.pt) when interrupted, else (None, None)."""
+    result_file, last = out_dir / "result.json", out_dir / "last.pt"
+    if result_file.is_file():
+        result = json.loads(result_file.read_text())
+        check_same_config(cfg, result["config"], result_file)
+        return result, None
+    if not last.is_file():
+        return None, None
     try:
-        tracker.summary.update(summary)
-        result = {**summary, **fit(job, cfg.epochs, cfg, out_dir, tracker)}
-        tracker.summary.update(result)
-    except BaseException:
-        tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
-        raise
-    tracker.finish()
-    if phase is Phase.teacher:
-        result["teacher_checkpoint"] = str(teachers.save_to_store(cfg, job.model, result, out_dir))
-    result.update(wall_time_s=time.perf_counter() - started, env=records.environment(device))
-    result["config"] = records.plain_config(cfg)
-    records.write_json(out_dir / "result.json", result)
-    return result
+        checkpoint = records.load_checkpoint(last, RESUME_KEYS)
+    except records.UnusableCheckpoint as error:
+        raise records.UnusableCheckpoint(
+            f"cannot resume: {error} Delete it to start this run over in {out_dir}, or pick another hydra.run.dir."
+        ) from None
+    check_same_config(cfg, checkpoint["config"], last)
+    log.info("resuming %s after epoch %d of %d", out_dir, checkpoint["epoch"], cfg.epochs)
+    return None, checkpoint
+
+
+def check_same_config(cfg: DictConfig, recorded: dict[str, Any], source: Path) -> None:
+    """Refuse to resume or reuse a run folder that another config wrote, naming the keys that differ."""
+    ignored = RESULT_NEUTRAL + (TEACHER_PHASE_NEUTRAL if Phase(cfg.phase) is Phase.teacher else ())
+    differences = records.config_differences(recorded, records.plain_config(cfg), ignored)
+    if differences:
+        raise ValueError(
+            f"{source} was written by another config (recorded -> now: {'; '.join(differences)}). Use another "
+            "run folder (hydra.run.dir / hydra.sweep.dir), or delete that one to start over."
+        )
+
+
+def restore(job: Job, checkpoint: dict[str, Any]) -> None:
+    """Put the model, optimizer, schedule and global RNG back as they were when last.pt was written."""
+    job.model.load_state_dict(checkpoint["model"])
+    job.optimizer.load_state_dict(checkpoint["optimizer"])
+    job.scheduler.load_state_dict(checkpoint["scheduler"])
+    # Batches come from epoch_generator; the global RNG matters only to models with dropout.
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, state in enumerate(checkpoint["rng"]["cuda"][:visible]):
+        torch.cuda.set_rng_state(state, index)
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """deterministic=true: repeatable kernels (errors where none exists), no cuDNN autotuning; false: autotuning."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, so before CUDA work
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic  # autotuning picks the fastest kernels, not the same ones
 
 
 def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[str]) -> Optional[Path]:
@@ -126,6 +211,10 @@ def check_config(cfg: DictConfig) -> None:
             problems.append(f"{role}.width={cfg[role].width}: the width multiplier must be > 0 (1 = standard)")
     if not 0.0 <= cfg.dataset.val_fraction < 1.0:
         problems.append(f"dataset.val_fraction={cfg.dataset.val_fraction}: must be in [0, 1)")
+    if cfg.logger.mode not in tracking.MODES:
+        problems.append(f"logger.mode={cfg.logger.mode}: must be one of {', '.join(tracking.MODES)}")
+    if not cfg.logger.init_timeout_s > 0:
+        problems.append(f"logger.init_timeout_s={cfg.logger.init_timeout_s}: must be > 0 (seconds)")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
 
@@ -169,9 +258,12 @@ def build_job(cfg: DictConfig, phase: Phase, criterion: nn.Module, data: Data, d
     )
 
 
-def attach_teacher(job: Job, cfg: DictConfig, path: Path, device: torch.device) -> dict[str, Any]:
+def attach_teacher(
+    job: Job, cfg: DictConfig, path: Path, device: torch.device, payload: Optional[dict] = None
+) -> dict[str, Any]:
     """Load the frozen teacher, measure it on this data, and refuse it when that disagrees with its record."""
-    teacher, recorded = teachers.load(path, cfg.teacher, device)
+    payload = payload if payload is not None else teachers.read(path, cfg.teacher)
+    teacher, recorded = teachers.build(payload, cfg.teacher, device), payload["metrics"]
     measured = {}
     for name, split in (("test", job.data.test), ("val", job.data.val)):
         if split is not None:
@@ -191,20 +283,20 @@ def attach_teacher(job: Job, cfg: DictConfig, path: Path, device: torch.device) 
     return {**summary, "teacher/acc1": measured["test"]["acc1"], "teacher_checkpoint": str(path)}
 
 
-def fit(job: Job, epochs: int, cfg: DictConfig, out_dir: Path, tracker) -> dict[str, Any]:
-    """The epoch loop: train, step the schedule, evaluate, record; keep last.pt and best.pt."""
+def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict] = None) -> dict[str, Any]:
+    """The epoch loop: train, step the schedule, evaluate, record; keep last.pt and best.pt; resume after last.pt."""
     best_key = "val/acc1" if job.data.val is not None else "test/acc1"
     metrics_file = out_dir / "metrics.jsonl"
-    metrics_file.unlink(missing_ok=True)
-    best = None
-    for epoch in range(1, epochs + 1):
+    done = checkpoint["epoch"] if checkpoint else 0
+    metrics, best = (checkpoint["metrics"], checkpoint["best"]) if checkpoint else (None, None)
+    records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+    for epoch in range(done + 1, cfg.epochs + 1):
         metrics = run_epoch(job, epoch)
-        improved = best is None or metrics[best_key] > best[best_key]
-        best = metrics if improved else best
+        best = metrics if best is None or metrics[best_key] > best[best_key] else best
         records.append_jsonl(metrics_file, metrics)
         tracker.log(metrics, step=epoch)
-        log.info(epoch_line(metrics, epochs))
-        save_checkpoints(job, cfg, out_dir, metrics, improved)
+        log.info(epoch_line(metrics, cfg.epochs))
+        save_checkpoints(job, cfg, out_dir, metrics, best, tracker.id)
     return summarize(metrics, best, best_key)
 
 
@@ -246,9 +338,10 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
             sums[name] += value.detach() * len(batch)
         sums["acc1"] += (logits.argmax(1) == batch.labels).sum() * 100.0
     if math.isfinite(bad := first_bad_step.item()):
+        kept = f"the last checkpoint is from epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
         raise FloatingPointError(
-            f"non-finite training loss at epoch {epoch}, step {int(bad)}: stopped; the last checkpoint is from "
-            f"epoch {epoch - 1}. Lower the learning rate or check the inputs."
+            f"non-finite training loss at epoch {epoch}, step {int(bad)}: stopped; {kept}. "
+            "Lower the learning rate or check the inputs."
         )
     return {name: (total / len(job.data.train)).item() for name, total in sums.items()}
 
@@ -285,14 +378,19 @@ def score(logits: Tensor, labels: Tensor, reference: Optional[Tensor]) -> dict[s
     return metrics
 
 
-def save_checkpoints(job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], improved: bool) -> None:
-    """last.pt every epoch (weights, optimizer, schedule, config); best.pt when the selection metric improved."""
+def save_checkpoints(
+    job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], best: dict[str, Any], run_id: Optional[str]
+) -> None:
+    """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
     model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
     payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
     payload.update(optimizer=job.optimizer.state_dict(), scheduler=job.scheduler.state_dict(), epoch=metrics["epoch"])
-    records.save_checkpoint(out_dir / "last.pt", payload)
-    if improved:
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng}, wandb_id=run_id)
+    if best is metrics:
         records.save_checkpoint(out_dir / "best.pt", payload)
+    # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
+    records.save_checkpoint(out_dir / "last.pt", payload)
 
 
 def summarize(last: dict[str, Any], best: dict[str, Any], best_key: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """What a run leaves in its folder: metrics.jsonl, result.json, checkpoints, and the facts they carry."""
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -52,16 +53,74 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def keep_epochs(path: Path, last_epoch: int) -> None:
+    """Cut metrics.jsonl back to epochs 1..last_epoch (lines of an epoch whose checkpoint never landed go)."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line half-written when the process died
+                continue
+            if record.get("epoch", math.inf) <= last_epoch:
+                kept.append(line + "\n")
+    if kept:
+        atomic_write_bytes(path, "".join(kept).encode())
+    else:  # a fresh start: no file until the first epoch is done
+        path.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class UnusableCheckpoint(ValueError):
+    """A checkpoint that cannot be read as tensors and plain values, or lacks what its reader needs."""
+
+
+def load_checkpoint(path: Path, required: tuple[str, ...], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """torch.load with weights_only=True (never runs pickled code); refuse a truncated, corrupt or incomplete file."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # truncated zip, garbage bytes, or a pickle that wants to build arbitrary objects
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise UnusableCheckpoint(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}). It is truncated, corrupt, or "
+            "holds objects other than tensors and plain values, which are never unpickled."
+        ) from None
+    missing = [key for key in required if not isinstance(payload, dict) or key not in payload]
+    if missing:
+        raise UnusableCheckpoint(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of this repository.")
+    return payload
+
+
+_ABSENT = object()  # a key only one side has
+
+
+def config_differences(recorded: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...]) -> list[str]:
+    """`key: recorded -> current` for each dotted key whose value differs, skipping `ignored` keys and subtrees."""
+    old, new = _flatten(recorded), _flatten(current)
+    skip = lambda key: any(key == i or key.startswith(i + ".") for i in ignored)  # noqa: E731
+    show = lambda tree, key: repr(tree[key]) if key in tree else "absent"  # noqa: E731
+    keys = sorted(k for k in old.keys() | new.keys() if not skip(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    return [f"{k}: {show(old, k)} -> {show(new, k)}" for k in keys]
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty dicts are leaves."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.removesuffix("."): tree}
 
 
 def sha256_file(path: Path) -> str:

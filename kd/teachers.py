@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shlex
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd.records import model_name, plain_config, save_checkpoint, sha256_file, write_json
+from kd.records import load_checkpoint, model_name, plain_config, save_checkpoint, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,19 @@ def entry_dir(cfg: DictConfig, seed: int) -> Path:
 def save_to_store(cfg: DictConfig, model: nn.Module, metrics: dict[str, Any], run_dir: Path) -> Path:
     """File a finished teacher (its final weights) in the store; returns the checkpoint path."""
     entry = entry_dir(cfg, cfg.seed)
-    entry.mkdir(parents=True, exist_ok=True)
     checkpoint = entry / "teacher.pt"
-    save_checkpoint(checkpoint, checkpoint_payload(cfg.teacher, model, metrics, cfg))
-    manifest = {
-        "identity": identity(cfg, cfg.seed),
-        "metrics": metrics,
-        "sha256": sha256_file(checkpoint),
-        "run_dir": str(run_dir),
-        "config": plain_config(cfg),
-    }
-    write_json(entry / "manifest.json", manifest)
+    # Under the entry's lock, so a student job never reads a teacher.pt that another job is replacing.
+    with store_lock(entry, cfg.teacher_lock_timeout_s):
+        entry.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(checkpoint, checkpoint_payload(cfg.teacher, model, metrics, cfg))
+        manifest = {
+            "identity": identity(cfg, cfg.seed),
+            "metrics": metrics,
+            "sha256": sha256_file(checkpoint),
+            "run_dir": str(run_dir),
+            "config": plain_config(cfg),
+        }
+        write_json(entry / "manifest.json", manifest)
     log.info("teacher stored in %s (test/acc1 %.2f)", entry, metrics["test/acc1"])
     return checkpoint
 
@@ -111,23 +114,43 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
 
 @contextmanager
 def store_lock(entry: Path, timeout_s: float) -> Iterator[None]:
-    """Hold `<entry>.lock` so parallel jobs (joblib, SLURM arrays) train and file a teacher only once.
+    """Hold `<entry>/.lock` so parallel jobs (joblib, SLURM arrays) train and file a teacher only once.
 
     flock-based: the OS drops the lock when its holder dies, so a crashed job never leaves it stale.
     """
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(f"{entry}.lock", timeout=timeout_s)
+    key = (threading.get_ident(), str(Path(entry).resolve()))
+    if key in _HELD:  # this thread holds it already (a teacher trained on demand files itself)
+        yield
+        return
+    entry.mkdir(parents=True, exist_ok=True)  # the lock lives inside, so the store lists only entries
+    lock = FileLock(entry / ".lock", timeout=timeout_s)
     try:
-        lock.acquire()
+        if not _try_acquire(lock):
+            log.info("waiting (up to %g s) for %s: another job is training or filing this teacher", timeout_s, entry)
+            lock.acquire()
     except Timeout:
         raise TimeoutError(
-            f"waited {timeout_s:.0f} s for {lock.lock_file}: another job is still training this teacher. "
+            f"waited {timeout_s:g} s for {lock.lock_file}: another job is still training this teacher. "
             "Raise teacher_lock_timeout_s, or train it first with phase=teacher."
         ) from None
+    _HELD.add(key)
     try:
         yield
     finally:
+        _HELD.discard(key)
         lock.release()
+
+
+def _try_acquire(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
+
+
+# (thread, entry) pairs holding an entry's lock: a second FileLock on the same file would wait for the first forever.
+_HELD: set[tuple[int, str]] = set()
 
 
 # Overrides (by their first key) that concern only the student run.
@@ -141,11 +164,11 @@ def teacher_command(cfg: DictConfig, overrides: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def load(path: Path, model_cfg: DictConfig, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the teacher from its config node, load the checkpoint's weights (tensors only), freeze it."""
-    payload = torch.load(path, map_location=device, weights_only=True)
+def read(path: Path, model_cfg: DictConfig) -> dict[str, Any]:
+    """Load a teacher checkpoint (tensors and plain values only) and check it fits the teacher config node."""
+    payload = load_checkpoint(path, ("model", "arch", "metrics"))
     expected = OmegaConf.to_container(model_cfg, resolve=True)
-    stored = payload.get("arch", {})
+    stored = payload["arch"]
     mismatched = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
     if mismatched:
         details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
@@ -155,7 +178,11 @@ def load(path: Path, model_cfg: DictConfig, device: torch.device) -> tuple[nn.Mo
         recorded = json.loads(manifest.read_text())["sha256"]
         if sha256_file(path) != recorded:
             raise ValueError(f"{path} does not match the sha256 in {manifest}: the file changed after training.")
-    teacher = instantiate(model_cfg).to(device)
+    return payload
+
+
+def build(payload: dict[str, Any], model_cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The frozen teacher: built from its config node, weights from a checked payload, eval mode, no gradients."""
+    teacher = instantiate(model_cfg)
     teacher.load_state_dict(payload["model"])
-    teacher.eval().requires_grad_(False)
-    return teacher, payload["metrics"]
+    return teacher.to(device).eval().requires_grad_(False)

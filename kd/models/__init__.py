@@ -25,3 +25,10 @@ def init_weights(model: nn.Module, linear_std: float | None = None) -> None:
         elif isinstance(module, nn.Linear) and linear_std is not None:
             nn.init.normal_(module.weight, 0.0, linear_std)
             nn.init.zeros_(module.bias)
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over H and W (N, C, 1, 1): AdaptiveAvgPool2d(1)'s value, with a deterministic CUDA backward."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True)

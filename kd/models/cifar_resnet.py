@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.models import init_weights, scale_channels
+from kd.models import GlobalAvgPool, init_weights, scale_channels
 
 
 class BasicBlock(nn.Module):
@@ -44,7 +44,7 @@ class CifarResNet(nn.Module):
         self.layer1 = _make_stage(filters[0], filters[1], blocks, stride=1)
         self.layer2 = _make_stage(filters[1], filters[2], blocks, stride=2)
         self.layer3 = _make_stage(filters[2], filters[3], blocks, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(filters[3], num_classes)
         init_weights(self)
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from kd.models import init_weights, scale_channels
+from kd.models import GlobalAvgPool, init_weights, scale_channels
 
 # (expansion t, output channels c, repeats n, first stride s) at width multiplier 1.
 _SETTINGS = [
@@ -70,7 +70,7 @@ class MobileNetV2(nn.Module):
         # As in the paper, the 1280-d head is kept for multipliers <= 1 and only grows beyond 1.
         last_channels = scale_channels(1280, width_mult, _DIVISOR) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(in_channels, last_channels, 1, stride=1)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.classifier = nn.Sequential(nn.Linear(last_channels, num_classes))
         init_weights(self, linear_std=0.01)
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.models import scale_channels
+from kd.models import GlobalAvgPool, scale_channels
 
 
 class ChannelShuffle(nn.Module):
@@ -54,7 +54,7 @@ class ShuffleNetV1(nn.Module):
         self.layer1 = _v1_stage(stem, planes[0], blocks[0], groups, first_groups=1)
         self.layer2 = _v1_stage(planes[0], planes[1], blocks[1], groups, first_groups=groups)
         self.layer3 = _v1_stage(planes[1], planes[2], blocks[2], groups, first_groups=groups)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.linear = nn.Linear(planes[2], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,7 @@ class ShuffleNetV2(nn.Module):
         self.layer3 = _v2_stage(channels[1], channels[2], blocks[2])
         self.conv2 = nn.Conv2d(channels[2], channels[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(channels[3])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.linear = nn.Linear(channels[3], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from kd.models import init_weights, scale_channels
+from kd.models import GlobalAvgPool, init_weights, scale_channels
 
 
 def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -24,7 +24,7 @@ class SimpleCNN(nn.Module):
         self.block1 = _stage(3, channels[0])
         self.block2 = _stage(channels[0], channels[1])
         self.block3 = _stage(channels[1], channels[2])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(channels[2], num_classes)
         init_weights(self)
 

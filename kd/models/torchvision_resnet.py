@@ -3,7 +3,7 @@
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from kd.models import scale_channels
+from kd.models import GlobalAvgPool, scale_channels
 
 
 class CifarResNet18(ResNet):
@@ -18,6 +18,7 @@ class CifarResNet18(ResNet):
         self.conv1 = nn.Conv2d(3, planes[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = self._norm_layer(planes[0])
         self.maxpool = nn.Identity()
+        self.avgpool = GlobalAvgPool()  # deterministic CUDA backward (deterministic=true)
         self.layer1 = self._make_layer(BasicBlock, planes[0], 2)
         self.layer2 = self._make_layer(BasicBlock, planes[1], 2, stride=2)
         self.layer3 = self._make_layer(BasicBlock, planes[2], 2, stride=2)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.models import init_weights, scale_channels
+from kd.models import GlobalAvgPool, init_weights, scale_channels
 
 # Conv widths per block; block i is followed by pool i (max-pools, then a global average pool).
 _LAYOUTS = {
@@ -44,7 +44,7 @@ class VGG(nn.Module):
         self.pool1 = nn.MaxPool2d(2)
         self.pool2 = nn.MaxPool2d(2)
         self.pool3 = nn.MaxPool2d(2)
-        self.pool4 = nn.AdaptiveAvgPool2d(1)
+        self.pool4 = GlobalAvgPool()
         self.classifier = nn.Linear(ends[5], num_classes)
         init_weights(self, linear_std=0.01)
 

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from kd.models import init_weights, scale_channels
+from kd.models import GlobalAvgPool, init_weights, scale_channels
 
 
 class BasicBlock(nn.Module):
@@ -57,7 +57,7 @@ class WideResNet(nn.Module):
         self.block3 = NetworkBlock(blocks, channels[2], channels[3], stride=2)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(channels[3], num_classes)
         init_weights(self)
         nn.init.zeros_(self.fc.bias)
