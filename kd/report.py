@@ -21,13 +21,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from kd import plots
+from kd.engine import RESULT_NEUTRAL
 
 # Config keys (and their subtrees) that do not change the experiment: runs differing only here are one group.
-IGNORED_KEYS = (
-    "logger", "device", "progress_bar", "eval_batch_size",
-    "teacher_checkpoint", "teacher_store", "teacher_acc_tolerance",
-    "threads", "profile", "train_missing_teacher", "teacher_lock_timeout_s",
-)
+# The engine's list of what a resumed run may change, plus the teacher's path (the same teacher, found by
+# `auto` on one machine and given by path on another, is one experiment).
+IGNORED_KEYS = RESULT_NEUTRAL + ("teacher_checkpoint",)
 # What a phase never reads: a teacher run trains with cross-entropy and has no student or teacher_seed.
 UNUSED_BY_PHASE = {"teacher": ("student", "loss", "teacher_seed")}
 SEED_KEY = "seed"
