@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -109,18 +109,23 @@ _ABSENT = object()  # a key only one side has
 
 def config_differences(recorded: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...]) -> list[str]:
     """`key: recorded -> current` for each dotted key whose value differs, skipping `ignored` keys and subtrees."""
-    old, new = _flatten(recorded), _flatten(current)
-    skip = lambda key: any(key == i or key.startswith(i + ".") for i in ignored)  # noqa: E731
+    old, new = flatten(recorded), flatten(current)
     show = lambda tree, key: repr(tree[key]) if key in tree else "absent"  # noqa: E731
-    keys = sorted(k for k in old.keys() | new.keys() if not skip(k) and old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    changed = (k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    keys = sorted(k for k in changed if not is_under(k, ignored))
     return [f"{k}: {show(old, k)} -> {show(new, k)}" for k in keys]
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty dicts are leaves."""
     if isinstance(tree, dict) and tree:
-        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.removesuffix("."): tree}
+
+
+def is_under(key: str, roots: Sequence[str]) -> bool:
+    """Whether a dotted key is one of `roots` or inside one of them."""
+    return any(key == root or key.startswith(root + ".") for root in roots)
 
 
 def sha256_file(path: Path) -> str:

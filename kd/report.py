@@ -20,7 +20,8 @@ import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from kd import plots
+from kd import plots, records
+from kd.records import is_under
 from kd.engine import RESULT_NEUTRAL
 
 # Config keys (and their subtrees) that do not change the experiment: runs differing only here are one group.
@@ -149,21 +150,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict with dotted keys; lists become JSON text so that values are hashable."""
-    if not isinstance(tree, dict):
-        return {prefix: json.dumps(tree) if isinstance(tree, (list, dict)) else tree}
-    if not tree and prefix:
-        return {prefix: "{}"}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def is_under(key: str, roots: Sequence[str]) -> bool:
-    """Whether a dotted key is one of `roots` or inside one of them."""
-    return any(key == root or key.startswith(root + ".") for root in roots)
+def flatten(tree: Any) -> dict[str, Any]:
+    """The config as dotted keys (records.flatten), lists and empty dicts as JSON text so values are hashable."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in records.flatten(tree).items()}
 
 
 def is_ignored(key: str) -> bool:

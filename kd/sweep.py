@@ -13,8 +13,7 @@ from kd.config import Phase
 log = logging.getLogger(__name__)
 
 # Config heads that can change which teacher a student job needs.
-TEACHER_HEADS = {"dataset", "teacher", "optimizer", "scheduler", "epochs", "batch_size", "teacher_seed"}
-TEACHER_HEADS |= {"teacher_store", "experiment", "sweep"}
+TEACHER_HEADS = set(teachers.IDENTITY_KEYS) | {"teacher_seed", "teacher_store", "experiment", "sweep"}
 
 
 class TeacherPreflight(Callback):
