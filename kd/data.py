@@ -21,15 +21,17 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 class Split:
     images: Tensor  # uint8 (N, 3, H, W)
     labels: Tensor  # int64 (N,)
+    index: Optional[Tensor] = None  # for a subset: its samples' positions in the split it was taken from
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index])
+        return Split(self.images[index], self.labels[index], index)
 
     def to(self, device: torch.device) -> "Split":
-        return Split(self.images.to(device), self.labels.to(device))
+        index = self.index.to(device) if self.index is not None else None
+        return Split(self.images.to(device), self.labels.to(device), index)
 
 
 @dataclass

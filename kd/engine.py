@@ -25,7 +25,7 @@ from tqdm import tqdm
 from kd import records, teachers, tracking
 from kd.config import Phase
 from kd.data import Split, augment, batches, epoch_generator, hold_out, normalize
-from kd.losses import CELoss
+from kd.losses import CELoss, Step
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
     for step, batch in enumerate(loader):
         images = job.data.inputs(augment(batch.images, job.data.crop_padding, job.data.hflip, generator))
         logits = job.model(images)
-        terms = job.criterion(logits, teacher_logits(job, images), batch.labels)
+        terms = job.criterion(Step(logits, batch.labels, teacher_logits(job, images), index=batch.index, epoch=epoch))
         loss = sum(terms.values())
         job.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -24,6 +24,7 @@ from torch import nn
 
 import kd.config  # noqa: F401  (registers the typed root schema `config_schema`)
 from kd import engine, teachers
+from kd.losses import Step
 from kd.config import Phase
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -107,7 +108,7 @@ def test_loss_option_instantiates_and_returns_finite_terms(name):
     student_logits = torch.randn(8, 10, generator=generator, requires_grad=True)
     teacher_logits = torch.randn(8, 10, generator=generator)
     targets = torch.randint(0, 10, (8,), generator=generator)
-    terms = criterion(student_logits, teacher_logits, targets)
+    terms = criterion(Step(student_logits, targets, teacher_logits))
     assert isinstance(terms, dict) and terms
     assert all(isinstance(v, torch.Tensor) and v.shape == () for v in terms.values()), terms
     total = sum(terms.values())

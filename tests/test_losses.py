@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from kd.losses import CELoss, KDLoss, kd_divergence
+from kd.losses import CELoss, KDLoss, Step, kd_divergence
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
 ALPHAS = (0.0, 0.1, 0.5, 0.9, 1.0)
@@ -84,7 +84,7 @@ def test_kd_divergence_matches_formula(num_classes, temperature):
 def test_kd_loss_matches_formula(num_classes, temperature, alpha):
     student, teacher, targets = make_logits(num_classes, seed=7 * num_classes + int(temperature))
     criterion = KDLoss(alpha=alpha, temperature=temperature)
-    terms = criterion(student, teacher, targets)
+    terms = criterion(Step(student, targets, teacher))
     total = sum(terms.values())
     assert_close(total, reference_kd_loss(student, teacher, targets, alpha, temperature), rtol=1e-10, atol=1e-12)
     assert_close(terms["loss_ce"], (1 - alpha) * reference_ce(student, targets), rtol=1e-10, atol=1e-12)
@@ -113,7 +113,7 @@ def test_kd_term_is_t_squared_times_kl(temperature):
 def test_kd_loss_applies_t_squared_once():
     student, teacher, targets = make_logits(10, seed=4)
     temperature = 4.0
-    terms = KDLoss(alpha=1.0, temperature=temperature)(student, teacher, targets)
+    terms = KDLoss(alpha=1.0, temperature=temperature)(Step(student, targets, teacher))
     kl = reference_kl(student, teacher, temperature)
     assert_close(terms["loss_kd"] / kl, torch.tensor(temperature**2, dtype=torch.float64), rtol=1e-10, atol=0)
 
@@ -122,7 +122,7 @@ def test_alpha_zero_is_plain_cross_entropy_without_teacher():
     student, _, targets = make_logits(10, seed=5)
     criterion = KDLoss(alpha=0.0, temperature=4.0)
     assert criterion.needs_teacher is False
-    terms = criterion(student, None, targets)
+    terms = criterion(Step(student, targets, None))
     assert_close(sum(terms.values()), F.cross_entropy(student, targets), rtol=1e-12, atol=0)
     assert_close(terms["loss_ce"], reference_ce(student, targets), rtol=1e-10, atol=0)
     assert terms["loss_kd"].item() == 0.0
@@ -139,7 +139,7 @@ def test_ce_loss_does_not_need_teacher():
 
 def test_alpha_one_has_zero_ce_term():
     student, teacher, targets = make_logits(10, seed=6)
-    terms = KDLoss(alpha=1.0, temperature=4.0)(student, teacher, targets)
+    terms = KDLoss(alpha=1.0, temperature=4.0)(Step(student, targets, teacher))
     assert terms["loss_ce"].item() == 0.0
     assert terms["loss_kd"].item() > 0.0
 
@@ -155,7 +155,7 @@ def test_temperature_one_is_kl_of_plain_softmaxes():
 def test_kd_term_is_zero_for_identical_logits(temperature):
     student, _, targets = make_logits(100, seed=9)
     assert_close(kd_divergence(student, student.clone(), temperature), torch.tensor(0.0, dtype=torch.float64))
-    terms = KDLoss(alpha=0.9, temperature=temperature)(student, student.clone(), targets)
+    terms = KDLoss(alpha=0.9, temperature=temperature)(Step(student, targets, student.clone()))
     assert_close(terms["loss_kd"], torch.tensor(0.0, dtype=torch.float64))
     # The CE term is still there: identical logits do not zero the whole loss.
     assert terms["loss_ce"].item() > 0.0
@@ -182,7 +182,7 @@ def test_kd_term_is_positive_for_different_logits(temperature):
 def test_kd_loss_returns_ce_and_kd_terms_summing_to_the_loss():
     student, teacher, targets = make_logits(10, seed=12)
     criterion = KDLoss(alpha=0.5, temperature=4.0)
-    terms = criterion(student, teacher, targets)
+    terms = criterion(Step(student, targets, teacher))
     assert set(terms) == {"loss_ce", "loss_kd"}
     assert all(value.shape == () for value in terms.values())
     assert_close(
@@ -195,22 +195,22 @@ def test_kd_loss_returns_ce_and_kd_terms_summing_to_the_loss():
 
 def test_kd_loss_alpha_zero_keeps_the_same_keys():
     student, _, targets = make_logits(10, seed=13)
-    assert set(KDLoss(alpha=0.0, temperature=4.0)(student, None, targets)) == {"loss_ce", "loss_kd"}
+    assert set(KDLoss(alpha=0.0, temperature=4.0)(Step(student, targets, None))) == {"loss_ce", "loss_kd"}
 
 
 def test_ce_loss_returns_only_ce_and_ignores_teacher():
     student, teacher, targets = make_logits(10, seed=14)
     criterion = CELoss()
-    terms = criterion(student, teacher, targets)
+    terms = criterion(Step(student, targets, teacher))
     assert set(terms) == {"loss_ce"}
     assert_close(terms["loss_ce"], reference_ce(student, targets), rtol=1e-10, atol=0)
-    assert_close(criterion(student, None, targets)["loss_ce"], terms["loss_ce"], rtol=0, atol=0)
+    assert_close(criterion(Step(student, targets, None))["loss_ce"], terms["loss_ce"], rtol=0, atol=0)
 
 
 def test_ce_loss_label_smoothing_changes_the_loss():
     student, _, targets = make_logits(10, seed=15)
     eps = 0.1
-    smoothed = CELoss(label_smoothing=eps)(student, None, targets)["loss_ce"]
+    smoothed = CELoss(label_smoothing=eps)(Step(student, targets, None))["loss_ce"]
     log_p = torch.log(reference_softmax(student))
     q = torch.full_like(log_p, eps / 10)
     q[torch.arange(BATCH), targets] += 1 - eps
@@ -241,7 +241,7 @@ def test_gradients_reach_student_and_never_teacher(alpha):
     assert not teacher_logits.requires_grad
     student_logits = student(inputs)
     student_logits.retain_grad()
-    terms = KDLoss(alpha=alpha, temperature=4.0)(student_logits, teacher_logits, targets)
+    terms = KDLoss(alpha=alpha, temperature=4.0)(Step(student_logits, targets, teacher_logits))
     sum(terms.values()).backward()
 
     assert student_logits.grad is not None and student_logits.grad.abs().sum() > 0
@@ -313,7 +313,7 @@ def test_kd_term_is_batchmean_not_elementwise_mean(num_classes):
 
 def test_kd_loss_float32_close_to_float64_reference():
     student, teacher, targets = make_logits(100, seed=20)
-    terms = KDLoss(alpha=0.9, temperature=4.0)(student.float(), teacher.float(), targets)
+    terms = KDLoss(alpha=0.9, temperature=4.0)(Step(student.float(), targets, teacher.float()))
     assert terms["loss_kd"].dtype == torch.float32
     expected = reference_kd_loss(student, teacher, targets, 0.9, 4.0)
     assert_close(sum(terms.values()).double(), expected, rtol=1e-5, atol=1e-6)
