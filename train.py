@@ -1,5 +1,6 @@
 """Train a teacher (phase=teacher) or distill a student from it (phase=student). See README.md."""
 import os
+import shutil
 from pathlib import Path
 
 import hydra
@@ -8,20 +9,33 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import engine
+from kd import distributed, engine
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    distributed.init_from_env()  # under torchrun: join the process group
+    if distributed.world_size() > 1:
+        out_dir = shared_run_dir(out_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         # One W&B group per sweep, named after its folder; cores shared out between parallel jobs.
         cfg.logger.group = cfg.logger.group or "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
         if cfg.threads is None:
             cfg.threads = threads_per_job(hydra_cfg.launcher)
-    result = engine.run(cfg, Path(hydra_cfg.runtime.output_dir), overrides=list(hydra_cfg.overrides.task))
+    result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task))
     # The sweep metric: validation accuracy when a validation split exists, so searches never see test.
     return result.get("val/acc1", result["test/acc1"])
+
+
+def shared_run_dir(out_dir: Path) -> Path:
+    """Under torchrun every rank works in rank 0's run folder (their timestamps may differ by a second); a rank's
+    own Hydra folder, if different, held only its copy of the config and log and is removed."""
+    shared = Path(distributed.broadcast_object(str(out_dir)))
+    if shared != out_dir:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return shared
 
 
 def threads_per_job(launcher: DictConfig) -> int | None:

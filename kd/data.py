@@ -4,6 +4,8 @@ Every source returns `Splits` of uint8 images (N, 3, H, W) with int64 labels. Tr
 cropped, flipped and normalised on the compute device; all randomness comes from a generator seeded by
 (seed, epoch), so an epoch's batches are a pure function of the config, whatever happened before it.
 """
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -13,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+
+from kd import records
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -77,9 +81,47 @@ def cifar(root: str, num_classes: int, download: bool = True) -> Splits:
     return Splits(to_split(train), to_split(test), list(train.classes))
 
 
-def image_folder(root: str, image_size: int = 32, max_per_class: Optional[int] = None) -> Splits:
-    """A root/train/<class>/* and root/test/<class>/* tree of images, decoded once (RGB, image_size)."""
-    root_path = Path(root)
+def image_folder(
+    root: str, image_size: int = 32, max_per_class: Optional[int] = None, cache_dir: Optional[str] = None
+) -> Splits:
+    """A root/train/<class>/* and root/test/<class>/* tree of images, decoded once (RGB, image_size).
+
+    With cache_dir, the decoded tensors are saved there once and later runs load them instead of decoding
+    every image again. The cache file is named by a fingerprint of the tree (every file's path, size and
+    modification time) and the decode settings, so adding, removing or editing an image rebuilds it.
+    """
+    if cache_dir is None:
+        return _decode_folder(Path(root), image_size, max_per_class)
+    fingerprint = _folder_fingerprint(Path(root), image_size, max_per_class)
+    cache_file = Path(cache_dir).expanduser() / f"{Path(root).resolve().name}_{fingerprint[:16]}.pt"
+    if cache_file.is_file():
+        try:
+            stored = torch.load(cache_file, weights_only=True)
+            if stored["fingerprint"] == fingerprint:
+                return Splits(Split(*stored["train"]), Split(*stored["test"]), stored["classes"])
+        except Exception:  # a damaged cache file is rebuilt below
+            pass
+    splits = _decode_folder(Path(root), image_size, max_per_class)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"fingerprint": fingerprint, "classes": splits.classes, "root": str(Path(root).resolve()),
+               "train": [splits.train.images, splits.train.labels], "test": [splits.test.images, splits.test.labels]}
+    records.save_checkpoint(cache_file, payload)  # through a temporary file: parallel jobs never read half
+    return splits
+
+
+def _folder_fingerprint(root: Path, image_size: int, max_per_class: Optional[int]) -> str:
+    """sha256 of the decode settings and every file's relative path, size and mtime under root/train, root/test."""
+    digest = hashlib.sha256(f"{image_size}|{max_per_class}|".encode())
+    for part in ("train", "test"):
+        for class_dir in _class_dirs(root / part):
+            for entry in sorted(os.scandir(root / part / class_dir), key=lambda e: e.name):
+                stat = entry.stat()
+                digest.update(f"{part}/{class_dir}/{entry.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _decode_folder(root_path: Path, image_size: int, max_per_class: Optional[int]) -> Splits:
+    root = str(root_path)
     train_classes, test_classes = (_class_dirs(root_path / part) for part in ("train", "test"))
     if train_classes != test_classes:
         raise ValueError(

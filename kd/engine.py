@@ -10,9 +10,10 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -22,10 +23,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
-from kd import records, teachers, tracking
+from kd import distributed, records, teachers, tracking
 from kd.config import Phase
 from kd.data import Split, augment, batches, epoch_generator, hold_out, normalize
-from kd.losses import CELoss, Step
+from kd.features import capture
+from kd.losses import CELoss, Criterion, Step
+from kd.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +44,25 @@ class Data:
     std: Tensor
     crop_padding: int
     hflip: bool
+    channels_last: bool = False
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def inputs(self, images: Tensor) -> Tensor:
-        return normalize(images, self.mean, self.std)
+        """Network inputs: normalised floats, in NHWC memory order when channels_last is on."""
+        x = normalize(images, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @dataclass
 class Job:
     """Everything an epoch needs, so the loop functions take one argument instead of twelve."""
 
-    model: nn.Module
+    model: nn.Module  # the trained network itself: what is evaluated and saved
     teacher: Optional[nn.Module]
-    criterion: nn.Module
+    criterion: Criterion
     optimizer: Optimizer
     scheduler: LRScheduler
     data: Data
@@ -60,13 +70,22 @@ class Job:
     batch_size: int
     eval_batch_size: int
     progress_bar: bool
-    teacher_predictions: dict[str, Tensor]  # the frozen teacher's argmax on test (and val), for agreement
+    teacher_predictions: dict[str, Tensor] = field(default_factory=dict)  # teacher argmax on test/val: agreement
+    forward: Optional[Callable[[Tensor], Tensor]] = None  # the model as trained: compiled and/or DDP-wrapped
+    amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None = fp32
+    scaler: Optional[torch.amp.GradScaler] = None  # loss scaling for fp16 (a no-op otherwise)
+    cache: Optional[TeacherCache] = None
+
+    def autocast(self) -> ContextManager:
+        device_type = self.data.mean.device.type
+        return torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Train the phase's model, write metrics.jsonl, checkpoints and result.json into out_dir; return the result.
 
     Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished.
+    Under torchrun every rank trains its share of each batch; rank 0 alone logs and writes.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -78,20 +97,25 @@ def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[s
     job, summary = set_up(cfg, overrides)
     if checkpoint is not None:
         restore(job, checkpoint)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     tracker = tracking.start(cfg, out_dir, checkpoint.get("wandb_id") if checkpoint else None)
     try:
         tracker.summary.update(summary)
         result = {**summary, **fit(job, cfg, out_dir, tracker, checkpoint)}
+        if job.cache is not None:
+            result.update(teacher_cache_summary(job.cache))
         tracker.summary.update(result)
     except BaseException:
         tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
         raise
     tracker.finish()
+    if not distributed.is_main():
+        return result
     if Phase(cfg.phase) is Phase.teacher:
         result["teacher_checkpoint"] = str(teachers.save_to_store(cfg, job.model, result, out_dir))
     result.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.mean.device))
-    result["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
+    result.update(resumed_from_epoch=checkpoint["epoch"] if checkpoint else None, world_size=distributed.world_size())
     result["config"] = records.plain_config(cfg)
     records.write_json(out_dir / "result.json", result)
     return result
@@ -102,7 +126,8 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     phase = Phase(cfg.phase)
     configure_determinism(cfg.deterministic)
     device = resolve_device(cfg.device)
-    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks alpha and T
+    amp_dtype = resolve_precision(cfg.precision, device)
+    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     teacher_path, teacher_payload = None, None
@@ -110,27 +135,38 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
         teacher_path = find_or_train_teacher(cfg, criterion.needs_teacher, overrides)
     if teacher_path is not None:  # read and checked before any data is decoded
         teacher_payload = teachers.read(teacher_path, cfg.teacher)
-    data = load_data(cfg.dataset, device)
-    job = build_job(cfg, phase, criterion, data, device)
+    data = load_data(cfg.dataset, device, cfg.channels_last)
+    teacher = None
+    if teacher_payload is not None:
+        teacher = teachers.build(teacher_payload, cfg.teacher, device).to(memory_format=data.memory_format)
+    job = build_job(cfg, phase, criterion, data, device, teacher)
+    job.amp_dtype = amp_dtype
+    job.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     summary = {"phase": phase.value, "params": records.count_parameters(job.model)}
+    summary["adapter_params"] = records.count_parameters(job.criterion)
     image_shape = tuple(data.test.images.shape[1:])
     summary["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
     if cfg.profile:
         summary.update(records.profile_model(job.model, image_shape, cfg.batch_size, device))
-    if teacher_path is not None:
-        summary.update(attach_teacher(job, cfg, teacher_path, device, teacher_payload))
+    if teacher is not None:
+        summary.update(check_teacher(job, cfg, teacher_path, teacher_payload["metrics"]))
+        job.cache = open_teacher_cache(cfg, job, teacher_path)
+    job.forward = training_forward(job, cfg.compile)
     return job, summary
 
 
 # Keys that change nothing a run computes: a run folder may be resumed with other values of these.
 RESULT_NEUTRAL = (
     "logger", "device", "progress_bar", "threads", "profile", "eval_batch_size", "teacher_store",
-    "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance", "dataset.source.download",
+    "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance",
+    *(f"dataset.source.{key}" for key in teachers.SOURCE_NEUTRAL),
+    # float32 cache entries are bit-exact, so reading the teacher from the cache or live gives the same run.
+    "teacher_cache", "teacher_cache_dir", "teacher_cache_max_gb",
 )
 # A teacher run never reads these (a teacher trained on demand carries its student's values).
-TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint")
+TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint", "pair_hparams", "teacher_cache_dtype")
 # What last.pt must hold to resume a run exactly.
-RESUME_KEYS = ("model", "optimizer", "scheduler", "epoch", "metrics", "best", "rng", "config")
+RESUME_KEYS = ("model", "criterion", "optimizer", "scheduler", "scaler", "epoch", "metrics", "best", "rng", "config")
 
 
 def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Optional[dict]]:
@@ -167,7 +203,9 @@ def check_same_config(cfg: DictConfig, recorded: dict[str, Any], source: Path) -
 def restore(job: Job, checkpoint: dict[str, Any]) -> None:
     """Put the model, optimizer, schedule and global RNG back as they were when last.pt was written."""
     job.model.load_state_dict(checkpoint["model"])
+    job.criterion.load_state_dict(checkpoint["criterion"])  # adapters (FitNet regressor, CRD embeddings, memory)
     job.optimizer.load_state_dict(checkpoint["optimizer"])
+    job.scaler.load_state_dict(checkpoint["scaler"])
     job.scheduler.load_state_dict(checkpoint["scheduler"])
     # Batches come from epoch_generator; the global RNG matters only to models with dropout.
     torch.set_rng_state(checkpoint["rng"]["cpu"])
@@ -192,6 +230,9 @@ def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[s
     except teachers.MissingTeacher as missing:
         if not cfg.train_missing_teacher:
             raise
+        if distributed.world_size() > 1:  # rank 0 would hold the lock while the others wait on it
+            raise ValueError(f"{missing}\ntrain_missing_teacher=true does not work under torchrun: train the teacher "
+                             "first (phase=teacher, under torchrun too if you like).") from None
         with teachers.store_lock(missing.entry, cfg.teacher_lock_timeout_s):
             if not (missing.entry / "manifest.json").is_file():  # a parallel job may have filed it meanwhile
                 log.info("training the missing teacher into %s", missing.entry)
@@ -220,16 +261,28 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """device=auto picks CUDA when present, else the CPU; an explicit device must exist."""
+    """device=auto picks CUDA when present (this rank's GPU under torchrun), else the CPU; an explicit one must exist."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} but no CUDA device is visible: use device=auto or device=cpu.")
     return device
 
 
-def load_data(dataset_cfg: DictConfig, device: torch.device) -> Data:
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: precision=auto is bf16 on CUDA (fast, no loss scaling) and fp32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name not in PRECISIONS:
+        raise ValueError(f"precision={name}: must be auto, {', '.join(PRECISIONS)}.")
+    return PRECISIONS[name]
+
+
+def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> Data:
     """Decode the dataset, hold out the validation split, and move everything to the device once."""
     splits = instantiate(dataset_cfg.source)
     if len(splits.classes) != dataset_cfg.num_classes:
@@ -241,33 +294,36 @@ def load_data(dataset_cfg: DictConfig, device: torch.device) -> Data:
     stats = [torch.tensor(list(v), device=device).view(1, -1, 1, 1) for v in (dataset_cfg.mean, dataset_cfg.std)]
     return Data(
         train.to(device), val.to(device) if val is not None else None, splits.test.to(device),
-        *stats, dataset_cfg.crop_padding, dataset_cfg.hflip,
+        *stats, dataset_cfg.crop_padding, dataset_cfg.hflip, channels_last,
     )
 
 
-def build_job(cfg: DictConfig, phase: Phase, criterion: nn.Module, data: Data, device: torch.device) -> Job:
-    """Seed, then build the trained model, its optimizer and schedule (the teacher is attached later)."""
+def build_job(
+    cfg: DictConfig, phase: Phase, criterion: Criterion, data: Data, device: torch.device,
+    teacher: Optional[nn.Module] = None,
+) -> Job:
+    """Seed, build the trained model, bind the criterion to both models (its adapters), optimizer and schedule."""
     torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.student if phase is Phase.student else cfg.teacher).to(device)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    model = instantiate(cfg.student if phase is Phase.student else cfg.teacher)
+    model = model.to(device, memory_format=data.memory_format)
+    criterion.bind(model, teacher, data.inputs(data.train.images[:2]), data.train.labels)
+    criterion.to(device)
+    # Adapters (regressors, embeddings) train with the student, under the same optimizer settings.
+    optimizer = instantiate(cfg.optimizer)([*model.parameters(), *criterion.parameters()])
     scheduler = instantiate(cfg.scheduler)(optimizer)
     progress = cfg.progress_bar if cfg.progress_bar is not None else _stderr_is_terminal()
     return Job(
-        model, None, criterion.to(device), optimizer, scheduler, data,
-        cfg.seed, cfg.batch_size, cfg.eval_batch_size, progress, {},
+        model, teacher, criterion, optimizer, scheduler, data, cfg.seed, cfg.batch_size, cfg.eval_batch_size,
+        progress, forward=model, scaler=torch.amp.GradScaler(device.type, enabled=False),
     )
 
 
-def attach_teacher(
-    job: Job, cfg: DictConfig, path: Path, device: torch.device, payload: Optional[dict] = None
-) -> dict[str, Any]:
-    """Load the frozen teacher, measure it on this data, and refuse it when that disagrees with its record."""
-    payload = payload if payload is not None else teachers.read(path, cfg.teacher)
-    teacher, recorded = teachers.build(payload, cfg.teacher, device), payload["metrics"]
+def check_teacher(job: Job, cfg: DictConfig, path: Path, recorded: dict[str, Any]) -> dict[str, Any]:
+    """Measure the frozen teacher on this data, and refuse it when that disagrees with its record."""
     measured = {}
     for name, split in (("test", job.data.test), ("val", job.data.val)):
         if split is not None:
-            logits = predict(teacher, split, job.data, job.eval_batch_size)
+            logits = predict(job.teacher, split, job.data, job.eval_batch_size, job.amp_dtype)
             measured[name] = score(logits, split.labels, None)
             job.teacher_predictions[name] = logits.argmax(1)
     gap = abs(measured["test"]["acc1"] - recorded["test/acc1"])
@@ -277,10 +333,49 @@ def attach_teacher(
             f"when it was trained (more than teacher_acc_tolerance={cfg.teacher_acc_tolerance}): wrong checkpoint, "
             "dataset or normalization."
         )
-    job.teacher = teacher
     log.info("teacher %s: test top-1 %.2f (recorded %.2f)", path, measured["test"]["acc1"], recorded["test/acc1"])
     summary = {f"teacher/{name}/{key}": value for name, m in measured.items() for key, value in m.items()}
     return {**summary, "teacher/acc1": measured["test"]["acc1"], "teacher_checkpoint": str(path)}
+
+
+def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path) -> Optional[TeacherCache]:
+    """The cache entry for this teacher, data seed, data and numerics; None when the cache cannot serve the run."""
+    if not cfg.teacher_cache or not job.criterion.needs_teacher:
+        return None
+    if job.criterion.layers()[1]:
+        log.info("teacher cache off: the loss reads the teacher's features, and only logits are cached")
+        return None
+    if distributed.world_size() > 1:
+        log.info("teacher cache off: not used under torchrun (each rank runs the teacher on its share)")
+        return None
+    key = {
+        "teacher_sha256": records.sha256_file(teacher_path), "teacher": records.plain_config(cfg.teacher),
+        "dataset": teachers.dataset_identity(cfg.dataset), "seed": cfg.seed, "batch_size": cfg.batch_size,  # which views, in which order
+        "precision": str(job.amp_dtype), "channels_last": cfg.channels_last,  # the numerics of the teacher pass
+        "device": job.data.mean.device.type, "torch": torch.__version__,
+    }
+    root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else Path(teacher_path).parent / "outputs_cache"
+    shape = (len(job.data.train), cfg.dataset.num_classes)
+    return TeacherCache(root, key, shape, cfg.teacher_cache_dtype, cfg.teacher_cache_max_gb * 1e9)
+
+
+def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
+    return {"teacher_cache/hits": cache.hits, "teacher_cache/misses": cache.misses,
+            "teacher_cache/bytes": cache.size_bytes(), "teacher_cache/dir": str(cache.dir)}
+
+
+def training_forward(job: Job, compile_model: bool) -> Callable[[Tensor], Tensor]:
+    """The model as the training step calls it: DDP-wrapped under torchrun, torch.compile'd when asked."""
+    forward: Callable[[Tensor], Tensor] = job.model
+    if distributed.world_size() > 1:
+        device = job.data.mean.device
+        forward = nn.parallel.DistributedDataParallel(job.model, device_ids=[device] if device.type == "cuda" else None)
+    if compile_model:
+        if job.criterion.layers() != ([], []):
+            raise ValueError("compile=true with a loss that reads features (forward hooks) is not supported: "
+                             "set compile=false.")
+        forward = torch.compile(forward)
+    return forward
 
 
 def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict] = None) -> dict[str, Any]:
@@ -289,14 +384,17 @@ def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[
     metrics_file = out_dir / "metrics.jsonl"
     done = checkpoint["epoch"] if checkpoint else 0
     metrics, best = (checkpoint["metrics"], checkpoint["best"]) if checkpoint else (None, None)
-    records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+    main = distributed.is_main()
+    if main:
+        records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
     for epoch in range(done + 1, cfg.epochs + 1):
         metrics = run_epoch(job, epoch)
         best = metrics if best is None or metrics[best_key] > best[best_key] else best
-        records.append_jsonl(metrics_file, metrics)
         tracker.log(metrics, step=epoch)
         log.info(epoch_line(metrics, cfg.epochs))
-        save_checkpoints(job, cfg, out_dir, metrics, best, tracker.id)
+        if main:
+            records.append_jsonl(metrics_file, metrics)
+            save_checkpoints(job, cfg, out_dir, metrics, best, tracker.id)
     return summarize(metrics, best, best_key)
 
 
@@ -309,62 +407,141 @@ def run_epoch(job: Job, epoch: int) -> dict[str, Any]:
     metrics["time/train_s"] = time.perf_counter() - started
     for name, split in (("val", job.data.val), ("test", job.data.test)):
         if split is not None:
-            logits = predict(job.model, split, job.data, job.eval_batch_size)
+            logits = predict(job.model, split, job.data, job.eval_batch_size, job.amp_dtype)
             metrics.update(_prefixed(name, score(logits, split.labels, job.teacher_predictions.get(name))))
     metrics["time/epoch_s"] = time.perf_counter() - started
     return metrics
 
 
 def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
-    """One pass over the augmented training set; returns per-image averages of the loss terms and top-1."""
+    """One pass over the augmented training set; returns per-image averages of the loss terms and top-1.
+
+    Every rank draws the same global batch and the same augmentation from (seed, epoch), then trains on its
+    share of it: the views, and so the results, do not depend on the number of processes.
+    """
     job.model.train()
+    device = job.data.mean.device
     generator = epoch_generator(job.seed, epoch)  # order and augmentation of this epoch, from (seed, epoch)
-    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=job.data.mean.device))
-    first_bad_step = torch.full((), math.inf, device=job.data.mean.device)
+    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    first_bad_step = torch.full((), math.inf, device=device)
+    teacher = EpochTeacher(job, epoch)
+    student_layers, _ = job.criterion.layers()
     steps = math.ceil(len(job.data.train) / job.batch_size)
     loader = batches(job.data.train, job.batch_size, generator)
     loader = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not job.progress_bar, leave=False)
-    for step, batch in enumerate(loader):
-        images = job.data.inputs(augment(batch.images, job.data.crop_padding, job.data.hflip, generator))
-        logits = job.model(images)
-        terms = job.criterion(Step(logits, batch.labels, teacher_logits(job, images), index=batch.index, epoch=epoch))
-        loss = sum(terms.values())
-        job.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        job.optimizer.step()
-        # Tracked on the device: no host sync per step; the first non-finite step is reported below.
-        first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
-        for name, value in {"loss": loss, **terms}.items():
-            sums[name] += value.detach() * len(batch)
-        sums["acc1"] += (logits.argmax(1) == batch.labels).sum() * 100.0
-    if math.isfinite(bad := first_bad_step.item()):
+    with capture(job.model, student_layers) if student_layers else nullcontext({}) as student_features:
+        for step, batch in enumerate(loader):
+            views = augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
+            rows = teacher.advance(len(batch))
+            if len(batch) < distributed.world_size():
+                continue  # a last batch too small to give every rank a sample (all ranks skip it)
+            share = distributed.shard(len(batch))
+            images, labels = job.data.inputs(views[share]), batch.labels[share]
+            with job.autocast():
+                logits = job.forward(images)
+                teacher_logits, teacher_features = teacher(images, rows, share)
+                terms = job.criterion(Step(
+                    logits, labels, teacher_logits, dict(student_features), teacher_features, batch.index[share], epoch
+                ))
+                loss = sum(terms.values())
+            optimize(job, loss)
+            # Tracked on the device: no host sync per step; the first non-finite step is reported below.
+            first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] += value.detach().float() * len(labels)
+            sums["acc1"] += (logits.argmax(1) == labels).sum() * 100.0
+            sums["count"] += len(labels)
+    teacher.finish()
+    return epoch_averages(sums, first_bad_step, epoch)
+
+
+def optimize(job: Job, loss: Tensor) -> None:
+    """Backward and step; adapter gradients are averaged over ranks (DDP averages the model's)."""
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scaler.scale(loss).backward()
+    if distributed.world_size() > 1:
+        for parameter in job.criterion.parameters():
+            if parameter.grad is not None:
+                distributed.sum_(parameter.grad).div_(distributed.world_size())
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+
+
+def epoch_averages(sums: dict[str, Tensor], first_bad_step: Tensor, epoch: int) -> dict[str, float]:
+    """Per-image averages over all ranks; stop on the first non-finite step."""
+    names = sorted(sums)
+    totals = distributed.sum_(torch.stack([sums[name] for name in names]))
+    if math.isfinite(bad := distributed.min_(first_bad_step).item()):
         kept = f"the last checkpoint is from epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
         raise FloatingPointError(
             f"non-finite training loss at epoch {epoch}, step {int(bad)}: stopped; {kept}. "
             "Lower the learning rate or check the inputs."
         )
-    return {name: (total / len(job.data.train)).item() for name, total in sums.items()}
+    totals = dict(zip(names, totals.tolist()))
+    count = totals.pop("count")
+    return {name: total / count for name, total in totals.items()}
 
 
-def teacher_logits(job: Job, images: Tensor) -> Optional[Tensor]:
-    """The frozen teacher's logits for the same augmented view the student sees (None when unused)."""
-    if job.teacher is None or not job.criterion.needs_teacher:
-        return None
-    # Eval mode (set at load) makes the targets a fixed function of the view: BN uses running statistics.
-    # inference_mode: no graph or saved activations for a network that is never updated.
-    with torch.inference_mode():
-        logits = job.teacher(images)
-    return logits.clone()  # a normal tensor again, so the loss may save it for backward
+class EpochTeacher:
+    """The teacher's outputs for one epoch's views: read from the teacher cache, or computed live (and then
+    stored in the cache for the next job). Rows are numbered in the order the epoch visits the samples."""
+
+    def __init__(self, job: Job, epoch: int):
+        self.job, self.epoch, self.seen = job, epoch, 0
+        self.active = job.teacher is not None and job.criterion.needs_teacher
+        self.stored = job.cache.load(epoch) if self.active and job.cache is not None else None
+        self.recording = None
+        if self.active and job.cache is not None and self.stored is None and not job.cache.full:
+            self.recording = torch.empty(job.cache.shape, device=job.data.mean.device)
+        self.layers = job.criterion.layers()[1]
+
+    def advance(self, n: int) -> slice:
+        rows = slice(self.seen, self.seen + n)
+        self.seen += n
+        return rows
+
+    def __call__(self, images: Tensor, rows: slice, share: slice) -> tuple[Optional[Tensor], dict[str, Tensor]]:
+        """(logits, features) for this rank's images, which are rows[share] of the epoch."""
+        if not self.active:
+            return None, {}
+        if self.stored is not None:
+            return self.stored[rows][share].to(images.device), {}
+        # Eval mode (set at load) makes the targets a fixed function of the view: BN uses running statistics.
+        # inference_mode: no graph or saved activations for a network that is never updated.
+        hooks = capture(self.job.teacher, self.layers) if self.layers else nullcontext({})
+        with torch.inference_mode(), hooks as features:
+            logits = self.job.teacher(images)
+        if self.recording is not None:
+            self.recording[rows] = logits.float()
+        # Clones are normal tensors again, so the loss may save them for backward.
+        return logits.clone(), {name: value.clone() for name, value in features.items()}
+
+    def finish(self) -> None:
+        if self.recording is not None and self.seen == self.recording.shape[0]:
+            self.job.cache.save(self.epoch, self.recording)
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, data: Data, batch_size: int) -> Tensor:
-    """Logits for a whole split, in order, in eval mode and without augmentation."""
+def predict(
+    model: nn.Module, split: Split, data: Data, batch_size: int, amp_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """Logits (float32) for a whole split, in order, in eval mode and without augmentation.
+
+    Under torchrun each rank predicts its shard and the shards are summed into place, so every sample is
+    counted exactly once and every rank holds all the logits.
+    """
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(data.inputs(batch.images)) for batch in batches(split, batch_size)])
+    share = distributed.shard(len(split))
+    local = Split(split.images[share], split.labels[share])
+    with torch.autocast(data.mean.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        parts = [model(data.inputs(batch.images)).float() for batch in batches(local, batch_size)]
     model.train(was_training)
-    return logits
+    if distributed.world_size() == 1:
+        return torch.cat(parts)
+    logits = torch.zeros(len(split), parts[0].shape[1], device=data.mean.device)
+    logits[share] = torch.cat(parts)
+    return distributed.sum_(logits)
 
 
 def score(logits: Tensor, labels: Tensor, reference: Optional[Tensor]) -> dict[str, float]:
@@ -384,7 +561,8 @@ def save_checkpoints(
     """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
     model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
     payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
-    payload.update(optimizer=job.optimizer.state_dict(), scheduler=job.scheduler.state_dict(), epoch=metrics["epoch"])
+    payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict())
+    payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=metrics["epoch"])
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng}, wandb_id=run_id)
     if best is metrics:

@@ -24,12 +24,22 @@ log = logging.getLogger(__name__)
 
 # Keys of the config that change what a teacher learns; everything else (device, logging, ...) does not.
 IDENTITY_KEYS = ("dataset", "teacher", "optimizer", "scheduler", "epochs", "batch_size")
+# Data-source settings that say where or how to fetch the data, not what it is.
+SOURCE_NEUTRAL = ("download", "cache_dir")
+
+
+def dataset_identity(dataset_cfg: DictConfig) -> dict[str, Any]:
+    """The dataset node as plain values, without the settings that do not change the data."""
+    dataset = OmegaConf.to_container(dataset_cfg, resolve=True)
+    for key in SOURCE_NEUTRAL:
+        dataset["source"].pop(key, None)
+    return dataset
 
 
 def identity(cfg: DictConfig, seed: int) -> dict[str, Any]:
     """What defines a teacher: data, architecture, training recipe and seed."""
     ident = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(IDENTITY_KEYS)), resolve=True)
-    ident["dataset"]["source"].pop("download", None)  # fetching the data does not change it
+    ident["dataset"] = dataset_identity(cfg.dataset)
     ident["seed"] = seed
     return ident
 

@@ -6,6 +6,7 @@ from typing import Optional
 import wandb
 from omegaconf import DictConfig
 
+from kd import distributed
 from kd.config import Phase
 from kd.records import model_name, plain_config
 
@@ -28,6 +29,8 @@ def start(cfg: DictConfig, out_dir: Path, run_id: Optional[str] = None):
     An online start that fails (no credentials, no network: bounded by logger.init_timeout_s) warns once and
     logs offline instead, so a W&B outage never costs a training run.
     """
+    if not distributed.is_main():  # under torchrun, rank 0 alone logs
+        return _init(cfg, out_dir, "disabled", run_id)
     try:
         return _init(cfg, out_dir, cfg.logger.mode, run_id)
     except Exception as error:  # wandb raises UsageError, CommError, or its own timeouts

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from wandb.proto import wandb_internal_pb2
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, records
+from kd import engine, records, teachers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
@@ -148,8 +148,8 @@ def teacher_ckpt(tmp_path_factory):
 def test_teacher_gets_no_gradients_and_stays_frozen(teacher_ckpt, tmp_path):
     cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher_ckpt}")
     data = engine.load_data(cfg.dataset, torch.device("cpu"))
-    job = engine.build_job(cfg, kd.config.Phase.student, instantiate(cfg.loss), data, torch.device("cpu"))
-    engine.attach_teacher(job, cfg, teacher_ckpt, torch.device("cpu"))
+    teacher = teachers.build(teachers.read(teacher_ckpt, cfg.teacher), cfg.teacher, torch.device("cpu"))
+    job = engine.build_job(cfg, kd.config.Phase.student, instantiate(cfg.loss), data, torch.device("cpu"), teacher)
     before = {k: v.clone() for k, v in job.teacher.state_dict().items()}
     student_before = [p.clone() for p in job.model.parameters()]
     engine.train_one_epoch(job, epoch=1)

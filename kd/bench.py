@@ -1,0 +1,235 @@
+"""Student-phase training throughput on this device, in one run: a reference loop vs this repository's engine.
+
+    python -m kd.bench [--teacher resnet56 --student resnet20 --batch-size 64] [--json PATH] [--sweep-jobs 8]
+
+(a) reference: the loop the seed document and the common KD repositories write: a CIFAR-style torchvision
+    dataset (uint8 array -> PIL image -> RandomCrop/Flip/ToTensor/Normalize per image) in a DataLoader, eager
+    fp32, NCHW, teacher under no_grad, SGD.
+(b) engine: this repository's training epoch with its defaults (batched augmentation on the device,
+    channels_last, precision=auto, teacher under inference_mode, teacher cache recording).
+(c) engine with a warm teacher cache: the same epochs again, the teacher's logits read from the cache.
+
+Each variant trains on the same random 32x32 images (speed does not depend on their content) for a warm-up
+window, then for several timed windows; the median window gives images/s. The matmul ceiling is the rate of a
+large matrix product measured here, in the engine's precision, and achieved GFLOP/s counts the convolutions and
+matmuls a step really performs: 3x the student's forward (forward + backward) plus the teacher's forward.
+--sweep-jobs N also times N short student runs of train.py (experiment=quickstart, a multirun over N
+temperatures sharing one teacher) with and without the teacher cache, and prints the ratio of their wall times.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+import kd.config  # noqa: F401  (registers the typed root schema)
+from kd import engine, records
+from kd.config import Phase
+from kd.data import Split
+from kd.teacher_cache import TeacherCache
+
+REPO = Path(__file__).resolve().parents[1]
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    cfg = compose_config(args)
+    device = engine.resolve_device(cfg.device)
+    torch.backends.cudnn.benchmark = True
+    images = torch.randint(0, 256, (args.batch_size * args.window_steps, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, args.num_classes, (len(images),), generator=torch.Generator().manual_seed(1))
+    amp_dtype = engine.resolve_precision(cfg.precision, device)
+    flops = {role: records.forward_flops(instantiate(cfg[role]).to(device), (3, 32, 32), device)
+             for role in ("teacher", "student")}
+    ceiling = matmul_ceiling(device, amp_dtype or torch.float32)
+    results = {"device": records.environment(device), "config": {**vars(args), "precision": str(amp_dtype)},
+               "matmul_ceiling_gflops": ceiling / 1e9, "forward_gflop_per_image": {k: v / 1e9 for k, v in flops.items()}}
+    step_flops = {"full": args.batch_size * (3 * flops["student"] + flops["teacher"]),
+                  "cached": args.batch_size * 3 * flops["student"]}
+    with tempfile.TemporaryDirectory() as cache_root:
+        variants = {
+            "a_reference": (lambda: reference_windows(cfg, args, images, labels, device), "full"),
+            "b_engine": (lambda: engine_windows(cfg, args, images, labels, device, Path(cache_root)), "full"),
+            "c_engine_cached": (lambda: engine_windows(cfg, args, images, labels, device, Path(cache_root)), "cached"),
+        }
+        for name, (measure, flop_kind) in variants.items():
+            seconds = statistics.median(measure())
+            step_seconds = seconds / args.window_steps
+            results[name] = {"images_per_s": args.batch_size / step_seconds,
+                             "gflops": step_flops[flop_kind] / step_seconds / 1e9,
+                             "fraction_of_ceiling": step_flops[flop_kind] / step_seconds / ceiling}
+    for name in ("b_engine", "c_engine_cached"):
+        results[name]["speedup_vs_reference"] = results[name]["images_per_s"] / results["a_reference"]["images_per_s"]
+    if args.sweep_jobs:
+        results["sweep"] = sweep_ratio(args)
+    print_table(results)
+    if args.json:
+        records.write_json(Path(args.json), results)
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--student", default="resnet20")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-classes", type=int, default=100)
+    parser.add_argument("--window-steps", type=int, default=10, help="training steps per timed window")
+    parser.add_argument("--windows", type=int, default=5, help="timed windows (after one warm-up window)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
+    parser.add_argument("--sweep-jobs", type=int, default=0, help="also time an N-job sweep with and without cache")
+    parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the engine, e.g. precision=fp32 device=cpu")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "window_steps", "windows", "num_classes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def compose_config(args: argparse.Namespace):
+    overrides = [f"model@teacher={args.teacher}", f"model@student={args.student}", "phase=student",
+                 f"batch_size={args.batch_size}", f"dataset.num_classes={args.num_classes}", *args.overrides]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def timed_windows(run_window: Callable[[int], None], windows: int, device: torch.device) -> list[float]:
+    """Seconds of each timed window, after one untimed warm-up window (index 0)."""
+    seconds = []
+    for window in range(windows + 1):
+        records._synchronize(device)
+        start = time.perf_counter()
+        run_window(window)
+        records._synchronize(device)
+        if window > 0:
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+class ArrayImages(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: a uint8 HWC array -> PIL image -> transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable):
+        self.images = images.permute(0, 2, 3, 1).numpy()
+        self.labels, self.transform = labels.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def reference_windows(cfg, args, images, labels, device) -> list[float]:
+    """(a) The usual loop: PIL transforms in a DataLoader, eager fp32 NCHW, teacher under no_grad."""
+    transform = transforms.Compose([
+        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+    loader = DataLoader(ArrayImages(images, labels, transform), batch_size=args.batch_size, shuffle=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=args.workers > 0)
+    torch.manual_seed(0)
+    student, teacher = instantiate(cfg.student).to(device), instantiate(cfg.teacher).to(device).eval()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    alpha, temperature = 0.9, 4.0
+
+    def window(_: int) -> None:
+        student.train()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.no_grad():
+                teacher_logits = teacher(x)
+            logits = student(x)
+            kl = F.kl_div(F.log_softmax(logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
+                          reduction="batchmean")
+            loss = (1 - alpha) * F.cross_entropy(logits, y) + alpha * temperature**2 * kl
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return timed_windows(window, args.windows, device)
+
+
+def engine_windows(cfg, args, images, labels, device, cache_root: Path) -> list[float]:
+    """(b)/(c) The engine's training epoch (one epoch = one window) with its config's defaults; the teacher
+    cache lives in cache_root, so a second call finds every epoch's teacher logits stored."""
+    data = engine.Data(Split(images.to(device), labels.to(device)), None, Split(images[:8], labels[:8]).to(device),
+                       *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
+                       crop_padding=4, hflip=True, channels_last=cfg.channels_last)
+    teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
+    job = engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
+    job.progress_bar = False
+    job.amp_dtype = engine.resolve_precision(cfg.precision, device)
+    job.scaler = torch.amp.GradScaler(device.type, enabled=job.amp_dtype == torch.float16)
+    job.forward = engine.training_forward(job, cfg.compile)
+    if cfg.teacher_cache:
+        key = {"bench": [args.teacher, args.student, args.batch_size, args.num_classes, str(job.amp_dtype)]}
+        job.cache = TeacherCache(cache_root, key, (len(images), args.num_classes), cfg.teacher_cache_dtype, 1e12)
+    return timed_windows(lambda window: engine.train_one_epoch(job, epoch=window + 1), args.windows, device)
+
+
+def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of the fastest of several large square matrix products: what this device's GEMM reaches."""
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = timed_windows(lambda _: [a @ b for _ in range(10)], 5, device)
+    return 10 * 2 * n**3 / min(seconds)
+
+
+def sweep_ratio(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time of an N-job train.py multirun (alpha x T, shared teacher) with the teacher cache vs without."""
+    temperatures = ",".join(str(t) for t in range(1, args.sweep_jobs + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        common = [sys.executable, "train.py", "experiment=quickstart", f"teacher_store={tmp}/teachers",
+                  "logger.mode=disabled", "profile=false"]
+        subprocess.run([*common, "phase=teacher", f"hydra.run.dir={tmp}/teacher"], cwd=REPO, check=True,
+                       capture_output=True)
+        wall = {}
+        for cache in ("true", "false"):
+            start = time.perf_counter()
+            subprocess.run([*common, "-m", "phase=student", "loss.alpha=0.9", f"loss.temperature={temperatures}",
+                            f"teacher_cache={cache}", f"teacher_cache_dir={tmp}/cache_{cache}",
+                            f"hydra.sweep.dir={tmp}/sweep_{cache}"], cwd=REPO, check=True, capture_output=True)
+            wall[cache] = time.perf_counter() - start
+    return {"jobs": args.sweep_jobs, "wall_s_with_cache": wall["true"], "wall_s_without_cache": wall["false"],
+            "ratio": wall["true"] / wall["false"]}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    config = results["config"]
+    print(f"{config['teacher']} -> {config['student']}, batch {config['batch_size']}, {config['num_classes']} classes, "
+          f"{results['device']['device']} ({results['device']['device_name']}), {results['device']['cpu_threads']} "
+          f"threads, engine precision {config['precision']}")
+    print(f"matmul ceiling: {results['matmul_ceiling_gflops']:.1f} GFLOP/s")
+    print(f"{'variant':<18}{'images/s':>10}{'vs (a)':>8}{'GFLOP/s':>10}{'of ceiling':>12}")
+    for name in ("a_reference", "b_engine", "c_engine_cached"):
+        r = results[name]
+        ratio = r.get("speedup_vs_reference", 1.0)
+        print(f"{name:<18}{r['images_per_s']:>10.1f}{ratio:>7.2f}x{r['gflops']:>10.1f}{r['fraction_of_ceiling']:>11.0%}")
+    if "sweep" in results:
+        s = results["sweep"]
+        print(f"sweep of {s['jobs']} students: {s['wall_s_with_cache']:.1f} s with the teacher cache, "
+              f"{s['wall_s_without_cache']:.1f} s without: ratio {s['ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    main()

@@ -1,0 +1,76 @@
+"""Data-parallel training under torchrun: process-group set-up and the few collectives the engine needs.
+
+`torchrun --standalone --nproc_per_node=N train.py ...` starts N processes with RANK, WORLD_SIZE and LOCAL_RANK
+set; without torchrun every function here is the single-process identity.
+"""
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def init_from_env() -> None:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs); nothing when not launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if rank() != 0:  # one copy of the log: the other ranks only warn
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that logs to W&B and writes records."""
+    return rank() == 0
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous share of n items (the shares of all ranks cover each item exactly once)."""
+    size, r = world_size(), rank()
+    return slice(n * r // size, n * (r + 1) // size)
+
+
+def sum_(tensor: Tensor) -> Tensor:
+    """Sum over ranks (in place); the identity on one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def min_(tensor: Tensor) -> Tensor:
+    """Minimum over ranks (in place); the identity on one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's value, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
