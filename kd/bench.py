@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = compose_config(args)
     device = engine.resolve_device(cfg.device)
     torch.backends.cudnn.benchmark = True
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     images = torch.randint(0, 256, (args.batch_size * args.window_steps, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, args.num_classes, (len(images),), generator=torch.Generator().manual_seed(1))

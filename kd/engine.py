@@ -128,6 +128,11 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
+    if distributed.world_size() > 1:
+        unsupported = [type(m).__name__ for m in criterion.modules() if not getattr(m, "supports_data_parallel", True)]
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)} keeps per-sample state that torchrun ranks would not share: "
+                             "run this loss in one process (without torchrun).")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     teacher_path, teacher_payload = None, None

@@ -39,7 +39,7 @@ def resolve(model: nn.Module, name: str) -> tuple[nn.Module, bool]:
 
 def _store(features: dict, versions: dict, name: str, value) -> None:
     if not isinstance(value, Tensor):
-        raise TypeError(f"layer {name!r} gave a {type(value).__name__}, not a tensor: capture a module with one output.")
+        raise TypeError(f"layer {name!r} gave a {type(value).__name__}, not a tensor: pick a module with one output.")
     if value.is_inference():
         # Inference tensors keep no version counter, so a later in-place op could not be detected: copy now.
         features[name] = value.clone()

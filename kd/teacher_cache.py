@@ -51,7 +51,8 @@ class TeacherCache:
             self.misses += 1
             return None
         except Exception as error:  # a damaged file is a miss: the live teacher recomputes and replaces it
-            log.warning("teacher cache file %s is unreadable (%s): recomputing it", path, error)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            log.warning("teacher cache file %s is unreadable (%s): recomputing it", path, reason)
             self.misses += 1
             return None
         if tuple(logits.shape) != self.shape or logits.dtype != self.dtype:

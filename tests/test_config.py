@@ -24,7 +24,9 @@ from torch import nn
 
 import kd.config  # noqa: F401  (registers the typed root schema `config_schema`)
 from kd import engine, teachers
+from kd.features import capture
 from kd.losses import Step
+from kd.models.cifar_resnet import resnet8
 from kd.config import Phase
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -103,12 +105,22 @@ def test_model_option_builds_as_teacher_and_student(name, one_thread):
 
 @pytest.mark.parametrize("name", options("loss"))
 def test_loss_option_instantiates_and_returns_finite_terms(name):
+    """Every loss option, bound to a tiny student and teacher, gives finite terms whose gradient reaches the student."""
     criterion = instantiate(compose(f"loss={name}").loss)
-    generator = torch.Generator().manual_seed(0)
-    student_logits = torch.randn(8, 10, generator=generator, requires_grad=True)
-    teacher_logits = torch.randn(8, 10, generator=generator)
-    targets = torch.randint(0, 10, (8,), generator=generator)
-    terms = criterion(Step(student_logits, targets, teacher_logits))
+    torch.manual_seed(0)
+    student, teacher = resnet8(num_classes=10, width=0.25), resnet8(num_classes=10, width=0.5).eval()
+    images, train_labels, index = torch.randn(8, 3, 16, 16), torch.arange(40) % 10, torch.arange(8)
+    criterion.bind(student, teacher, images[:2], train_labels)  # a no-op for the logit criteria
+    student_layers, teacher_layers = criterion.layers()
+    with capture(student, student_layers) as student_features:
+        student_logits = student(images)
+    student_logits.retain_grad()
+    with torch.inference_mode(), capture(teacher, teacher_layers) as teacher_features:
+        teacher_logits = teacher(images)
+    teacher_features = {k: v.clone() for k, v in teacher_features.items()}
+    step = Step(student_logits, train_labels[index], teacher_logits.clone(), dict(student_features),
+                teacher_features, index)
+    terms = criterion(step)
     assert isinstance(terms, dict) and terms
     assert all(isinstance(v, torch.Tensor) and v.shape == () for v in terms.values()), terms
     total = sum(terms.values())

@@ -33,6 +33,10 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """3x3 stem, three stages of BasicBlocks (strides 1, 2, 2), global average pool, linear."""
 
+    # What RepDistiller's is_feat=True returns between stem and logits (post-ReLU stage outputs, the pooled
+    # embedding); kd.features.default_layers reads it.
+    feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "fc:in"}
+
     def __init__(self, depth: int, filters: list[int], num_classes: int) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:

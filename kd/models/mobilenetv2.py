@@ -55,6 +55,10 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """Stride-2 stem, seven inverted-residual stages, 1x1 conv to the last width, pool, linear."""
 
+    # What RepDistiller's is_feat=True returns between stem and logits (the outputs of stages 1, 2, 4 and 6, the
+    # pooled embedding); kd.features.default_layers reads it.
+    feature_layers = {"stages": ("blocks.1", "blocks.2", "blocks.4", "blocks.6"), "embedding": "classifier:in"}
+
     def __init__(self, num_classes: int, width_mult: float) -> None:
         super().__init__()
         in_channels = scale_channels(32, width_mult, _DIVISOR)

@@ -47,6 +47,10 @@ class Bottleneck(nn.Module):
 class ShuffleNetV1(nn.Module):
     """1x1 stem, three stages of Bottlenecks (each opening with a stride-2 concat unit), pool, linear."""
 
+    # What RepDistiller's is_feat=True returns between stem and logits (the stage outputs, the pooled
+    # embedding); kd.features.default_layers reads it.
+    feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "linear:in"}
+
     def __init__(self, stem: int, planes: list[int], blocks: list[int], groups: int, num_classes: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem, 1, bias=False)
@@ -134,6 +138,10 @@ class BasicBlock(nn.Module):
 
 class ShuffleNetV2(nn.Module):
     """1x1 stem, three stages (DownBlock then BasicBlocks), 1x1 conv head, pool, linear."""
+
+    # What RepDistiller's is_feat=True returns between stem and logits (the stage outputs, the pooled
+    # embedding); kd.features.default_layers reads it.
+    feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "linear:in"}
 
     def __init__(self, stem: int, channels: list[int], blocks: list[int], num_classes: int) -> None:
         super().__init__()

@@ -32,6 +32,11 @@ def _make_block(in_channels: int, widths: list[int]) -> nn.Sequential:
 class VGG(nn.Module):
     """Five conv blocks with max-pools between them, global average pool, one linear classifier."""
 
+    # What RepDistiller's is_feat=True returns between stem and logits: the ReLU'd outputs of blocks 1-4 (as the
+    # next pool's input; block 3's is block 4's input, pool3 being skipped at 32x32) and the pooled embedding;
+    # kd.features.default_layers reads it. At 64x64 block 4 sees block 3's output max-pooled.
+    feature_layers = {"stages": ("pool1:in", "pool2:in", "block4:in", "pool4:in"), "embedding": "classifier:in"}
+
     def __init__(self, layout: list[list[int]], num_classes: int) -> None:
         super().__init__()
         ends = [3] + [widths[-1] for widths in layout]

@@ -1,0 +1,87 @@
+"""torchrun data parallelism on the CPU (gloo, 2 processes): the test set counted once, rank 0 alone writing,
+and a killed DDP run resuming to the same bits."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize
+
+import kd.config  # noqa: F401  (registers the schema)
+from kd import distributed, engine, teachers
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["experiment=quickstart", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2", "profile=false",
+        "threads=1"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("n", [0, 1, 7, 10, 359])
+def test_shards_of_all_ranks_cover_every_item_once(monkeypatch, world, n):
+    covered = []
+    for rank in range(world):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)
+        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        covered += list(range(n))[distributed.shard(n)]
+    assert covered == list(range(n))
+
+
+def torchrun(tmp_path: Path, run_dir: str, *overrides: str, runner: str = "train.py", env=None):
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", runner, *TINY,
+            f"teacher_store={tmp_path / 'teachers'}", f"hydra.run.dir={tmp_path / run_dir}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def ddp_teacher(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("ddp")
+    proc = torchrun(tmp, "teacher", "phase=teacher", "logger.mode=offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_ddp_run_counts_the_test_set_once_and_rank0_alone_writes(ddp_teacher):
+    run = ddp_teacher / "teacher"
+    result = json.loads((run / "result.json").read_text())
+    assert result["world_size"] == 2 and result["epochs"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(list(run.glob("wandb/offline-run-*"))) == 1  # rank 1 logs nothing
+    # The recorded test accuracy is the single-process accuracy of the saved weights over the whole test set.
+    with initialize(version_base="1.3", config_path="../conf"):
+        cfg = compose("config", overrides=[*TINY, "phase=teacher"])
+    data = engine.load_data(cfg.dataset, torch.device("cpu"), cfg.channels_last)
+    model = teachers.build(torch.load(run / "last.pt", weights_only=True), cfg.teacher, torch.device("cpu"))
+    logits = engine.predict(model, data.test, data, 512)
+    assert len(logits) == len(data.test) == 359
+    assert engine.score(logits, data.test.labels, None)["acc1"] == pytest.approx(result["test/acc1"], abs=1e-9)
+    # And the store filed it once, with a manifest.
+    assert len(list((ddp_teacher / "teachers").glob("*/manifest.json"))) == 1
+
+
+@pytest.mark.slow
+def test_killed_ddp_student_resumes_to_the_same_bits(ddp_teacher):
+    student = ["phase=student", "logger.mode=disabled"]
+    whole = torchrun(ddp_teacher, "whole", *student)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = torchrun(ddp_teacher, "resumed", *student, runner="tests/kill_runner.py", env={"KD_KILL_AT": "1:ckpt"})
+    assert killed.returncode != 0
+    assert not (ddp_teacher / "resumed" / "result.json").exists()
+    resumed = torchrun(ddp_teacher, "resumed", *student)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first, second = (json.loads((ddp_teacher / d / "result.json").read_text()) for d in ("whole", "resumed"))
+    assert second["resumed_from_epoch"] == 1
+    keys = [k for k in first if k.startswith(("train/", "test/"))]
+    assert {k: first[k] for k in keys} == {k: second[k] for k in keys}
+
+
+@pytest.mark.slow
+def test_ddp_refuses_to_train_a_missing_teacher(tmp_path):
+    proc = torchrun(tmp_path, "student", "phase=student", "logger.mode=disabled", "train_missing_teacher=true")
+    assert proc.returncode != 0
+    assert "does not work under torchrun: train the teacher first" in proc.stderr
+    assert not (tmp_path / "student" / "result.json").exists()

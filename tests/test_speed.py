@@ -1,0 +1,237 @@
+"""The fast paths: teacher-output cache (exact, keyed, bounded, shared by a sweep), precision and memory format
+options, the image-folder decode cache, and the benchmark's command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize
+
+import kd.config  # noqa: F401  (registers the schema)
+from kd import bench, data, engine
+from kd.teacher_cache import TeacherCache
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25"]
+TINY += ["epochs=2", "logger.mode=disabled", "profile=false", "threads=1"]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    store = f"teacher_store={tmp_path / 'teachers'}"
+    with initialize(version_base="1.3", config_path="../conf"):
+        return compose("config", overrides=[*TINY, store, *overrides])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("cache_teacher")
+    return Path(engine.run(compose_cfg(tmp, "phase=teacher"), tmp / "run")["teacher_checkpoint"])
+
+
+def student(tmp_path: Path, teacher: Path, name: str, *overrides: str) -> dict:
+    cache = f"teacher_cache_dir={tmp_path / 'cache'}"
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}", cache, *overrides)
+    return engine.run(cfg, tmp_path / name)
+
+
+def trained(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k.startswith(("train/", "test/"))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# teacher-output cache
+
+
+def test_student_from_the_cache_is_bit_identical_to_the_live_teacher(teacher, tmp_path):
+    live = student(tmp_path, teacher, "live", "teacher_cache=false")
+    writer = student(tmp_path, teacher, "writer")  # fills the cache, running the teacher
+    reader = student(tmp_path, teacher, "reader")  # reads every epoch from it
+    assert (writer["teacher_cache/hits"], writer["teacher_cache/misses"]) == (0, 2)
+    assert (reader["teacher_cache/hits"], reader["teacher_cache/misses"]) == (2, 0)
+    assert trained(live) == trained(writer) == trained(reader)
+    assert "teacher_cache/hits" not in live
+    # Its disk use is reported: two epochs of float32 logits over the training split.
+    n_train, classes = 1438, 10  # digits: 80% of 1797
+    assert reader["teacher_cache/bytes"] >= 2 * n_train * classes * 4
+
+
+def test_cache_hit_equals_the_live_teachers_outputs(teacher, tmp_path):
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}",
+                      f"teacher_cache_dir={tmp_path / 'cache'}")
+    job, _ = engine.set_up(cfg, [])
+    engine.train_one_epoch(job, epoch=1)  # live: records the epoch
+    stored = job.cache.load(1)
+    live = []
+    generator = engine.epoch_generator(cfg.seed, 1)
+    for batch in engine.batches(job.data.train, cfg.batch_size, generator):
+        views = data.augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
+        with torch.inference_mode():
+            live.append(job.teacher(job.data.inputs(views)))
+    assert torch.equal(stored, torch.cat(live))
+
+
+@pytest.mark.parametrize("change", ["seed=1", "batch_size=32", "dataset.hflip=true", "dataset.crop_padding=2",
+                                    "dataset.val_fraction=0.1", "channels_last=false", "precision=bf16"])
+def test_anything_that_changes_the_views_or_numerics_gets_its_own_entry(teacher, tmp_path, change):
+    common = ["phase=student", f"teacher_checkpoint={teacher}", "teacher_acc_tolerance=100"]  # a 2-epoch teacher
+    base, other = compose_cfg(tmp_path, *common), compose_cfg(tmp_path, *common, change)
+    dirs = []
+    for cfg in (base, other):
+        job, _ = engine.set_up(cfg, [])
+        dirs.append(job.cache.dir)
+    assert dirs[0] != dirs[1]
+
+
+def test_another_teacher_never_reads_this_teachers_entry(teacher, tmp_path):
+    copy = tmp_path / "other" / "teacher.pt"
+    copy.parent.mkdir()
+    payload = torch.load(teacher, weights_only=True)
+    payload["model"]["fc.bias"] += 1.0  # other weights, same architecture
+    torch.save(payload, copy)
+    dirs = []
+    for path in (teacher, copy):
+        cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={path}",
+                          f"teacher_cache_dir={tmp_path / 'cache'}", "teacher_acc_tolerance=100")
+        job, _ = engine.set_up(cfg, [])
+        dirs.append(job.cache.dir)
+    assert dirs[0] != dirs[1]
+
+
+def test_no_cache_for_losses_without_teacher_or_with_teacher_features(teacher, tmp_path):
+    for overrides in (["loss.alpha=0"], ["loss=fitnet"]):
+        cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}", *overrides)
+        job, _ = engine.set_up(cfg, [])
+        assert job.cache is None
+
+
+def test_damaged_cache_file_is_recomputed(teacher, tmp_path):
+    first = student(tmp_path, teacher, "first")
+    epoch_file = Path(first["teacher_cache/dir"]) / "epoch_0001.pt"
+    epoch_file.write_bytes(b"not a tensor file")
+    second = student(tmp_path, teacher, "second")
+    assert (second["teacher_cache/hits"], second["teacher_cache/misses"]) == (1, 1)
+    assert trained(first) == trained(second)
+    assert torch.load(epoch_file, weights_only=True).shape == (1438, 10)
+
+
+def test_cache_stays_within_its_bound(tmp_path):
+    logits = torch.randn(100, 10)  # 4000 bytes per epoch
+    old = TeacherCache(tmp_path, {"teacher": "old"}, (100, 10), "float32", max_bytes=10_000)
+    old.save(1, logits)
+    old.save(2, logits)
+    new = TeacherCache(tmp_path, {"teacher": "new"}, (100, 10), "float32", max_bytes=10_000)
+    new.save(1, logits)  # 12000 bytes in all: the least recently used other entry goes
+    assert not old.dir.exists() and new.dir.exists()
+    new.save(2, logits)
+    new.save(3, logits)  # would exceed the bound on its own: not stored, the run goes on live
+    assert new.full and not (new.dir / "epoch_0003.pt").exists()
+    assert torch.equal(new.load(2), logits) and new.load(3) is None
+
+
+def test_half_precision_storage_halves_the_files(tmp_path):
+    logits = torch.randn(100, 10)
+    cache = TeacherCache(tmp_path, {"k": 1}, (100, 10), "bfloat16", max_bytes=1e9)
+    cache.save(1, logits)
+    assert torch.equal(cache.load(1), logits.bfloat16().float())
+    with pytest.raises(ValueError, match="teacher_cache_dtype=float64"):
+        TeacherCache(tmp_path, {"k": 1}, (100, 10), "float64", max_bytes=1e9)
+
+
+@pytest.mark.slow
+def test_sweep_of_two_students_with_the_cache_matches_the_sweep_without(teacher, tmp_path):
+    results = {}
+    for cache in ("true", "false"):
+        args = [sys.executable, "train.py", "-m", *TINY, "phase=student", f"teacher_checkpoint={teacher}",
+                "loss.temperature=2,4", f"teacher_cache={cache}", f"teacher_cache_dir={tmp_path / 'cache'}",
+                f"hydra.sweep.dir={tmp_path / cache}"]
+        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        results[cache] = [json.loads(p.read_text()) for p in sorted((tmp_path / cache).glob("*/result.json"))]
+    with_cache, without = results["true"], results["false"]
+    assert len(with_cache) == len(without) == 2
+    # The second job of the cached sweep reads the first job's teacher outputs.
+    assert [r["teacher_cache/hits"] for r in with_cache] == [0, 2]
+    assert [trained(r) for r in with_cache] == [trained(r) for r in without]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# precision, memory format, compile
+
+
+def test_precision_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert engine.resolve_precision("auto", cpu) is None
+    assert engine.resolve_precision("auto", cuda) is torch.bfloat16
+    assert engine.resolve_precision("fp16", cpu) is torch.float16
+    with pytest.raises(ValueError, match="precision=fp8"):
+        engine.resolve_precision("fp8", cpu)
+
+
+def test_bf16_and_nchw_runs_train_and_channels_last_matches_nchw_closely(teacher, tmp_path):
+    nhwc = student(tmp_path, teacher, "nhwc", "epochs=1")
+    nchw = student(tmp_path, teacher, "nchw", "epochs=1", "channels_last=false")
+    bf16 = student(tmp_path, teacher, "bf16", "epochs=1", "precision=bf16", "teacher_acc_tolerance=100")
+    assert abs(nhwc["train/loss"] - nchw["train/loss"]) < 1e-3  # same math, other summation order
+    assert bf16["train/loss"] == pytest.approx(nchw["train/loss"], rel=0.05)
+
+
+def test_compile_refuses_feature_losses(teacher, tmp_path):
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}", "loss=at", "compile=true")
+    with pytest.raises(ValueError, match="compile=true with a loss that reads features"):
+        engine.run(cfg, tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# image-folder decode cache
+
+
+def write_tree(root: Path) -> None:
+    from PIL import Image
+
+    for part in ("train", "test"):
+        for label, name in enumerate(("cat", "dog")):
+            (root / part / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (32, 32), (label * 100 + i, 7, 9)).save(root / part / name / f"{i}.png")
+
+
+def test_image_folder_cache_is_built_once_reused_and_rebuilt_on_change(tmp_path, monkeypatch):
+    root, cache = tmp_path / "tree", tmp_path / "cache"
+    write_tree(root)
+    first = data.image_folder(str(root), cache_dir=str(cache))
+    assert len(list(cache.glob("*.pt"))) == 1
+    decoded = []
+    real_decode = data._decode_folder
+    monkeypatch.setattr(data, "_decode_folder", lambda *a: decoded.append(a) or real_decode(*a))
+    again = data.image_folder(str(root), cache_dir=str(cache))
+    assert decoded == []  # served from the cache
+    assert torch.equal(again.train.images, first.train.images) and again.classes == first.classes
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(root / "train" / "cat" / "3.png")  # the tree changes
+    changed = data.image_folder(str(root), cache_dir=str(cache))
+    assert len(decoded) == 1 and len(changed.train) == len(first.train) + 1
+    assert torch.equal(changed.train.images, data.image_folder(str(root)).train.images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# benchmark
+
+
+def test_bench_runs_and_writes_its_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--teacher", "resnet8", "--student", "resnet8", "--window-steps", "1", "--windows", "1",
+                "--workers", "0", "--num-classes", "10", "--json", str(out), "threads=1"])
+    figures = json.loads(out.read_text())
+    for name in ("a_reference", "b_engine", "c_engine_cached"):
+        assert figures[name]["images_per_s"] > 0 and 0 < figures[name]["fraction_of_ceiling"] < 2
+    assert figures["b_engine"]["speedup_vs_reference"] == pytest.approx(
+        figures["b_engine"]["images_per_s"] / figures["a_reference"]["images_per_s"])
+    assert figures["matmul_ceiling_gflops"] > 0
+
+
+def test_bench_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        bench.main(["--batch-size", "0"])
