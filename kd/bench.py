@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import engine, records
+from kd import engine, records, teachers
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
@@ -177,6 +177,7 @@ def engine_windows(cfg, args, images, labels, device, cache_root: Path) -> list[
                        *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
                        crop_padding=4, hflip=True, channels_last=cfg.channels_last)
     teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
+    teachers.fold_batchnorm(teacher)  # as engine.set_up does
     job = engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
     job.progress_bar = False
     job.amp_dtype = engine.resolve_precision(cfg.precision, device)
@@ -189,30 +190,42 @@ def engine_windows(cfg, args, images, labels, device, cache_root: Path) -> list[
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of the fastest of several large square matrix products: what this device's GEMM reaches."""
-    n = 4096 if device.type == "cuda" else 1024
+    """FLOP/s of a large matrix product on this device, the faster of two libraries: torch.mm (BLAS: MKL on the
+    CPU, cuBLAS on CUDA) and the same product as a 1x1 convolution (oneDNN on the CPU, cuDNN on CUDA). On this
+    repository's AMD test CPU MKL's sgemm reaches only about 60% of what oneDNN's does."""
+    n = 4096 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    seconds = timed_windows(lambda _: [a @ b for _ in range(10)], 5, device)
-    return 10 * 2 * n**3 / min(seconds)
+    rates = [2 * n**3 * 5 / min(timed_windows(lambda _: [a @ b for _ in range(5)], 3, device))]
+    # A (64 * 32 * 32, 512) @ (512, 512) product, written as a 1x1 convolution in NHWC.
+    channels = 512
+    x = torch.randn(64, channels, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(channels, channels, 1, 1, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv_flops = 2 * x.numel() * channels
+    rates.append(conv_flops * 5 / min(timed_windows(lambda _: [F.conv2d(x, w) for _ in range(5)], 3, device)))
+    return max(rates)
 
 
 def sweep_ratio(args: argparse.Namespace) -> dict[str, Any]:
     """Wall time of an N-job train.py multirun (alpha x T, shared teacher) with the teacher cache vs without."""
     temperatures = ",".join(str(t) for t in range(1, args.sweep_jobs + 1))
     with tempfile.TemporaryDirectory() as tmp:
-        common = [sys.executable, "train.py", "experiment=quickstart", f"teacher_store={tmp}/teachers",
-                  "logger.mode=disabled", "profile=false"]
-        subprocess.run([*common, "phase=teacher", f"hydra.run.dir={tmp}/teacher"], cwd=REPO, check=True,
-                       capture_output=True)
+        common = ["experiment=quickstart", f"teacher_store={tmp}/teachers", "logger.mode=disabled", "profile=false"]
+        _run([sys.executable, "train.py", *common, "phase=teacher", f"hydra.run.dir={tmp}/teacher"])
         wall = {}
         for cache in ("true", "false"):
             start = time.perf_counter()
-            subprocess.run([*common, "-m", "phase=student", "loss.alpha=0.9", f"loss.temperature={temperatures}",
-                            f"teacher_cache={cache}", f"teacher_cache_dir={tmp}/cache_{cache}",
-                            f"hydra.sweep.dir={tmp}/sweep_{cache}"], cwd=REPO, check=True, capture_output=True)
+            _run([sys.executable, "train.py", "-m", *common, "phase=student", "loss.alpha=0.9",
+                  f"loss.temperature={temperatures}", f"teacher_cache={cache}", f"teacher_cache_dir={tmp}/cache_{cache}",
+                  f"hydra.sweep.dir={tmp}/sweep_{cache}"])
             wall[cache] = time.perf_counter() - start
     return {"jobs": args.sweep_jobs, "wall_s_with_cache": wall["true"], "wall_s_without_cache": wall["false"],
             "ratio": wall["true"] / wall["false"]}
+
+
+def _run(args: list[str]) -> None:
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
 
 
 def print_table(results: dict[str, Any]) -> None:

@@ -15,14 +15,30 @@ log = logging.getLogger(__name__)
 
 
 def init_from_env() -> None:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs); nothing when not launched by torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    """Join the process group of torchrun, or of a submitit job with several tasks (the SLURM launcher with
+    tasks_per_node > 1: one task per GPU); NCCL on GPUs, gloo on CPUs. Nothing for a single process."""
+    if dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ and _submitit_tasks() > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # RANK, WORLD_SIZE, MASTER_* ...
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if rank() != 0:  # one copy of the log: the other ranks only warn
         logging.getLogger().setLevel(logging.WARNING)
+
+
+def _submitit_tasks() -> int:
+    """The number of tasks of the submitit job this process runs in (0 outside submitit)."""
+    if "SUBMITIT_EXECUTOR" not in os.environ:
+        return 0
+    import submitit
+
+    return submitit.JobEnvironment().num_tasks
 
 
 def world_size() -> int:

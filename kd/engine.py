@@ -144,6 +144,7 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     teacher = None
     if teacher_payload is not None:
         teacher = teachers.build(teacher_payload, cfg.teacher, device).to(memory_format=data.memory_format)
+        teachers.fold_batchnorm(teacher)  # eval-mode BN is an affine map: folded into the convolution before it
     job = build_job(cfg, phase, criterion, data, device, teacher)
     job.amp_dtype = amp_dtype
     job.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -31,7 +31,8 @@ IGNORED_KEYS = RESULT_NEUTRAL + ("teacher_checkpoint",)
 # What a phase never reads: a teacher run trains with cross-entropy and has no student or teacher_seed.
 UNUSED_BY_PHASE = {"teacher": ("student", "loss", "teacher_seed")}
 SEED_KEY = "seed"
-METHOD = "method"  # the pseudo-key naming the loss (KD, CE); pivots may use it
+METHOD = "method"  # the pseudo-key naming the loss (KD, CE, DKD, FitNet, KD+CRD); pivots may use it
+PAIR = "pair"  # the pseudo-key naming a student run's teacher -> student pair; pivots may use it
 MISSING = "–"  # shown for a key a group's config does not have (e.g. loss.alpha of a CE run)
 METRICS = {"last": "test/acc1", "best": "test/acc1_best"}
 # Optional per-run numbers shown as extra columns when some run has them (later versions of result.json).
@@ -174,16 +175,38 @@ def group_key(config: dict[str, Any], linked: set[str] = frozenset()) -> dict[st
     unused = UNUSED_BY_PHASE.get(str(config.get("phase")), ())
     flat = {k: v for k, v in flatten(config).items() if not is_ignored(k) and not is_under(k, unused)}
     flat.update({k: "${" + SEED_KEY + "}" for k in linked if k in flat})
-    return {METHOD: method_name(config), **flat}
+    pseudo = {METHOD: method_name(config)}
+    if config.get("phase") == "student" and "teacher" in config and "student" in config:
+        pseudo[PAIR] = f"{model_label(config['teacher'])} -> {model_label(config['student'])}"
+    return {**pseudo, **flat}
+
+
+def model_label(node: dict[str, Any]) -> str:
+    name = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+    return name if node.get("width", 1.0) == 1.0 else f"{name} x{node['width']:g}"
+
+
+# Short names of criteria whose class name is not "<name>Loss".
+CRITERION_NAMES = {"SoftTargets": "KD", "Combined": ""}
 
 
 def method_name(config: dict[str, Any]) -> str:
-    """The loss class without "Loss" (KD, CE); the teacher phase always trains with cross-entropy."""
+    """The loss as the papers' tables name it: the criterion class without "Loss" (KD, CE, DKD), "-LS" with logit
+    standardisation, and for a combination its terms but CE joined by "+" (FitNet, KD+CRD); the teacher phase
+    always trains with cross-entropy."""
     if config.get("phase") == "teacher":
         return "teacher (CE)"
-    target = str(config.get("loss", {}).get("_target_", "?"))
-    name = target.rsplit(".", 1)[-1]
-    return name[: -len("Loss")] if name.endswith("Loss") and name != "Loss" else name
+    loss = config.get("loss", {})
+    if str(loss.get("_target_", "")).endswith(".Combined"):
+        terms = [criterion_name(term) for term in loss.values() if isinstance(term, dict)]
+        return "+".join(name for name in terms if name != "CE") or "CE"
+    return criterion_name(loss)
+
+
+def criterion_name(node: dict[str, Any]) -> str:
+    name = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+    name = CRITERION_NAMES.get(name, name[: -len("Loss")] if name.endswith("Loss") and name != "Loss" else name)
+    return name + ("-LS" if node.get("standardize") else "")
 
 
 # ---------------------------------------------------------------- expected jobs
@@ -332,7 +355,7 @@ def is_baseline(key: dict[str, Any]) -> bool:
 
 # Keys a baseline may differ in, most to least specific: alpha alone (same T), any loss setting of the
 # same method, then a CE run of the same student (the teacher is not used by a baseline).
-BASELINE_TIERS = (("loss.alpha",), ("loss",), ("loss", METHOD, "teacher", "teacher_seed"))
+BASELINE_TIERS = (("loss.alpha",), ("loss",), ("loss", METHOD, PAIR, "teacher", "teacher_seed"))
 
 
 def find_baseline(row: Row, rows: Sequence[Row]) -> Optional[Row]:
@@ -399,9 +422,17 @@ def fmt_number(value: Optional[float], digits: int = 2) -> str:
     return f"{value:,.0f}" if digits == 0 else f"{value:.{digits}f}"
 
 
+# Config subtrees that a pseudo-key already names, when their keys follow it (a method's weights, a pair's models).
+NAMED_BY = {METHOD: ("loss",), PAIR: ("teacher", "student", "pair_hparams")}
+
+
 def key_columns(rows: Sequence[Row]) -> list[str]:
-    """The method column, then the config keys that vary between the groups."""
-    return [METHOD] + [k for k in varying_keys([row.group.key for row in rows]) if k != METHOD]
+    """The method column, then the pair and the config keys that vary between the groups, without the keys the
+    method or the pair already determine."""
+    varying = [k for k in varying_keys([row.group.key for row in rows]) if k != METHOD]
+    named = [k for k in varying for pseudo, roots in NAMED_BY.items()
+             if pseudo in varying + [METHOD] and is_under(k, roots) and follows(rows, k, (pseudo,))]
+    return [METHOD] + [k for k in varying if k not in named]
 
 
 def table(rows: Sequence[Row], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
@@ -494,7 +525,8 @@ class Panel:
 def pivot_panels(rows: Sequence[Row], row_key: str, col_key: str) -> list[Panel]:
     """Rows arranged as row_key × col_key, one panel per combination of the other varying keys."""
     others = [k for k in key_columns(rows) if k not in (row_key, col_key)]
-    others = [k for k in others if len({json.dumps(r.group.key.get(k, MISSING), default=str) for r in rows}) > 1]
+    # A key that follows the pivoted ones (a method's loss settings, a pair's models) does not split the panels.
+    others = [k for k in others if not follows(rows, k, (row_key, col_key))]
     panels: dict[tuple, list[Row]] = {}
     for row in rows:
         panels.setdefault(tuple(fmt_value(row.group.key.get(k, MISSING)) for k in others), []).append(row)
@@ -505,6 +537,17 @@ def pivot_panels(rows: Sequence[Row], row_key: str, col_key: str) -> list[Panel]
         title = ", ".join(f"{k}={v}" for k, v in zip(others, values))
         result.append(Panel(title, distinct_values(members, row_key), distinct_values(members, col_key), cells))
     return result
+
+
+def follows(rows: Sequence[Row], key: str, by: Sequence[str]) -> bool:
+    """Whether `key` has one value among the rows that share their values of the `by` keys."""
+    seen: dict[tuple, str] = {}
+    for row in rows:
+        cell = tuple(json.dumps(row.group.key.get(k, MISSING), default=str) for k in by)
+        value = json.dumps(row.group.key.get(key, MISSING), default=str)
+        if seen.setdefault(cell, value) != value:
+            return False
+    return True
 
 
 def distinct_values(rows: Sequence[Row], key: str) -> list[Any]:

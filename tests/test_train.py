@@ -1,5 +1,6 @@
 """End to end: teacher then student through train.py and through kd.engine.run, on real (tiny) data."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,46 @@ def test_trained_student_serves_as_teacher_by_path(pipeline, tmp_path):
     result = engine.run(cfg, tmp_path / "run")
     recorded = torch.load(student_ckpt, weights_only=True)["metrics"]["test/acc1"]
     assert result["teacher/acc1"] == pytest.approx(recorded) and "test/agreement" in result
+
+
+LOSS_OPTIONS = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("loss", LOSS_OPTIONS)
+def test_every_method_trains_a_student_end_to_end(teacher_ckpt, tmp_path, loss):
+    """One short student run per loss option on digits: finite terms, logged separately, summing to the loss."""
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher_ckpt}", f"loss={loss}", "epochs=1",
+                      "model@student=resnet8", "student.width=0.25", "profile=false", "threads=1")
+    result = engine.run(cfg, tmp_path / "run")
+    terms = {k: v for k, v in result.items() if k.startswith("train/loss_")}
+    assert terms and all(math.isfinite(v) for v in terms.values())
+    assert sum(terms.values()) == pytest.approx(result["train/loss"], rel=1e-5)
+    assert 0 <= result["test/acc1"] <= 100
+    criterion = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["criterion"]
+    buffers = ("memory_student", "memory_teacher", "normalizers", "running_mean", "running_var", "num_batches_tracked")
+    adapters = sum(v.numel() for k, v in criterion.items() if not k.endswith(buffers))
+    assert result["adapter_params"] == adapters  # regressors and embeddings, counted and checkpointed
+
+
+@pytest.mark.parametrize("loss", ["fitnet", "crd_kd"])
+def test_interrupted_feature_method_resumes_to_the_same_bits(teacher_ckpt, tmp_path, monkeypatch, loss):
+    """Adapters, their optimizer state, CRD's memory banks and its sampling RNG all come back from last.pt."""
+    overrides = ["phase=student", f"teacher_checkpoint={teacher_ckpt}", f"loss={loss}", "epochs=2",
+                 "model@student=resnet8", "student.width=0.25", "profile=false", "threads=1"]
+    whole = engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "whole")
+    real_run_epoch = engine.run_epoch
+
+    def stop_at_epoch_two(job, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_run_epoch(job, epoch)
+
+    monkeypatch.setattr(engine, "run_epoch", stop_at_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "resumed")
+    monkeypatch.setattr(engine, "run_epoch", real_run_epoch)
+    torch.manual_seed(12345)  # the resumed run must not depend on the RNG state it starts in
+    resumed = engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "resumed")
+    assert resumed["resumed_from_epoch"] == 1
+    keys = [k for k in whole if k.startswith(("train/", "test/"))]
+    assert {k: whole[k] for k in keys} == {k: resumed[k] for k in keys}
