@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              for role in ("teacher", "student")}
     ceiling = matmul_ceiling(device, amp_dtype or torch.float32)
     results = {"device": records.environment(device), "config": {**vars(args), "precision": str(amp_dtype)},
-               "matmul_ceiling_gflops": ceiling / 1e9, "forward_gflop_per_image": {k: v / 1e9 for k, v in flops.items()}}
+               "matmul_ceiling_gflops": ceiling / 1e9,
+               "forward_gflop_per_image": {role: value / 1e9 for role, value in flops.items()}}
     step_flops = {"full": args.batch_size * (3 * flops["student"] + flops["teacher"]),
                   "cached": args.batch_size * 3 * flops["student"]}
     with tempfile.TemporaryDirectory() as cache_root:
@@ -215,8 +216,8 @@ def sweep_ratio(args: argparse.Namespace) -> dict[str, Any]:
         for cache in ("true", "false"):
             start = time.perf_counter()
             _run([sys.executable, "train.py", "-m", *common, "phase=student", "loss.alpha=0.9",
-                  f"loss.temperature={temperatures}", f"teacher_cache={cache}", f"teacher_cache_dir={tmp}/cache_{cache}",
-                  f"hydra.sweep.dir={tmp}/sweep_{cache}"])
+                  f"loss.temperature={temperatures}", f"teacher_cache={cache}",
+                  f"teacher_cache_dir={tmp}/cache_{cache}", f"hydra.sweep.dir={tmp}/sweep_{cache}"])
             wall[cache] = time.perf_counter() - start
     return {"jobs": args.sweep_jobs, "wall_s_with_cache": wall["true"], "wall_s_without_cache": wall["false"],
             "ratio": wall["true"] / wall["false"]}
@@ -238,7 +239,8 @@ def print_table(results: dict[str, Any]) -> None:
     for name in ("a_reference", "b_engine", "c_engine_cached"):
         r = results[name]
         ratio = r.get("speedup_vs_reference", 1.0)
-        print(f"{name:<18}{r['images_per_s']:>10.1f}{ratio:>7.2f}x{r['gflops']:>10.1f}{r['fraction_of_ceiling']:>11.0%}")
+        fraction = r["fraction_of_ceiling"]
+        print(f"{name:<18}{r['images_per_s']:>10.1f}{ratio:>7.2f}x{r['gflops']:>10.1f}{fraction:>11.0%}")
     if "sweep" in results:
         s = results["sweep"]
         print(f"sweep of {s['jobs']} students: {s['wall_s_with_cache']:.1f} s with the teacher cache, "

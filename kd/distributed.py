@@ -87,6 +87,14 @@ def broadcast_object(value: Any) -> Any:
     return box[0]
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics): DDP broadcasts them before each training
+    forward, so after the last step each rank holds its own; evaluation must use the saved model's."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -28,7 +28,7 @@ from kd.config import Phase
 from kd.data import Split, augment, batches, epoch_generator, hold_out, normalize
 from kd.features import capture
 from kd.losses import CELoss, Criterion, Step
-from kd.teacher_cache import TeacherCache
+from kd.teacher_cache import DTYPES, TeacherCache
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,7 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
-    if distributed.world_size() > 1:
-        unsupported = [type(m).__name__ for m in criterion.modules() if not getattr(m, "supports_data_parallel", True)]
-        if unsupported:
-            raise ValueError(f"{', '.join(unsupported)} keeps per-sample state that torchrun ranks would not share: "
-                             "run this loss in one process (without torchrun).")
+    check_data_parallel(criterion)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     teacher_path, teacher_payload = None, None
@@ -140,11 +136,11 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
         teacher_path = find_or_train_teacher(cfg, criterion.needs_teacher, overrides)
     if teacher_path is not None:  # read and checked before any data is decoded
         teacher_payload = teachers.read(teacher_path, cfg.teacher)
-    data = load_data(cfg.dataset, device, cfg.channels_last)
-    teacher = None
-    if teacher_payload is not None:
-        teacher = teachers.build(teacher_payload, cfg.teacher, device).to(memory_format=data.memory_format)
-        teachers.fold_batchnorm(teacher)  # eval-mode BN is an affine map: folded into the convolution before it
+    # gloo DDP with NHWC gradients and several CPU threads corrupts the heap (torch 2.14, reproduced with
+    # torchrun and OMP_NUM_THREADS=2): data-parallel CPU runs keep NCHW.
+    channels_last = cfg.channels_last and not (distributed.world_size() > 1 and device.type == "cpu")
+    data = load_data(cfg.dataset, device, channels_last)
+    teacher = frozen_teacher(teacher_payload, cfg.teacher, data) if teacher_payload is not None else None
     job = build_job(cfg, phase, criterion, data, device, teacher)
     job.amp_dtype = amp_dtype
     job.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -159,6 +155,23 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
         job.cache = open_teacher_cache(cfg, job, teacher_path)
     job.forward = training_forward(job, cfg.compile)
     return job, summary
+
+
+def check_data_parallel(criterion: Criterion) -> None:
+    """Under torchrun, refuse a loss whose per-sample state (CRD's memory bank) the ranks would not share."""
+    if distributed.world_size() > 1:
+        unsupported = [type(m).__name__ for m in criterion.modules() if not getattr(m, "supports_data_parallel", True)]
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)} keeps per-sample state that torchrun ranks would not share: "
+                             "run this loss in one process (without torchrun).")
+
+
+def frozen_teacher(payload: dict[str, Any], model_cfg: DictConfig, data: Data) -> nn.Module:
+    """The teacher as the student phase runs it: eval mode, no gradients, the data's memory format, and each
+    BatchNorm after a convolution folded into it (in eval mode it is an affine map)."""
+    teacher = teachers.build(payload, model_cfg, data.mean.device).to(memory_format=data.memory_format)
+    teachers.fold_batchnorm(teacher)
+    return teacher
 
 
 # Keys that change nothing a run computes: a run folder may be resumed with other values of these.
@@ -260,6 +273,10 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"dataset.val_fraction={cfg.dataset.val_fraction}: must be in [0, 1)")
     if cfg.logger.mode not in tracking.MODES:
         problems.append(f"logger.mode={cfg.logger.mode}: must be one of {', '.join(tracking.MODES)}")
+    if cfg.teacher_cache_dtype not in DTYPES:
+        problems.append(f"teacher_cache_dtype={cfg.teacher_cache_dtype}: must be one of {', '.join(DTYPES)}")
+    if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
+        problems.append(f"precision={cfg.precision}: must be auto, {', '.join(PRECISIONS)}")
     if not cfg.logger.init_timeout_s > 0:
         problems.append(f"logger.init_timeout_s={cfg.logger.init_timeout_s}: must be > 0 (seconds)")
     if problems:
@@ -267,7 +284,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """device=auto picks CUDA when present (this rank's GPU under torchrun), else the CPU; an explicit one must exist."""
+    """device=auto picks CUDA when present (this rank's GPU under torchrun), else the CPU; a named one must exist."""
     if name == "auto":
         return torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -356,8 +373,10 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path) -> Optiona
         return None
     key = {
         "teacher_sha256": records.sha256_file(teacher_path), "teacher": records.plain_config(cfg.teacher),
-        "dataset": teachers.dataset_identity(cfg.dataset), "seed": cfg.seed, "batch_size": cfg.batch_size,  # which views, in which order
-        "precision": str(job.amp_dtype), "channels_last": cfg.channels_last,  # the numerics of the teacher pass
+        # which views, in which order:
+        "dataset": teachers.dataset_identity(cfg.dataset), "seed": cfg.seed, "batch_size": cfg.batch_size,
+        # the numerics of the teacher pass:
+        "precision": str(job.amp_dtype), "channels_last": job.data.channels_last, "batchnorm_folded": True,
         "device": job.data.mean.device.type, "torch": torch.__version__,
     }
     root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else Path(teacher_path).parent / "outputs_cache"
@@ -411,6 +430,7 @@ def run_epoch(job: Job, epoch: int) -> dict[str, Any]:
     metrics.update(_prefixed("train", train_one_epoch(job, epoch)))
     job.scheduler.step()
     metrics["time/train_s"] = time.perf_counter() - started
+    distributed.broadcast_buffers(job.model)  # every rank evaluates the model rank 0 saves
     for name, split in (("val", job.data.val), ("test", job.data.test)):
         if split is not None:
             logits = predict(job.model, split, job.data, job.eval_batch_size, job.amp_dtype)

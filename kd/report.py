@@ -447,7 +447,8 @@ def table(rows: Sequence[Row], metrics: Sequence[str]) -> tuple[list[str], list[
         line += [fmt_stat(row.stats[m]) for m in metrics] + [fmt_n(row.group)]
         line += [fmt_number(row.numbers["params"], 0), fmt_number(row.numbers["flops_m"]),
                  fmt_number(row.numbers["teacher_acc1"])]
-        line += [fmt_delta(row, m) for m in metrics] + [fmt_number(row.numbers.get(k), EXTRA_COLUMNS[k][1]) for k in extras]
+        line += [fmt_delta(row, m) for m in metrics]
+        line += [fmt_number(row.numbers.get(k), EXTRA_COLUMNS[k][1]) for k in extras]
         cells.append(line)
     return header, cells
 

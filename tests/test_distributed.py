@@ -14,8 +14,7 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import distributed, engine, teachers
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["experiment=quickstart", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2", "profile=false",
-        "threads=1"]
+TINY = ["experiment=quickstart", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2", "profile=false"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
@@ -32,7 +31,7 @@ def test_shards_of_all_ranks_cover_every_item_once(monkeypatch, world, n):
 def torchrun(tmp_path: Path, run_dir: str, *overrides: str, runner: str = "train.py", env=None):
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", runner, *TINY,
             f"teacher_store={tmp_path / 'teachers'}", f"hydra.run.dir={tmp_path / run_dir}", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}  # 2 threads per rank: as a real CPU run has
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -54,7 +53,7 @@ def test_ddp_run_counts_the_test_set_once_and_rank0_alone_writes(ddp_teacher):
     # The recorded test accuracy is the single-process accuracy of the saved weights over the whole test set.
     with initialize(version_base="1.3", config_path="../conf"):
         cfg = compose("config", overrides=[*TINY, "phase=teacher"])
-    data = engine.load_data(cfg.dataset, torch.device("cpu"), cfg.channels_last)
+    data = engine.load_data(cfg.dataset, torch.device("cpu"), channels_last=False)  # as CPU DDP runs (NCHW)
     model = teachers.build(torch.load(run / "last.pt", weights_only=True), cfg.teacher, torch.device("cpu"))
     logits = engine.predict(model, data.test, data, 512)
     assert len(logits) == len(data.test) == 359
@@ -85,3 +84,16 @@ def test_ddp_refuses_to_train_a_missing_teacher(tmp_path):
     assert proc.returncode != 0
     assert "does not work under torchrun: train the teacher first" in proc.stderr
     assert not (tmp_path / "student" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_submitit_job_with_two_tasks_trains_data_parallel(tmp_path):
+    """The SLURM path, one task per GPU, run by submitit's local executor: the tasks form one process group."""
+    args = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+            *TINY, "epochs=1", "phase=teacher", "logger.mode=disabled", f"teacher_store={tmp_path / 'teachers'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result_file,) = (tmp_path / "sweep").glob("*/result.json")
+    result = json.loads(result_file.read_text())
+    assert result["world_size"] == 2 and result["epochs"] == 1

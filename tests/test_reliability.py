@@ -263,6 +263,14 @@ BAD_RUNS = {
     "val-fraction-one": (["dataset.val_fraction=1.0"], r"dataset\.val_fraction=1\.0: must be in \[0, 1\)", True),
     "logger-mode": (["logger.mode=loud"], r"logger\.mode=loud: must be one of online, offline, disabled", True),
     "wandb-timeout": (["logger.init_timeout_s=0"], r"logger\.init_timeout_s=0\.0: must be > 0", True),
+    "precision": (["precision=fp8"], r"precision=fp8: must be auto, fp32, bf16, fp16", True),
+    "teacher-cache-dtype": (
+        ["teacher_cache_dtype=float64"], r"teacher_cache_dtype=float64: must be one of float32, bfloat16, float16", True
+    ),
+    "dkd-beta-negative": (
+        [*STUDENT, "loss=dkd", "loss.beta=-1"], r"loss\.beta=-1 is negative: loss weights must be >= 0", True
+    ),
+    "crd-no-negatives": ([*STUDENT, "loss=crd", "loss.crd.num_negatives=0"], r"num_negatives=0 must be >= 1", True),
     "missing-teacher-file": ([*STUDENT, "teacher_checkpoint={tmp}/nowhere.pt"], r"nowhere\.pt: no such file", True),
     "teacher-of-another-architecture": (
         [*STUDENT, "teacher_checkpoint={tmp}/other_arch.pt"],
