@@ -679,8 +679,9 @@ def intro(sweep_dirs: Sequence[Path], runs: Sequence[Run], rows: Sequence[Row]) 
         grid = expected_jobs(d)
         asked = f"{len(grid)} jobs in multirun.yaml's grid" if grid is not None else "no multirun.yaml grid"
         lines.append(f"- `{d}`: {asked}, {len(mine)} job folders, {sum(r.result is not None for r in mine)} finished")
+    varying = varying_keys([row.group.key for row in rows])
     constant = [k for k in ("phase", "dataset.name", "teacher._target_", "student._target_", "epochs")
-                if rows and k not in key_columns(rows) and k in rows[0].group.key]
+                if rows and k not in varying and k in rows[0].group.key]
     fixed = ", ".join(f"{k}={fmt_value(rows[0].group.key[k], k)}" for k in constant)
     selectors = sorted({str(r.result.get("best_selected_by")) for row in rows for r in row.group.runs})
     lines += ["", f"Fixed: {fixed}." if fixed else "", "",

@@ -257,3 +257,56 @@ def test_bad_pivot_key_and_empty_folder_fail(ce_and_kd_sweep, tmp_path, capsys):
     assert "no such config key" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 1
+
+
+def test_method_names_follow_the_papers_tables():
+    ce = {"_target_": "kd.losses.CELoss", "weight": 1.0}
+    feature = {"_target_": "kd.feature_losses.FitNetLoss", "weight": 100.0}
+    crd = {"_target_": "kd.feature_losses.CRDLoss", "weight": 0.8}
+    soft = {"_target_": "kd.losses.SoftTargets", "weight": 9.0, "standardize": True}
+    names = {
+        "KD": {"_target_": "kd.losses.KDLoss", "alpha": 0.9},
+        "DKD-LS": {"_target_": "kd.losses.DKDLoss", "standardize": True},
+        "FitNet": {"_target_": "kd.losses.Combined", "ce": ce, "fitnet": feature},
+        "KD+CRD": {"_target_": "kd.losses.Combined", "ce": ce, "kd": {**soft, "standardize": False}, "crd": crd},
+        "KD-LS": {"_target_": "kd.losses.Combined", "ce": ce, "kd": soft},
+        "CE": {"_target_": "kd.losses.Combined", "ce": ce},
+    }
+    for name, loss in names.items():
+        assert report.method_name({"phase": "student", "loss": loss}) == name
+
+
+def test_method_by_pair_pivot_is_one_table(tmp_path):
+    """A methods x pairs sweep: each method's own weights and each pair's models and DKD beta follow the pivoted
+    keys, so they neither split the pivot into panels nor crowd the table with columns."""
+    ce = {"_target_": "kd.losses.CELoss", "weight": 1.0}
+    methods = {
+        "kd": {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4},
+        "dkd": {"_target_": "kd.losses.DKDLoss", "beta": None},  # beta: the pair's
+        "fitnet": {"_target_": "kd.losses.Combined", "ce": ce,
+                   "fitnet": {"_target_": "kd.feature_losses.FitNetLoss", "weight": 100.0}},
+    }
+    pairs = {"resnet56": ("resnet20", 2.0), "wrn_40_2": ("wrn_16_2", 6.0)}
+    number = 0
+    for method, loss in methods.items():
+        for teacher, (student, beta) in pairs.items():
+            for seed in (0, 1):
+                pair_loss = {**loss, "beta": beta} if method == "dkd" else loss
+                config = fake_config(pair_loss, 1.0, seed, teacher={"_target_": f"kd.models.zoo.{teacher}"},
+                                     pair_hparams={"dkd_beta": beta})
+                config["student"]["_target_"] = f"kd.models.zoo.{student}"
+                accuracy = 60 + 5 * list(methods).index(method) + (teacher == "wrn_40_2") + seed
+                fake_job(tmp_path / f"{number}_job", [f"loss={method}", f"experiment={teacher}", f"seed={seed}"],
+                         config, **{"test/acc1": accuracy, "test/acc1_best": accuracy, "params": 1,
+                                    "flops_per_image": 1})
+                number += 1
+    assert report.main([str(tmp_path), "--metric", "last", "--pivot", "method", "pair"]) == 0
+    markdown = (tmp_path / "report.md").read_text()
+    pivot = section(markdown, "Pivot: method × pair (test top-1 last, %)")
+    assert sum(line.startswith("| --- ") for line in pivot.splitlines()) == 1  # one panel
+    assert "| method \\ pair | resnet56 -> resnet20 | wrn_40_2 -> wrn_16_2 |" in pivot
+    assert "| DKD | 65.50 ± 0.71 | 66.50 ± 0.71 |" in pivot and "| FitNet | 70.50 ± 0.71 | 71.50 ± 0.71 |" in pivot
+    header = next(line for line in markdown.splitlines() if line.startswith("| # |"))
+    # DKD's beta varies with the pair and the method together: it stays a column; nothing else of loss or pair.
+    assert "| method | pair | loss.beta | test top-1" in header and "teacher." not in header
+    assert "Fixed: phase=student, epochs=2." in markdown
