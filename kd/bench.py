@@ -211,20 +211,20 @@ def sweep_ratio(args: argparse.Namespace) -> dict[str, Any]:
     temperatures = ",".join(str(t) for t in range(1, args.sweep_jobs + 1))
     with tempfile.TemporaryDirectory() as tmp:
         common = ["experiment=quickstart", f"teacher_store={tmp}/teachers", "logger.mode=disabled", "profile=false"]
-        _run([sys.executable, "train.py", *common, "phase=teacher", f"hydra.run.dir={tmp}/teacher"])
+        _run(sys.executable, "train.py", *common, "phase=teacher", f"hydra.run.dir={tmp}/teacher")
         wall = {}
         for cache in ("true", "false"):
             start = time.perf_counter()
-            _run([sys.executable, "train.py", "-m", *common, "phase=student", "loss.alpha=0.9",
-                  f"loss.temperature={temperatures}", f"teacher_cache={cache}",
-                  f"teacher_cache_dir={tmp}/cache_{cache}", f"hydra.sweep.dir={tmp}/sweep_{cache}"])
+            _run(sys.executable, "train.py", "-m", *common, "phase=student", "loss.alpha=0.9",
+                 f"loss.temperature={temperatures}", f"teacher_cache={cache}",
+                 f"teacher_cache_dir={tmp}/cache_{cache}", f"hydra.sweep.dir={tmp}/sweep_{cache}")
             wall[cache] = time.perf_counter() - start
     return {"jobs": args.sweep_jobs, "wall_s_with_cache": wall["true"], "wall_s_without_cache": wall["false"],
             "ratio": wall["true"] / wall["false"]}
 
 
-def _run(args: list[str]) -> None:
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+def _run(*args: str) -> None:
+    proc = subprocess.run([*args], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{proc.stderr[-3000:]}")
 

@@ -205,7 +205,8 @@ def test_parallel_students_train_their_missing_teacher_once(tmp_path):
     assert sorted(trained) == [0, 1]
     assert "another job is training or filing this teacher" in outputs[trained.index(0)]  # it waited on the lock
     (entry,) = [p for p in store.iterdir() if p.is_dir()]
-    assert sorted(p.name for p in entry.iterdir()) == [".lock", "manifest.json", "run", "teacher.pt"]
+    # outputs_cache: the teacher's logits, stored by the first student and read by the second.
+    assert sorted(p.name for p in entry.iterdir()) == [".lock", "manifest.json", "outputs_cache", "run", "teacher.pt"]
     results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("a", "b")]
     assert {r["teacher_checkpoint"] for r in results} == {str(entry / "teacher.pt")}
 
