@@ -25,12 +25,8 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randn(*shape, seed=0) -> torch.Tensor:

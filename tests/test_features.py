@@ -20,12 +20,8 @@ MODEL_OPTIONS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 STAGE_COUNTS = {"vgg": 4, "mobilenetv2": 4, "resnet18": 4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images(batch: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
