@@ -78,6 +78,31 @@ def min_(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def mean_(tensor: Tensor) -> Tensor:
+    """Mean over ranks (in place); the identity on one process."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor's rows from every rank, concatenated in rank order (shares may differ in length by one)."""
+    if not dist.is_initialized():
+        return tensors
+    sizes = [torch.zeros((), dtype=torch.long, device=tensors[0].device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor(len(tensors[0]), device=tensors[0].device))
+    longest = int(max(sizes))
+    gathered = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([part[:size] for part, size in zip(parts, sizes)]))
+    return tuple(gathered)
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's value, on every rank."""
     if not dist.is_initialized():

@@ -128,7 +128,6 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
-    check_data_parallel(criterion)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     teacher_path, teacher_payload = None, None
@@ -155,15 +154,6 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
         job.cache = open_teacher_cache(cfg, job, teacher_path)
     job.forward = training_forward(job, cfg.compile)
     return job, summary
-
-
-def check_data_parallel(criterion: Criterion) -> None:
-    """Under torchrun, refuse a loss whose per-sample state (CRD's memory bank) the ranks would not share."""
-    if distributed.world_size() > 1:
-        unsupported = [type(m).__name__ for m in criterion.modules() if not getattr(m, "supports_data_parallel", True)]
-        if unsupported:
-            raise ValueError(f"{', '.join(unsupported)} keeps per-sample state that torchrun ranks would not share: "
-                             "run this loss in one process (without torchrun).")
 
 
 def frozen_teacher(payload: dict[str, Any], model_cfg: DictConfig, data: Data) -> nn.Module:

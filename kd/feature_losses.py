@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd import distributed
 from kd.features import default_layers, probe_shapes
 from kd.losses import Criterion, Step
 
@@ -409,8 +410,6 @@ class CRDLoss(FeatureCriterion):
     """
 
     term = "loss_crd"
-    # Each rank would update its memory banks with its own share of the batch only: refused under torchrun.
-    supports_data_parallel = False
 
     def __init__(self, weight: float = 0.8, feat_dim: int = 128, num_negatives: int = 16384,
                  temperature: float = 0.07, momentum: float = 0.5, student_layers: Optional[Sequence[str]] = None,
@@ -465,12 +464,15 @@ class CRDLoss(FeatureCriterion):
         memory_t, memory_s = self.memory_teacher.to(anchor_student.dtype), self.memory_student.to(anchor_teacher.dtype)
         scores_s = torch.exp((anchor_student @ memory_t.t()).gather(1, contrast_index) / self.temperature)
         scores_t = torch.exp((anchor_teacher @ memory_s.t()).gather(1, contrast_index) / self.temperature)
-        estimate = torch.stack([scores_s.mean(), scores_t.mean()]).detach() * num_data
+        # Under torchrun: the mean over the ranks' shares, so every rank fixes the same Z.
+        estimate = distributed.mean_(torch.stack([scores_s.mean(), scores_t.mean()]).detach()) * num_data
         normalizers = torch.where(self.normalizers < 0, estimate.to(self.normalizers.dtype), self.normalizers)
         self.normalizers.copy_(normalizers)
         loss = nce_loss(scores_s / normalizers[0], num_data) + nce_loss(scores_t / normalizers[1], num_data)
         if self.training:
             with torch.no_grad():  # new tensors, not in place: the products above keep the old banks for backward
+                # Under torchrun every rank applies the whole batch's rows, so the banks stay the same on all ranks.
+                index, anchor_student, anchor_teacher = distributed.gather_rows(index, anchor_student, anchor_teacher)
                 self.memory_student = momentum_update(self.memory_student, index, anchor_student, self.momentum)
                 self.memory_teacher = momentum_update(self.memory_teacher, index, anchor_teacher, self.momentum)
         return loss

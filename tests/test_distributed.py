@@ -1,6 +1,7 @@
 """torchrun data parallelism on the CPU (gloo, 2 processes): the test set counted once, rank 0 alone writing,
 and a killed DDP run resuming to the same bits."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import distributed, engine, teachers
+from kd.feature_losses import CRDLoss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2", "profile=false"]
@@ -79,6 +82,16 @@ def test_killed_ddp_student_resumes_to_the_same_bits(ddp_teacher):
 
 
 @pytest.mark.slow
+def test_ddp_student_with_a_feature_method_and_crd(ddp_teacher):
+    """CE + KD + CRD under torchrun: hooks, adapters (gradients averaged), CRD's shared memory banks."""
+    proc = torchrun(ddp_teacher, "crd_kd", "phase=student", "logger.mode=disabled", "loss=crd_kd")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((ddp_teacher / "crd_kd" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["adapter_params"] > 0
+    assert all(math.isfinite(result[f"train/loss_{term}"]) for term in ("ce", "kd", "crd"))
+
+
+@pytest.mark.slow
 def test_ddp_refuses_to_train_a_missing_teacher(tmp_path):
     proc = torchrun(tmp_path, "student", "phase=student", "logger.mode=disabled", "train_missing_teacher=true")
     assert proc.returncode != 0
@@ -97,3 +110,33 @@ def test_submitit_job_with_two_tasks_trains_data_parallel(tmp_path):
     (result_file,) = (tmp_path / "sweep").glob("*/result.json")
     result = json.loads(result_file.read_text())
     assert result["world_size"] == 2 and result["epochs"] == 1
+
+
+def crd_after_one_step(rank: int, world: int, out: Path) -> None:
+    """One CRD training step on rank `rank`'s share of a batch of 6 (all of it when world == 1)."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same embeddings and initial banks on every rank
+    crd = CRDLoss(feat_dim=4, num_negatives=5)
+    crd.build([torch.Size([1, 3])], [torch.Size([1, 5])], torch.zeros(1), torch.arange(20) % 4)
+    generator = torch.Generator().manual_seed(1)
+    index = torch.randperm(20, generator=generator)[:6]
+    anchors = [torch.nn.functional.normalize(torch.randn(6, 4, generator=generator), dim=1) for _ in range(2)]
+    share = slice(6 * rank // world, 6 * (rank + 1) // world)
+    crd.contrast(anchors[0][share], anchors[1][share], index[share])
+    torch.save({k: v for k, v in crd.state_dict().items() if "memory" in k or "normalizers" in k},
+               out / f"rank{rank}_of{world}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_crd_memory_banks_stay_identical_across_ranks(tmp_path):
+    """Every rank applies the whole batch's rows to CRD's banks: the same banks as one process on the full batch,
+    and one normaliser Z for all ranks."""
+    torch.multiprocessing.spawn(crd_after_one_step, args=(2, tmp_path), nprocs=2)
+    crd_after_one_step(0, 1, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}_of2.pt", weights_only=True) for r in range(2)]
+    single = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)
+    for key in ("memory_student", "memory_teacher"):
+        assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], single[key])
+    assert torch.equal(ranks[0]["normalizers"], ranks[1]["normalizers"]) and (ranks[0]["normalizers"] > 0).all()
