@@ -10,7 +10,8 @@
 (c) engine with a warm teacher cache: the same epochs again, the teacher's logits read from the cache.
 
 Each variant trains on the same random 32x32 images (speed does not depend on their content) for a warm-up
-window, then for several timed windows; the median window gives images/s. The matmul ceiling is the rate of a
+window, then for several timed windows, the variants taking turns window by window (so a slow spell of a shared
+machine falls on all of them); each variant's median window gives its images/s. The matmul ceiling is the rate of a
 large matrix product measured here, in the engine's precision, and achieved GFLOP/s counts the convolutions and
 matmuls a step really performs: 3x the student's forward (forward + backward) plus the teacher's forward.
 --sweep-jobs N also times N short student runs of train.py (experiment=quickstart, a multirun over N
@@ -66,17 +67,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     step_flops = {"full": args.batch_size * (3 * flops["student"] + flops["teacher"]),
                   "cached": args.batch_size * 3 * flops["student"]}
     with tempfile.TemporaryDirectory() as cache_root:
+        # (c) reads the teacher outputs (b) stored: in each round (b) runs an epoch before (c) runs it.
         variants = {
-            "a_reference": (lambda: reference_windows(cfg, args, images, labels, device), "full"),
-            "b_engine": (lambda: engine_windows(cfg, args, images, labels, device, Path(cache_root)), "full"),
-            "c_engine_cached": (lambda: engine_windows(cfg, args, images, labels, device, Path(cache_root)), "cached"),
+            "a_reference": reference_window(cfg, args, images, labels, device),
+            "b_engine": engine_window(cfg, args, images, labels, device, Path(cache_root)),
+            "c_engine_cached": engine_window(cfg, args, images, labels, device, Path(cache_root)),
         }
-        for name, (measure, flop_kind) in variants.items():
-            seconds = statistics.median(measure())
-            step_seconds = seconds / args.window_steps
-            results[name] = {"images_per_s": args.batch_size / step_seconds,
-                             "gflops": step_flops[flop_kind] / step_seconds / 1e9,
-                             "fraction_of_ceiling": step_flops[flop_kind] / step_seconds / ceiling}
+        seconds = timed_rounds(variants, args.windows, device)
+    for name, flop_kind in (("a_reference", "full"), ("b_engine", "full"), ("c_engine_cached", "cached")):
+        step_seconds = statistics.median(seconds[name]) / args.window_steps
+        results[name] = {"images_per_s": args.batch_size / step_seconds,
+                         "gflops": step_flops[flop_kind] / step_seconds / 1e9,
+                         "fraction_of_ceiling": step_flops[flop_kind] / step_seconds / ceiling}
     for name in ("b_engine", "c_engine_cached"):
         results[name]["speedup_vs_reference"] = results[name]["images_per_s"] / results["a_reference"]["images_per_s"]
     if args.sweep_jobs:
@@ -94,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=100)
     parser.add_argument("--window-steps", type=int, default=10, help="training steps per timed window")
-    parser.add_argument("--windows", type=int, default=5, help="timed windows (after one warm-up window)")
+    parser.add_argument("--windows", type=int, default=7, help="timed windows (after one warm-up window)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     parser.add_argument("--sweep-jobs", type=int, default=0, help="also time an N-job sweep with and without cache")
     parser.add_argument("--json", help="also write the figures to this file")
@@ -113,16 +115,18 @@ def compose_config(args: argparse.Namespace):
         return compose("config", overrides=overrides)
 
 
-def timed_windows(run_window: Callable[[int], None], windows: int, device: torch.device) -> list[float]:
-    """Seconds of each timed window, after one untimed warm-up window (index 0)."""
-    seconds = []
+def timed_rounds(variants: dict[str, Callable[[int], None]], windows: int, device: torch.device) -> dict:
+    """Seconds of each variant's timed windows, run in rounds (a, b, c, a, b, c, ...) after one untimed warm-up
+    round, so a slow spell of a shared machine falls on every variant alike."""
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
     for window in range(windows + 1):
-        records._synchronize(device)
-        start = time.perf_counter()
-        run_window(window)
-        records._synchronize(device)
-        if window > 0:
-            seconds.append(time.perf_counter() - start)
+        for name, run_window in variants.items():
+            records._synchronize(device)
+            start = time.perf_counter()
+            run_window(window)
+            records._synchronize(device)
+            if window > 0:
+                seconds[name].append(time.perf_counter() - start)
     return seconds
 
 
@@ -140,7 +144,7 @@ class ArrayImages(Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def reference_windows(cfg, args, images, labels, device) -> list[float]:
+def reference_window(cfg, args, images, labels, device) -> Callable[[int], None]:
     """(a) The usual loop: PIL transforms in a DataLoader, eager fp32 NCHW, teacher under no_grad."""
     transform = transforms.Compose([
         transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
@@ -168,10 +172,10 @@ def reference_windows(cfg, args, images, labels, device) -> list[float]:
             loss.backward()
             optimizer.step()
 
-    return timed_windows(window, args.windows, device)
+    return window
 
 
-def engine_windows(cfg, args, images, labels, device, cache_root: Path) -> list[float]:
+def engine_window(cfg, args, images, labels, device, cache_root: Path) -> Callable[[int], None]:
     """(b)/(c) The engine's training epoch (one epoch = one window) with its config's defaults; the teacher
     cache lives in cache_root, so a second call finds every epoch's teacher logits stored."""
     data = engine.Data(Split(images.to(device), labels.to(device)), None, Split(images[:8], labels[:8]).to(device),
@@ -187,7 +191,7 @@ def engine_windows(cfg, args, images, labels, device, cache_root: Path) -> list[
     if cfg.teacher_cache:
         key = {"bench": [args.teacher, args.student, args.batch_size, args.num_classes, str(job.amp_dtype)]}
         job.cache = TeacherCache(cache_root, key, (len(images), args.num_classes), cfg.teacher_cache_dtype, 1e12)
-    return timed_windows(lambda window: engine.train_one_epoch(job, epoch=window + 1), args.windows, device)
+    return lambda window: engine.train_one_epoch(job, epoch=window + 1)
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
@@ -196,13 +200,14 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
     repository's AMD test CPU MKL's sgemm reaches only about 60% of what oneDNN's does."""
     n = 4096 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    rates = [2 * n**3 * 5 / min(timed_windows(lambda _: [a @ b for _ in range(5)], 3, device))]
+    rates = [2 * n**3 * 5 / min(timed_rounds({"mm": lambda _: [a @ b for _ in range(5)]}, 3, device)["mm"])]
     # A (64 * 32 * 32, 512) @ (512, 512) product, written as a 1x1 convolution in NHWC.
     channels = 512
     x = torch.randn(64, channels, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(channels, channels, 1, 1, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     conv_flops = 2 * x.numel() * channels
-    rates.append(conv_flops * 5 / min(timed_windows(lambda _: [F.conv2d(x, w) for _ in range(5)], 3, device)))
+    conv = {"conv": lambda _: [F.conv2d(x, w) for _ in range(5)]}
+    rates.append(conv_flops * 5 / min(timed_rounds(conv, 3, device)["conv"]))
     return max(rates)
 
 
