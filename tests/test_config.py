@@ -64,14 +64,6 @@ def assert_target_accepts(node: DictConfig) -> None:
     inspect.signature(factory).bind(**kwargs)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # every option of every group
 
