@@ -126,7 +126,7 @@ class Combined(Criterion):
     def __init__(self, **terms: Criterion):
         super().__init__()
         if not terms:
-            raise ValueError("loss.terms is empty: name at least one criterion, e.g. ce.")
+            raise ValueError("loss is a Combined with no criteria: add one, e.g. +loss.ce._target_=kd.losses.CELoss.")
         self.terms = nn.ModuleDict(terms)
 
     @property
