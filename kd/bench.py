@@ -185,9 +185,6 @@ def engine_window(cfg, args, images, labels, device, cache_root: Path) -> Callab
     teachers.fold_batchnorm(teacher)  # as engine.set_up does
     job = engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
     job.progress_bar = False
-    job.amp_dtype = engine.resolve_precision(cfg.precision, device)
-    job.scaler = torch.amp.GradScaler(device.type, enabled=job.amp_dtype == torch.float16)
-    job.forward = engine.training_forward(job, cfg.compile)
     if cfg.teacher_cache:
         key = {"bench": [args.teacher, args.student, args.batch_size, args.num_classes, str(job.amp_dtype)]}
         job.cache = TeacherCache(cache_root, key, (len(images), args.num_classes), cfg.teacher_cache_dtype, 1e12)

@@ -77,8 +77,12 @@ class Job:
     cache: Optional[TeacherCache] = None
 
     def autocast(self) -> ContextManager:
-        device_type = self.data.mean.device.type
-        return torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return autocast(self.data.mean.device, self.amp_dtype)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    """Mixed precision in `dtype` on `device`; a no-op for dtype None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -126,7 +130,6 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     phase = Phase(cfg.phase)
     configure_determinism(cfg.deterministic)
     device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.precision, device)
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -141,8 +144,6 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     data = load_data(cfg.dataset, device, channels_last)
     teacher = frozen_teacher(teacher_payload, cfg.teacher, data) if teacher_payload is not None else None
     job = build_job(cfg, phase, criterion, data, device, teacher)
-    job.amp_dtype = amp_dtype
-    job.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     summary = {"phase": phase.value, "params": records.count_parameters(job.model)}
     summary["adapter_params"] = records.count_parameters(job.criterion)
     image_shape = tuple(data.test.images.shape[1:])
@@ -152,7 +153,6 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     if teacher is not None:
         summary.update(check_teacher(job, cfg, teacher_path, teacher_payload["metrics"]))
         job.cache = open_teacher_cache(cfg, job, teacher_path)
-    job.forward = training_forward(job, cfg.compile)
     return job, summary
 
 
@@ -315,7 +315,8 @@ def build_job(
     cfg: DictConfig, phase: Phase, criterion: Criterion, data: Data, device: torch.device,
     teacher: Optional[nn.Module] = None,
 ) -> Job:
-    """Seed, build the trained model, bind the criterion to both models (its adapters), optimizer and schedule."""
+    """Seed, build the trained model, bind the criterion to both models (its adapters), optimizer, schedule,
+    precision and the forward the training step calls."""
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.student if phase is Phase.student else cfg.teacher)
     model = model.to(device, memory_format=data.memory_format)
@@ -325,10 +326,13 @@ def build_job(
     optimizer = instantiate(cfg.optimizer)([*model.parameters(), *criterion.parameters()])
     scheduler = instantiate(cfg.scheduler)(optimizer)
     progress = cfg.progress_bar if cfg.progress_bar is not None else _stderr_is_terminal()
-    return Job(
+    amp_dtype = resolve_precision(cfg.precision, device)
+    job = Job(
         model, teacher, criterion, optimizer, scheduler, data, cfg.seed, cfg.batch_size, cfg.eval_batch_size,
-        progress, forward=model, scaler=torch.amp.GradScaler(device.type, enabled=False),
+        progress, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
     )
+    job.forward = training_forward(job, cfg.compile)
+    return job
 
 
 def check_teacher(job: Job, cfg: DictConfig, path: Path, recorded: dict[str, Any]) -> dict[str, Any]:
@@ -550,7 +554,7 @@ def predict(
     model.eval()
     share = distributed.shard(len(split))
     local = Split(split.images[share], split.labels[share])
-    with torch.autocast(data.mean.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with autocast(data.mean.device, amp_dtype):
         parts = [model(data.inputs(batch.images)).float() for batch in batches(local, batch_size)]
     model.train(was_training)
     if distributed.world_size() == 1:
