@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import engine, records, teachers
+from kd import engine, loop, records, teachers
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
@@ -178,7 +178,7 @@ def reference_window(cfg, args, images, labels, device) -> Callable[[int], None]
 def engine_window(cfg, args, images, labels, device, cache_root: Path) -> Callable[[int], None]:
     """(b)/(c) The engine's training epoch (one epoch = one window) with its config's defaults; the teacher
     cache lives in cache_root, so a second call finds every epoch's teacher logits stored."""
-    data = engine.Data(Split(images.to(device), labels.to(device)), None, Split(images[:8], labels[:8]).to(device),
+    data = loop.Data(Split(images.to(device), labels.to(device)), None, Split(images[:8], labels[:8]).to(device),
                        *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
                        crop_padding=4, hflip=True, channels_last=cfg.channels_last)
     teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
@@ -188,7 +188,7 @@ def engine_window(cfg, args, images, labels, device, cache_root: Path) -> Callab
     if cfg.teacher_cache:
         key = {"bench": [args.teacher, args.student, args.batch_size, args.num_classes, str(job.amp_dtype)]}
         job.cache = TeacherCache(cache_root, key, (len(images), args.num_classes), cfg.teacher_cache_dtype, 1e12)
-    return lambda window: engine.train_one_epoch(job, epoch=window + 1)
+    return lambda window: loop.train_one_epoch(job, epoch=window + 1)
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:

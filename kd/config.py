@@ -4,7 +4,9 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from kd.records import bounded_name
 
 
 class Phase(Enum):
@@ -65,6 +67,8 @@ class Config:
     teacher_acc_tolerance: float = 0.5
     # Student runs whose teacher is not in the store train it first (once, under a file lock).
     train_missing_teacher: bool = False
+    # A teacher phase whose identity is stored returns the stored teacher; true trains a new version beside it.
+    retrain_teacher: bool = False
     teacher_lock_timeout_s: float = 86400.0
     # CPU threads for this job; None keeps torch's default (train.py splits the cores between parallel jobs).
     threads: Optional[int] = None
@@ -82,7 +86,7 @@ class Config:
     # Teacher-output cache: student jobs sharing a teacher and a data seed (a sweep over alpha, T, width) read
     # the teacher's logits for each augmented view from disk instead of running the teacher again.
     teacher_cache: bool = True
-    teacher_cache_dir: Optional[str] = None  # None: `outputs_cache/` beside the teacher checkpoint
+    teacher_cache_dir: Optional[str] = None  # None: `teacher_cache/` beside the teacher store (outputs/teacher_cache)
     teacher_cache_dtype: str = "float32"  # float32 is exact; bfloat16/float16 halve the disk use
     teacher_cache_max_gb: float = 20.0  # least recently used entries are deleted beyond this
     # Per-pair hyperparameters a method's paper tuned, set by the pair presets (conf/experiment/crd_*.yaml) and
@@ -98,3 +102,11 @@ class Config:
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
+
+
+def job_dir_name(overrides: str, number: int) -> str:
+    """A sweep job's folder name: its swept overrides (hydra.job.override_dirname), bounded to a valid file name."""
+    return bounded_name(overrides) if overrides else f"job{number}"
+
+
+OmegaConf.register_new_resolver("kd_job_dir", job_dir_name, replace=True)

@@ -5,18 +5,21 @@ cropped, flipped and normalised on the compute device; all randomness comes from
 (seed, epoch), so an epoch's batches are a pure function of the config, whatever happened before it.
 """
 import hashlib
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+import PIL
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from kd import records
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -86,51 +89,57 @@ def image_folder(
 ) -> Splits:
     """A root/train/<class>/* and root/test/<class>/* tree of images, decoded once (RGB, image_size).
 
-    With cache_dir, the decoded tensors are saved there once and later runs load them instead of decoding
-    every image again. The cache file is named by a fingerprint of the tree (every file's path, size and
-    modification time) and the decode settings, so adding, removing or editing an image rebuilds it.
+    With cache_dir, the decoded tensors are saved there once and later runs load them instead of decoding every
+    image again. The cache file is addressed by the content of the images it was decoded from (every file's bytes
+    and relative path), the decode settings and the decoder's version, and carries a checksum of the tensors that
+    is verified when it is read: an edited image, or a damaged cache file, is never served. A cache folder that
+    cannot be written (a read-only ~/.cache) is skipped with one warning.
     """
+    files, classes = _listing(Path(root), max_per_class)
     if cache_dir is None:
-        return _decode_folder(Path(root), image_size, max_per_class)
-    fingerprint = _folder_fingerprint(Path(root), image_size, max_per_class)
+        return _decode(files, classes, image_size)
+    fingerprint = _content_fingerprint(Path(root), files, image_size)
     cache_file = Path(cache_dir).expanduser() / f"{Path(root).resolve().name}_{fingerprint[:16]}.pt"
-    if cache_file.is_file():
-        try:
-            stored = torch.load(cache_file, weights_only=True)
-            if stored["fingerprint"] == fingerprint:
-                return Splits(Split(*stored["train"]), Split(*stored["test"]), stored["classes"])
-        except Exception:  # a damaged cache file is rebuilt below
-            pass
-    splits = _decode_folder(Path(root), image_size, max_per_class)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"fingerprint": fingerprint, "classes": splits.classes, "root": str(Path(root).resolve()),
-               "train": [splits.train.images, splits.train.labels], "test": [splits.test.images, splits.test.labels]}
-    records.save_checkpoint(cache_file, payload)  # through a temporary file: parallel jobs never read half
+    splits = _read_decoded(cache_file, fingerprint)
+    if splits is None:
+        splits = _decode(files, classes, image_size)
+        _write_decoded(cache_file, fingerprint, splits)
     return splits
 
 
-def _folder_fingerprint(root: Path, image_size: int, max_per_class: Optional[int]) -> str:
-    """sha256 of the decode settings and every file's relative path, size and mtime under root/train, root/test."""
-    digest = hashlib.sha256(f"{image_size}|{max_per_class}|".encode())
-    for part in ("train", "test"):
-        for class_dir in _class_dirs(root / part):
-            for entry in sorted(os.scandir(root / part / class_dir), key=lambda e: e.name):
-                stat = entry.stat()
-                digest.update(f"{part}/{class_dir}/{entry.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+# Bump when decoding changes what a file decodes to: the decode cache keys on it.
+DECODER_VERSION = 2
+Listing = dict[str, list[tuple[Path, int]]]  # "train"/"test" -> (file, label) in order
 
 
-def _decode_folder(root_path: Path, image_size: int, max_per_class: Optional[int]) -> Splits:
-    root = str(root_path)
-    train_classes, test_classes = (_class_dirs(root_path / part) for part in ("train", "test"))
+def _listing(root: Path, max_per_class: Optional[int]) -> tuple[Listing, list[str]]:
+    """The image files of each part with their labels, and the class names (the same folders in both parts)."""
+    train_classes, test_classes = (_class_dirs(root / part) for part in ("train", "test"))
     if train_classes != test_classes:
         raise ValueError(
             f"{root}: train and test hold different classes (only in train: "
             f"{sorted(set(train_classes) - set(test_classes))}, only in test: "
             f"{sorted(set(test_classes) - set(train_classes))}). Both need the same class folders."
         )
-    load = lambda part: _load_images(root_path / part, train_classes, image_size, max_per_class)  # noqa: E731
-    return Splits(load("train"), load("test"), train_classes)
+    files: Listing = {}
+    for part in ("train", "test"):
+        files[part] = []
+        for label, name in enumerate(train_classes):
+            found = sorted(f for f in (root / part / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{root / part / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+            files[part] += [(file, label) for file in found[:max_per_class]]
+    return files, train_classes
+
+
+def _content_fingerprint(root: Path, files: Listing, image_size: int) -> str:
+    """sha256 of the decoder (its version, Pillow's), the size, and every listed file's relative path and bytes."""
+    digest = hashlib.sha256(f"{DECODER_VERSION}|{PIL.__version__}|{image_size}|".encode())
+    for part, entries in files.items():
+        for file, label in entries:
+            digest.update(f"{file.relative_to(root)}|{label}|".encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def _class_dirs(path: Path) -> list[str]:
@@ -144,21 +153,78 @@ def _class_dirs(path: Path) -> list[str]:
     return classes
 
 
-def _load_images(path: Path, classes: list[str], image_size: int, max_per_class: Optional[int]) -> Split:
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(f for f in (path / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"{path / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-        for file in files[:max_per_class]:
-            with Image.open(file) as image:
-                image = image.convert("RGB")
-                if image.size != (image_size, image_size):
-                    image = image.resize((image_size, image_size), Image.BILINEAR)
-                images.append(np.asarray(image))
-            labels.append(label)
-    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return Split(pixels, torch.tensor(labels))
+def _decode(files: Listing, classes: list[str], image_size: int) -> Splits:
+    def split(entries: list[tuple[Path, int]]) -> Split:
+        pixels = np.stack([read_image(file, image_size) for file, _ in entries])
+        return Split(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.tensor([l for _, l in entries]))
+
+    return Splits(split(files["train"]), split(files["test"]), classes)
+
+
+def read_image(path: Path, image_size: int) -> np.ndarray:
+    """One image as (image_size, image_size, 3) uint8 RGB; a file that does not decode is named in the error."""
+    try:
+        with Image.open(path) as image:
+            image = to_rgb(image)
+            if image.size != (image_size, image_size):
+                image = image.resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(image)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"{path} cannot be decoded as an image ({type(error).__name__}: {error}): it is truncated or corrupt. "
+            "Replace or delete it, then run again."
+        ) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. 16-bit greyscale (PNG modes I;16 and I) is scaled to 8 bits (65535 -> 255); Pillow's convert
+    would clip every value above 255 to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        levels = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+_warned: set[str] = set()  # optional caches that could not be used, each warned about once
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message)
+
+
+def _read_decoded(path: Path, fingerprint: str) -> Optional[Splits]:
+    """The decoded splits stored at path, if it holds this fingerprint and its checksum verifies; a bad file is
+    deleted (and the caller decodes again)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = torch.load(path, weights_only=True)
+        tensors = [*stored["train"], *stored["test"]]
+        intact = stored["fingerprint"] == fingerprint and stored["checksum"] == records.sha256_tensors(*tensors)
+    except Exception as error:  # truncated, garbage, or a dict of another shape
+        intact, reason = False, f"{type(error).__name__}: {error}"
+    else:
+        reason = "its checksum or fingerprint does not match its content"
+    if not intact:
+        log.warning("decode cache file %s is damaged (%s): deleting it and decoding the images again", path, reason)
+        path.unlink(missing_ok=True)
+        return None
+    return Splits(Split(*stored["train"]), Split(*stored["test"]), stored["classes"])
+
+
+def _write_decoded(path: Path, fingerprint: str, splits: Splits) -> None:
+    """Store the decoded splits (through a temporary file); an unwritable cache folder is skipped with a warning."""
+    tensors = [splits.train.images, splits.train.labels, splits.test.images, splits.test.labels]
+    payload = {"fingerprint": fingerprint, "classes": splits.classes, "checksum": records.sha256_tensors(*tensors),
+               "train": tensors[:2], "test": tensors[2:]}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records.save_checkpoint(path, payload)
+    except OSError as error:
+        _warn_once(str(path.parent), f"decode cache folder {path.parent} cannot be written ({error}): going on "
+                   "without it (set dataset.source.cache_dir to a writable folder, or null to silence this).")
 
 
 def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Optional[Split]]:

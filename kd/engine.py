@@ -1,132 +1,164 @@
-"""The training engine: `run(cfg, out_dir)` trains the teacher or the student that `cfg.phase` names.
+"""The run's lifecycle: `run(cfg, out_dir)` trains the teacher or the student that `cfg.phase` names, around the loop
+of kd.loop, and writes its records.
 
-Flow: check the config -> return out_dir's result.json if this run finished there, or resume from its
-last.pt -> (student) find, load and check the teacher -> load data -> train epoch by epoch, evaluating on
-test (and validation) after each -> records in out_dir, W&B, the teacher store.
+Flow: check the config -> hold the run folder's lock -> return its result.json if this run finished there (or, for a
+teacher phase, the stored teacher of this identity), or resume from its last.pt -> (student) find, load and check
+the teacher -> load data, build the models -> only now write run.json and start train.log and W&B (a refused run
+changes nothing on disk) -> train epoch by epoch, evaluating after each -> (teacher) file it in the store ->
+run_info.json, then result.json (the commit point).
 """
-import json
 import logging
 import math
 import os
 import time
-from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
-from torch import Tensor, nn
-from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler
-from tqdm import tqdm
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kd import distributed, records, teachers, tracking
 from kd.config import Phase
-from kd.data import Split, augment, batches, epoch_generator, hold_out, normalize
-from kd.features import capture
-from kd.losses import CELoss, Criterion, Step
+from kd.data import hold_out
+from kd.loop import Data, Job, predict, run_epoch, score, training_forward
+from kd.losses import CELoss, Criterion
 from kd.teacher_cache import DTYPES, TeacherCache
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Data:
-    """The decoded splits on the compute device, and how training batches are augmented and normalised."""
-
-    train: Split
-    val: Optional[Split]
-    test: Split
-    mean: Tensor
-    std: Tensor
-    crop_padding: int
-    hflip: bool
-    channels_last: bool = False
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-    def inputs(self, images: Tensor) -> Tensor:
-        """Network inputs: normalised floats, in NHWC memory order when channels_last is on."""
-        x = normalize(images, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+# What last.pt must hold to resume a run exactly.
+RESUME_KEYS = ("model", "criterion", "optimizer", "scheduler", "scaler", "epoch", "metrics", "best", "rng", "config")
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 
-@dataclass
-class Job:
-    """Everything an epoch needs, so the loop functions take one argument instead of twelve."""
+def run(
+    cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None
+) -> dict[str, Any]:
+    """Train the phase's model, write the run's records into out_dir; return its result.
 
-    model: nn.Module  # the trained network itself: what is evaluated and saved
-    teacher: Optional[nn.Module]
-    criterion: Criterion
-    optimizer: Optimizer
-    scheduler: LRScheduler
-    data: Data
-    seed: int
-    batch_size: int
-    eval_batch_size: int
-    progress_bar: bool
-    teacher_predictions: dict[str, Tensor] = field(default_factory=dict)  # teacher argmax on test/val: agreement
-    forward: Optional[Callable[[Tensor], Tensor]] = None  # the model as trained: compiled and/or DDP-wrapped
-    amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None = fp32
-    scaler: Optional[torch.amp.GradScaler] = None  # loss scaling for fp16 (a no-op otherwise)
-    cache: Optional[TeacherCache] = None
-
-    def autocast(self) -> ContextManager:
-        return autocast(self.data.mean.device, self.amp_dtype)
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
-    """Mixed precision in `dtype` on `device`; a no-op for dtype None (fp32)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def run(cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Train the phase's model, write metrics.jsonl, checkpoints and result.json into out_dir; return the result.
-
-    Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished.
-    Under torchrun every rank trains its share of each batch; rank 0 alone logs and writes.
+    Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished. One
+    process at a time may use out_dir (its lock). Under torchrun every rank trains its share of each batch; rank 0
+    alone holds the lock, logs and writes. `file_into`: the store version folder an on-demand teacher is filed in.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_config(cfg)
-    finished, checkpoint = previous_run(cfg, out_dir)
-    if finished is not None:
-        log.info("%s already holds this run's result.json: returning it without training again", out_dir)
-        return finished
-    job, summary = set_up(cfg, overrides)
-    if checkpoint is not None:
-        restore(job, checkpoint)
-    if distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = tracking.start(cfg, out_dir, checkpoint.get("wandb_id") if checkpoint else None)
+    with run_folder(out_dir), run_log(out_dir) as commit_log:
+        finished, checkpoint, record = previous_run(cfg, out_dir)
+        if finished is not None:
+            log.info("%s already holds this run's result.json: returning it without training again", out_dir)
+            return finished
+        if Phase(cfg.phase) is Phase.teacher and not cfg.retrain_teacher:
+            stored = stored_teacher_result(cfg, out_dir, overrides, record)
+            if stored is not None:
+                if (out_dir / "run.json").is_file():
+                    commit_log()
+                return stored
+        if Phase(cfg.phase) is Phase.teacher and distributed.is_main():
+            teachers.check_writable(Path(cfg.teacher_store))
+        job, facts, info = set_up(cfg, overrides)
+        # Every check has passed: from here on the run writes into its folder.
+        record = distributed.broadcast_object(record or start_record(cfg, out_dir, overrides))
+        commit_log()
+        if checkpoint is not None:
+            restore(job, checkpoint)
+        result, info = train(job, cfg, out_dir, record, checkpoint, facts, info)
+        if not distributed.is_main():
+            return result
+        if Phase(cfg.phase) is Phase.teacher:
+            checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data.classes, file_into)
+            result["teacher_checkpoint"] = str(checkpoint_path)
+        info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.mean.device))
+        info["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
+        result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
+        records.write_json(out_dir / "run_info.json", info)
+        records.write_json(out_dir / "result.json", result)  # the commit point: the run is finished
+        return result
+
+
+def train(
+    job: Job, cfg: DictConfig, out_dir: Path, record: dict[str, Any], checkpoint: Optional[dict],
+    facts: dict[str, Any], info: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The epochs, logged to W&B (one run per folder: its id is in run.json); returns (result, info)."""
+    teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
+    tracker = tracking.start(cfg, out_dir, record["wandb_id"], teacher_facts)
     try:
-        tracker.summary.update(summary)
-        result = {**summary, **fit(job, cfg, out_dir, tracker, checkpoint)}
+        tracker.summary.update({**facts, **info})
+        result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint)}
         if job.cache is not None:
-            result.update(teacher_cache_summary(job.cache))
-        tracker.summary.update(result)
+            info.update(teacher_cache_summary(job.cache))
+        tracker.summary.update({**result, **info})
     except BaseException:
         tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
         raise
     tracker.finish()
-    if not distributed.is_main():
-        return result
-    if Phase(cfg.phase) is Phase.teacher:
-        result["teacher_checkpoint"] = str(teachers.save_to_store(cfg, job.model, result, out_dir))
-    result.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.mean.device))
-    result.update(resumed_from_epoch=checkpoint["epoch"] if checkpoint else None, world_size=distributed.world_size())
-    result["config"] = records.plain_config(cfg)
-    records.write_json(out_dir / "result.json", result)
-    return result
+    return result, info
 
 
-def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, Any]]:
-    """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; the run's facts."""
+@contextmanager
+def run_folder(out_dir: Path) -> Iterator[None]:
+    """Rank 0 holds out_dir's lock for the run's life; every rank learns whether it got it."""
+    with ExitStack() as stack:
+        refusal = None
+        if distributed.is_main():
+            try:
+                stack.enter_context(records.folder_lock(out_dir))
+            except records.FolderBusy as busy:
+                refusal = str(busy)
+        refusal = distributed.broadcast_object(refusal)
+        if refusal is not None:
+            raise records.FolderBusy(refusal)
+        yield
+
+
+@contextmanager
+def run_log(out_dir: Path) -> Iterator[Callable[[], None]]:
+    """Log lines are held in memory until the run passes its checks; the yielded commit() then writes them, and
+    every later line, to out_dir/train.log (rank 0). A refused run leaves no log line in the folder."""
+    root = logging.getLogger()
+    buffer = MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    root.addHandler(buffer)
+    file_handler: list[logging.Handler] = []
+
+    def commit() -> None:
+        if distributed.is_main():
+            handler = logging.FileHandler(out_dir / "train.log")
+            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            buffer.setTarget(handler)
+            buffer.flush()
+            root.addHandler(handler)
+            file_handler.append(handler)
+        root.removeHandler(buffer)
+
+    try:
+        yield commit
+    finally:
+        root.removeHandler(buffer)
+        buffer.close()
+        for handler in file_handler:
+            root.removeHandler(handler)
+            handler.close()
+
+
+def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """run.json: the run's own record (overrides, resolved config, the keys tied to the seed, its W&B id), written
+    once, by the run that passed its checks; kd.report lists a sweep's jobs from it."""
+    unresolved = records.flatten(OmegaConf.to_container(cfg, resolve=False))
+    record = {"overrides": list(overrides), "config": records.plain_config(cfg), "wandb_id": tracking.new_run_id(),
+              "seed_linked": sorted(k for k, v in unresolved.items() if v == "${seed}")}
+    if distributed.is_main():
+        records.write_json(out_dir / "run.json", record)
+    return record
+
+
+def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, Any], dict[str, Any]]:
+    """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; returns the job,
+    the run's facts (part of result.json) and what varies between executions (speed: run_info.json)."""
     phase = Phase(cfg.phase)
     configure_determinism(cfg.deterministic)
     device = resolve_device(cfg.device)
@@ -144,16 +176,15 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     data = load_data(cfg.dataset, device, channels_last)
     teacher = frozen_teacher(teacher_payload, cfg.teacher, data) if teacher_payload is not None else None
     job = build_job(cfg, phase, criterion, data, device, teacher)
-    summary = {"phase": phase.value, "params": records.count_parameters(job.model)}
-    summary["adapter_params"] = records.count_parameters(job.criterion)
+    facts = {"phase": phase.value, "params": records.count_parameters(job.model)}
+    facts["adapter_params"] = records.count_parameters(job.criterion)
     image_shape = tuple(data.test.images.shape[1:])
-    summary["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
-    if cfg.profile:
-        summary.update(records.profile_model(job.model, image_shape, cfg.batch_size, device))
+    facts["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
+    info = records.profile_model(job.model, image_shape, cfg.batch_size, device) if cfg.profile else {}
     if teacher is not None:
-        summary.update(check_teacher(job, cfg, teacher_path, teacher_payload["metrics"]))
-        job.cache = open_teacher_cache(cfg, job, teacher_path)
-    return job, summary
+        facts.update(check_teacher(job, cfg, teacher_path, teacher_payload))
+        job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
+    return job, facts, info
 
 
 def frozen_teacher(payload: dict[str, Any], model_cfg: DictConfig, data: Data) -> nn.Module:
@@ -164,29 +195,21 @@ def frozen_teacher(payload: dict[str, Any], model_cfg: DictConfig, data: Data) -
     return teacher
 
 
-# Keys that change nothing a run computes: a run folder may be resumed with other values of these.
-RESULT_NEUTRAL = (
-    "logger", "device", "progress_bar", "threads", "profile", "eval_batch_size", "teacher_store",
-    "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance",
-    *(f"dataset.source.{key}" for key in teachers.SOURCE_NEUTRAL),
-    # float32 cache entries are bit-exact, so reading the teacher from the cache or live gives the same run.
-    "teacher_cache", "teacher_cache_dir", "teacher_cache_max_gb",
-)
-# A teacher run never reads these (a teacher trained on demand carries its student's values).
-TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint", "pair_hparams", "teacher_cache_dtype")
-# What last.pt must hold to resume a run exactly.
-RESUME_KEYS = ("model", "criterion", "optimizer", "scheduler", "scaler", "epoch", "metrics", "best", "rng", "config")
-
-
-def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Optional[dict]]:
-    """(result, None) when out_dir holds this run finished, (None, last.pt) when interrupted, else (None, None)."""
-    result_file, last = out_dir / "result.json", out_dir / "last.pt"
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        check_same_config(cfg, result["config"], result_file)
-        return result, None
+def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Optional[dict], Optional[dict]]:
+    """(result, None, record) when out_dir holds this run finished, (None, last.pt, record) when interrupted after a
+    checkpoint, (None, None, record or None) otherwise; a folder another config wrote is refused."""
+    fix = f"Delete {out_dir} to start this run over, or give the run another folder (hydra.run.dir=...)."
+    record = None
+    if (out_dir / "run.json").is_file():
+        record = records.read_json(out_dir / "run.json", fix)
+        check_same_config(cfg, _recorded_config(record, out_dir / "run.json", fix), out_dir / "run.json")
+    if (out_dir / "result.json").is_file():
+        result = records.read_json(out_dir / "result.json", fix)
+        check_same_config(cfg, _recorded_config(result, out_dir / "result.json", fix), out_dir / "result.json")
+        return result, None, record
+    last = out_dir / "last.pt"
     if not last.is_file():
-        return None, None
+        return None, None, record
     try:
         checkpoint = records.load_checkpoint(last, RESUME_KEYS)
     except records.UnusableCheckpoint as error:
@@ -195,18 +218,45 @@ def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Option
         ) from None
     check_same_config(cfg, checkpoint["config"], last)
     log.info("resuming %s after epoch %d of %d", out_dir, checkpoint["epoch"], cfg.epochs)
-    return None, checkpoint
+    return None, checkpoint, record
 
 
-def check_same_config(cfg: DictConfig, recorded: dict[str, Any], source: Path) -> None:
-    """Refuse to resume or reuse a run folder that another config wrote, naming the keys that differ."""
-    ignored = RESULT_NEUTRAL + (TEACHER_PHASE_NEUTRAL if Phase(cfg.phase) is Phase.teacher else ())
+def _recorded_config(record: dict[str, Any], path: Path, fix: str) -> dict[str, Any]:
+    if not isinstance(record.get("config"), dict):
+        raise records.CorruptRecord(f"{path} is damaged (it holds no config). {fix}")
+    return record["config"]
+
+
+def check_same_config(cfg: DictConfig, recorded: dict[str, Any], source: Path, fix: str = "") -> None:
+    """Refuse to resume or reuse what another config wrote, naming the keys that differ."""
+    ignored = records.RESULT_NEUTRAL + (records.TEACHER_PHASE_NEUTRAL if Phase(cfg.phase) is Phase.teacher else ())
     differences = records.config_differences(recorded, records.plain_config(cfg), ignored)
     if differences:
         raise ValueError(
-            f"{source} was written by another config (recorded -> now: {'; '.join(differences)}). Use another "
-            "run folder (hydra.run.dir / hydra.sweep.dir), or delete that one to start over."
+            f"{source} was written by another config (recorded -> now: {'; '.join(differences)}). "
+            + (fix or "Use another run folder (hydra.run.dir / hydra.sweep.dir), or delete that one to start over.")
         )
+
+
+def stored_teacher_result(
+    cfg: DictConfig, out_dir: Path, overrides: Sequence[str], record: Optional[dict]
+) -> Optional[dict[str, Any]]:
+    """A teacher phase whose identity the store holds returns that teacher without training (the store is
+    immutable); a fresh run folder gets its run.json and result.json, naming the stored checkpoint."""
+    path = teachers.stored_teacher(cfg)
+    if path is None:
+        return None
+    manifest = teachers.read_manifest(path.parent)
+    fix = (f"The store holds this teacher ({path}), trained with those values. Drop the differing overrides to use "
+           "it, or set retrain_teacher=true to train a new version beside it.")
+    check_same_config(cfg, manifest["config"], path.parent / "manifest.json", fix)
+    result = {**manifest["result"], "teacher_checkpoint": str(path), "config": manifest["config"]}
+    log.info("the store holds this teacher: %s (test/acc1 %.2f), trained in %s; returning it without training "
+             "(retrain_teacher=true trains a new version)", path, result["test/acc1"], manifest["run_dir"])
+    if record is None and not (out_dir / "last.pt").exists() and distributed.is_main():
+        start_record(cfg, out_dir, overrides)
+        records.write_json(out_dir / "result.json", result)
+    return result
 
 
 def restore(job: Job, checkpoint: dict[str, Any]) -> None:
@@ -242,11 +292,14 @@ def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[s
         if distributed.world_size() > 1:  # rank 0 would hold the lock while the others wait on it
             raise ValueError(f"{missing}\ntrain_missing_teacher=true does not work under torchrun: train the teacher "
                              "first (phase=teacher, under torchrun too if you like).") from None
+        teachers.check_writable(Path(cfg.teacher_store))
         with teachers.store_lock(missing.entry, cfg.teacher_lock_timeout_s):
-            if not (missing.entry / "manifest.json").is_file():  # a parallel job may have filed it meanwhile
-                log.info("training the missing teacher into %s", missing.entry)
-                run(teachers.teacher_config(cfg), missing.entry / "run")
-        return missing.entry / "teacher.pt"
+            version = teachers.newest_complete(missing.entry)  # a parallel job may have filed it meanwhile
+            if version is None:
+                version = teachers.pending_version(missing.entry, with_run=True)
+                log.info("training the missing teacher into %s", version)
+                run(teachers.teacher_config(cfg), version / "run", file_into=version)
+        return version / "teacher.pt"
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -256,11 +309,15 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"epochs={cfg.epochs}: need at least 1")
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}: need at least 1")
+    if cfg.threads is not None and cfg.threads < 1:
+        problems.append(f"threads={cfg.threads}: need at least 1 (or null for torch's default)")
     for role in ("teacher", "student"):
         if not cfg[role].width > 0:  # also catches NaN
             problems.append(f"{role}.width={cfg[role].width}: the width multiplier must be > 0 (1 = standard)")
-    if not 0.0 <= cfg.dataset.val_fraction < 1.0:
-        problems.append(f"dataset.val_fraction={cfg.dataset.val_fraction}: must be in [0, 1)")
+    problems += dataset_problems(cfg.dataset)
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and not 0 <= lr < math.inf:
+        problems.append(f"optimizer.lr={lr}: must be a finite number >= 0")
     if cfg.logger.mode not in tracking.MODES:
         problems.append(f"logger.mode={cfg.logger.mode}: must be one of {', '.join(tracking.MODES)}")
     if cfg.teacher_cache_dtype not in DTYPES:
@@ -271,6 +328,21 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"logger.init_timeout_s={cfg.logger.init_timeout_s}: must be > 0 (seconds)")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def dataset_problems(dataset: DictConfig) -> list[str]:
+    """What is wrong with the dataset node's numbers: split fraction, normalisation, crop padding."""
+    problems = []
+    if not 0.0 <= dataset.val_fraction < 1.0:
+        problems.append(f"dataset.val_fraction={dataset.val_fraction}: must be in [0, 1)")
+    mean, std = list(dataset.mean), list(dataset.std)
+    if len(mean) != 3 or len(std) != 3:
+        problems.append(f"dataset.mean={mean}, dataset.std={std}: need one value per RGB channel (3 each)")
+    if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
+        problems.append(f"dataset.mean={mean}, dataset.std={std}: means must be finite and stds finite and > 0")
+    if dataset.crop_padding < 0:
+        problems.append(f"dataset.crop_padding={dataset.crop_padding}: must be >= 0 (0 = no random crop)")
+    return problems
 
 
 def resolve_device(name: str) -> torch.device:
@@ -296,7 +368,7 @@ def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> Data:
-    """Decode the dataset, hold out the validation split, and move everything to the device once."""
+    """Decode the dataset, hold out the validation split, check what needs the images, move them to the device."""
     splits = instantiate(dataset_cfg.source)
     if len(splits.classes) != dataset_cfg.num_classes:
         raise ValueError(
@@ -304,10 +376,17 @@ def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool
             f"set dataset.num_classes={len(splits.classes)}."
         )
     train, val = hold_out(splits.train, dataset_cfg.val_fraction, dataset_cfg.split_seed)
+    if len(train) == 0:
+        raise ValueError(f"dataset.val_fraction={dataset_cfg.val_fraction} leaves no training image of "
+                         f"{len(splits.train)}: lower it.")
+    size = min(splits.train.images.shape[2:])
+    if dataset_cfg.crop_padding > size:
+        raise ValueError(f"dataset.crop_padding={dataset_cfg.crop_padding} is larger than the {size}-pixel images: "
+                         f"a crop could hold no pixel of the image. Use at most {size} (4 is the CIFAR standard).")
     stats = [torch.tensor(list(v), device=device).view(1, -1, 1, 1) for v in (dataset_cfg.mean, dataset_cfg.std)]
     return Data(
         train.to(device), val.to(device) if val is not None else None, splits.test.to(device),
-        *stats, dataset_cfg.crop_padding, dataset_cfg.hflip, channels_last,
+        *stats, dataset_cfg.crop_padding, dataset_cfg.hflip, channels_last, list(splits.classes),
     )
 
 
@@ -335,8 +414,11 @@ def build_job(
     return job
 
 
-def check_teacher(job: Job, cfg: DictConfig, path: Path, recorded: dict[str, Any]) -> dict[str, Any]:
-    """Measure the frozen teacher on this data, and refuse it when that disagrees with its record."""
+def check_teacher(job: Job, cfg: DictConfig, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """Refuse a teacher of other classes, measure it on this data and refuse it when that disagrees with its record;
+    returns the facts a student's records cite it by (accuracy, path, sha256, source)."""
+    check_classes(payload.get("classes"), job.data.classes, path)
+    recorded = payload["metrics"]
     measured = {}
     for name, split in (("test", job.data.test), ("val", job.data.val)):
         if split is not None:
@@ -351,12 +433,28 @@ def check_teacher(job: Job, cfg: DictConfig, path: Path, recorded: dict[str, Any
             "dataset or normalization."
         )
     log.info("teacher %s: test top-1 %.2f (recorded %.2f)", path, measured["test"]["acc1"], recorded["test/acc1"])
-    summary = {f"teacher/{name}/{key}": value for name, m in measured.items() for key, value in m.items()}
-    return {**summary, "teacher/acc1": measured["test"]["acc1"], "teacher_checkpoint": str(path)}
+    facts = {f"teacher/{name}/{key}": value for name, m in measured.items() for key, value in m.items()}
+    source = "store" if (path.parent / "manifest.json").is_file() else "file"
+    return {**facts, "teacher/acc1": measured["test"]["acc1"], "teacher_checkpoint": str(path),
+            "teacher/sha256": records.sha256_file(path), "teacher/source": source}
 
 
-def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path) -> Optional[TeacherCache]:
-    """The cache entry for this teacher, data seed, data and numerics; None when the cache cannot serve the run."""
+def check_classes(teacher_classes: Optional[list[str]], classes: list[str], path: Path) -> None:
+    """Refuse a teacher trained on other classes, or on the same classes in another order (its outputs would be
+    read under the wrong labels), even when its accuracy here looks plausible."""
+    if teacher_classes is None or list(teacher_classes) == classes:
+        return
+    if sorted(teacher_classes) == sorted(classes):
+        what = "the same classes in another order"
+    else:
+        extra, missing = sorted(set(teacher_classes) - set(classes)), sorted(set(classes) - set(teacher_classes))
+        what = f"other classes (only the teacher's: {extra[:5]}, only this dataset's: {missing[:5]})"
+    raise ValueError(f"teacher {path} was trained on {what} than this dataset: its label i is not this data's "
+                     "label i. Use a teacher trained on this dataset.")
+
+
+def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sha256: str) -> Optional[TeacherCache]:
+    """The cache entry for this teacher, training data, views and numerics; None when the cache cannot serve the run."""
     if not cfg.teacher_cache or not job.criterion.needs_teacher:
         return None
     if job.criterion.layers()[1]:
@@ -365,36 +463,24 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path) -> Optiona
     if distributed.world_size() > 1:
         log.info("teacher cache off: not used under torchrun (each rank runs the teacher on its share)")
         return None
+    views = {k: v for k, v in records.plain_config(cfg.dataset).items() if k not in ("source", "name")}
     key = {
-        "teacher_sha256": records.sha256_file(teacher_path), "teacher": records.plain_config(cfg.teacher),
-        # which views, in which order:
-        "dataset": teachers.dataset_identity(cfg.dataset), "seed": cfg.seed, "batch_size": cfg.batch_size,
+        "teacher_sha256": teacher_sha256, "teacher": records.plain_config(cfg.teacher),
+        # which views, in which order: the training split's content, its augmentation, the order's seed
+        "train_data_sha256": job.data.train_digest(), "views": views, "seed": cfg.seed, "batch_size": cfg.batch_size,
         # the numerics of the teacher pass:
         "precision": str(job.amp_dtype), "channels_last": job.data.channels_last, "batchnorm_folded": True,
         "device": job.data.mean.device.type, "torch": torch.__version__,
     }
-    root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else Path(teacher_path).parent / "outputs_cache"
+    root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else Path(cfg.teacher_store).parent / "teacher_cache"
     shape = (len(job.data.train), cfg.dataset.num_classes)
     return TeacherCache(root, key, shape, cfg.teacher_cache_dtype, cfg.teacher_cache_max_gb * 1e9)
 
 
 def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
     return {"teacher_cache/hits": cache.hits, "teacher_cache/misses": cache.misses,
-            "teacher_cache/bytes": cache.size_bytes(), "teacher_cache/dir": str(cache.dir)}
-
-
-def training_forward(job: Job, compile_model: bool) -> Callable[[Tensor], Tensor]:
-    """The model as the training step calls it: DDP-wrapped under torchrun, torch.compile'd when asked."""
-    forward: Callable[[Tensor], Tensor] = job.model
-    if distributed.world_size() > 1:
-        device = job.data.mean.device
-        forward = nn.parallel.DistributedDataParallel(job.model, device_ids=[device] if device.type == "cuda" else None)
-    if compile_model:
-        if job.criterion.layers() != ([], []):
-            raise ValueError("compile=true with a loss that reads features (forward hooks) is not supported: "
-                             "set compile=false.")
-        forward = torch.compile(forward)
-    return forward
+            "teacher_cache/rejected": cache.rejected, "teacher_cache/bytes": cache.size_bytes(),
+            "teacher_cache/dir": str(cache.dir)}
 
 
 def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict] = None) -> dict[str, Any]:
@@ -413,178 +499,18 @@ def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[
         log.info(epoch_line(metrics, cfg.epochs))
         if main:
             records.append_jsonl(metrics_file, metrics)
-            save_checkpoints(job, cfg, out_dir, metrics, best, tracker.id)
+            save_checkpoints(job, cfg, out_dir, metrics, best)
     return summarize(metrics, best, best_key)
 
 
-def run_epoch(job: Job, epoch: int) -> dict[str, Any]:
-    """One epoch of training and its evaluation, as one flat, namespaced metrics dict."""
-    started = time.perf_counter()
-    metrics: dict[str, Any] = {"epoch": epoch, "lr": job.optimizer.param_groups[0]["lr"]}
-    metrics.update(_prefixed("train", train_one_epoch(job, epoch)))
-    job.scheduler.step()
-    metrics["time/train_s"] = time.perf_counter() - started
-    distributed.broadcast_buffers(job.model)  # every rank evaluates the model rank 0 saves
-    for name, split in (("val", job.data.val), ("test", job.data.test)):
-        if split is not None:
-            logits = predict(job.model, split, job.data, job.eval_batch_size, job.amp_dtype)
-            metrics.update(_prefixed(name, score(logits, split.labels, job.teacher_predictions.get(name))))
-    metrics["time/epoch_s"] = time.perf_counter() - started
-    return metrics
-
-
-def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
-    """One pass over the augmented training set; returns per-image averages of the loss terms and top-1.
-
-    Every rank draws the same global batch and the same augmentation from (seed, epoch), then trains on its
-    share of it: the views, and so the results, do not depend on the number of processes.
-    """
-    job.model.train()
-    device = job.data.mean.device
-    generator = epoch_generator(job.seed, epoch)  # order and augmentation of this epoch, from (seed, epoch)
-    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    first_bad_step = torch.full((), math.inf, device=device)
-    teacher = EpochTeacher(job, epoch)
-    student_layers, _ = job.criterion.layers()
-    steps = math.ceil(len(job.data.train) / job.batch_size)
-    loader = batches(job.data.train, job.batch_size, generator)
-    loader = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not job.progress_bar, leave=False)
-    with capture(job.model, student_layers) if student_layers else nullcontext({}) as student_features:
-        for step, batch in enumerate(loader):
-            views = augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
-            rows = teacher.advance(len(batch))
-            if len(batch) < distributed.world_size():
-                continue  # a last batch too small to give every rank a sample (all ranks skip it)
-            share = distributed.shard(len(batch))
-            images, labels = job.data.inputs(views[share]), batch.labels[share]
-            with job.autocast():
-                logits = job.forward(images)
-                teacher_logits, teacher_features = teacher(images, rows, share)
-                terms = job.criterion(Step(
-                    logits, labels, teacher_logits, dict(student_features), teacher_features, batch.index[share], epoch
-                ))
-                loss = sum(terms.values())
-            optimize(job, loss)
-            # Tracked on the device: no host sync per step; the first non-finite step is reported below.
-            first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] += value.detach().float() * len(labels)
-            sums["acc1"] += (logits.argmax(1) == labels).sum() * 100.0
-            sums["count"] += len(labels)
-    teacher.finish()
-    return epoch_averages(sums, first_bad_step, epoch)
-
-
-def optimize(job: Job, loss: Tensor) -> None:
-    """Backward and step; adapter gradients are averaged over ranks (DDP averages the model's)."""
-    job.optimizer.zero_grad(set_to_none=True)
-    job.scaler.scale(loss).backward()
-    if distributed.world_size() > 1:
-        for parameter in job.criterion.parameters():
-            if parameter.grad is not None:
-                distributed.sum_(parameter.grad).div_(distributed.world_size())
-    job.scaler.step(job.optimizer)
-    job.scaler.update()
-
-
-def epoch_averages(sums: dict[str, Tensor], first_bad_step: Tensor, epoch: int) -> dict[str, float]:
-    """Per-image averages over all ranks; stop on the first non-finite step."""
-    names = sorted(sums)
-    totals = distributed.sum_(torch.stack([sums[name] for name in names]))
-    if math.isfinite(bad := distributed.min_(first_bad_step).item()):
-        kept = f"the last checkpoint is from epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
-        raise FloatingPointError(
-            f"non-finite training loss at epoch {epoch}, step {int(bad)}: stopped; {kept}. "
-            "Lower the learning rate or check the inputs."
-        )
-    totals = dict(zip(names, totals.tolist()))
-    count = totals.pop("count")
-    return {name: total / count for name, total in totals.items()}
-
-
-class EpochTeacher:
-    """The teacher's outputs for one epoch's views: read from the teacher cache, or computed live (and then
-    stored in the cache for the next job). Rows are numbered in the order the epoch visits the samples."""
-
-    def __init__(self, job: Job, epoch: int):
-        self.job, self.epoch, self.seen = job, epoch, 0
-        self.active = job.teacher is not None and job.criterion.needs_teacher
-        self.stored = job.cache.load(epoch) if self.active and job.cache is not None else None
-        self.recording = None
-        if self.active and job.cache is not None and self.stored is None and not job.cache.full:
-            self.recording = torch.empty(job.cache.shape, device=job.data.mean.device)
-        self.layers = job.criterion.layers()[1]
-
-    def advance(self, n: int) -> slice:
-        rows = slice(self.seen, self.seen + n)
-        self.seen += n
-        return rows
-
-    def __call__(self, images: Tensor, rows: slice, share: slice) -> tuple[Optional[Tensor], dict[str, Tensor]]:
-        """(logits, features) for this rank's images, which are rows[share] of the epoch."""
-        if not self.active:
-            return None, {}
-        if self.stored is not None:
-            return self.stored[rows][share].to(images.device), {}
-        # Eval mode (set at load) makes the targets a fixed function of the view: BN uses running statistics.
-        # inference_mode: no graph or saved activations for a network that is never updated.
-        hooks = capture(self.job.teacher, self.layers) if self.layers else nullcontext({})
-        with torch.inference_mode(), hooks as features:
-            logits = self.job.teacher(images)
-        if self.recording is not None:
-            self.recording[rows] = logits.float()
-        # Clones are normal tensors again, so the loss may save them for backward.
-        return logits.clone(), {name: value.clone() for name, value in features.items()}
-
-    def finish(self) -> None:
-        if self.recording is not None and self.seen == self.recording.shape[0]:
-            self.job.cache.save(self.epoch, self.recording)
-
-
-@torch.inference_mode()
-def predict(
-    model: nn.Module, split: Split, data: Data, batch_size: int, amp_dtype: Optional[torch.dtype] = None
-) -> Tensor:
-    """Logits (float32) for a whole split, in order, in eval mode and without augmentation.
-
-    Under torchrun each rank predicts its shard and the shards are summed into place, so every sample is
-    counted exactly once and every rank holds all the logits.
-    """
-    was_training = model.training
-    model.eval()
-    share = distributed.shard(len(split))
-    local = Split(split.images[share], split.labels[share])
-    with autocast(data.mean.device, amp_dtype):
-        parts = [model(data.inputs(batch.images)).float() for batch in batches(local, batch_size)]
-    model.train(was_training)
-    if distributed.world_size() == 1:
-        return torch.cat(parts)
-    logits = torch.zeros(len(split), parts[0].shape[1], device=data.mean.device)
-    logits[share] = torch.cat(parts)
-    return distributed.sum_(logits)
-
-
-def score(logits: Tensor, labels: Tensor, reference: Optional[Tensor]) -> dict[str, float]:
-    """Loss, top-1 and top-5 (%) of logits; agreement (%) of their argmax with a reference model's."""
-    metrics = {"loss": nn.functional.cross_entropy(logits.float(), labels).item()}
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    metrics["acc1"] = (top[:, 0] == labels).float().mean().item() * 100
-    metrics["acc5"] = (top == labels[:, None]).any(1).float().mean().item() * 100
-    if reference is not None:
-        metrics["agreement"] = (top[:, 0] == reference).float().mean().item() * 100
-    return metrics
-
-
-def save_checkpoints(
-    job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], best: dict[str, Any], run_id: Optional[str]
-) -> None:
+def save_checkpoints(job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], best: dict[str, Any]) -> None:
     """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
     model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
     payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
-    payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict())
+    payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
     payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=metrics["epoch"])
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng}, wandb_id=run_id)
+    payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng})
     if best is metrics:
         records.save_checkpoint(out_dir / "best.pt", payload)
     # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
@@ -610,11 +536,8 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
     return " | ".join(parts + [f"lr {m['lr']:.4g}", f"{m['time/epoch_s']:.1f}s"])
 
 
-def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{prefix}/{key}": value for key, value in metrics.items()}
-
-
 def _stderr_is_terminal() -> bool:
     import sys
 
     return sys.stderr.isatty()
+

@@ -1,5 +1,15 @@
-"""What a run leaves in its folder: metrics.jsonl, result.json, checkpoints, and the facts they carry."""
+"""What a run leaves in its folder and what a sweep leaves in its own: the records, the rules for writing them
+(atomically, once, by the run that owns the folder), and the facts they carry.
+
+A run folder holds `run.json` (the run's own record: overrides, resolved config, W&B id; written once the run has
+passed its checks), `train.log`, `metrics.jsonl`, `last.pt`/`best.pt`, `result.json` (the final record: a pure
+function of config, code and data, so an interrupted and resumed run writes the same bytes), `run_info.json`
+(what varies between executions: wall time, resumes, environment, speed) and `.lock` (held for the run's life).
+A sweep folder holds `sweep.json`: its grid of jobs, checked before a relaunch may add to it.
+"""
+import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -8,8 +18,10 @@ import statistics
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +29,20 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Data-source settings that say where or how to fetch the data, not what it is.
+SOURCE_NEUTRAL = ("download", "cache_dir")
+# Keys that change nothing a run computes: a run folder may be resumed, and a sweep relaunched, with other values of
+# these, and a report puts runs that differ only here in one group.
+RESULT_NEUTRAL = (
+    "logger", "device", "progress_bar", "threads", "profile", "eval_batch_size", "teacher_store",
+    "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance", "retrain_teacher",
+    *(f"dataset.source.{key}" for key in SOURCE_NEUTRAL),
+    # float32 cache entries are bit-exact, so reading the teacher from the cache or live gives the same run.
+    "teacher_cache", "teacher_cache_dir", "teacher_cache_max_gb",
+)
+# A teacher run never reads these (a teacher trained on demand carries its student's values).
+TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint", "pair_hparams", "teacher_cache_dtype")
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -29,10 +55,20 @@ def model_name(model_cfg: DictConfig) -> str:
     return model_cfg._target_.rsplit(".", 1)[-1]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)  # mkstemp's files are private (0600); records are read by others too
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -46,6 +82,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
     atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+
+
+class CorruptRecord(ValueError):
+    """A record file that is not what this repository wrote: truncated, edited, or of another kind."""
+
+
+def read_json(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON object from `path`; a damaged file raises CorruptRecord naming it, with `fix` (what to do)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptRecord(f"{path} is damaged (not valid JSON: {error}). {fix}") from None
+    if not isinstance(record, dict):
+        raise CorruptRecord(f"{path} is damaged (a JSON {type(record).__name__}, not an object). {fix}")
+    return record
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -73,6 +124,7 @@ def keep_epochs(path: Path, last_epoch: int) -> None:
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     try:
         torch.save(payload, tmp)
@@ -126,6 +178,83 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def is_under(key: str, roots: Sequence[str]) -> bool:
     """Whether a dotted key is one of `roots` or inside one of them."""
     return any(key == root or key.startswith(root + ".") for root in roots)
+
+
+def sha256_tensors(*tensors: torch.Tensor) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes (on the CPU, in order): a content address."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one writer per run folder
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold `<folder>/.lock` (flock) while the body runs; a second process is refused, naming the holder.
+
+    The OS releases a flock when its holder dies, so a lock left by a killed run is taken over by the next one;
+    the holder's pid, host and start time are written into the file for the message a refused process shows.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that has not written its name yet"
+        os.close(fd)
+        raise FolderBusy(
+            f"{folder} is in use by another run ({holder}). Wait for it to finish, or give this run another folder "
+            "(hydra.run.dir=... / hydra.sweep.dir=...)."
+        ) from None
+    started = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}, started {started}\n".encode(), 0)
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sweeps: the grid of jobs, from the sweep's arguments
+
+
+def sweep_grid(params: dict[str, str], overrides: Sequence[str]) -> list[tuple[str, ...]]:
+    """The jobs Hydra's basic sweeper runs for these sweeper params and command-line overrides (its cartesian
+    product, in its order), each as its list of `key=value` overrides; parsed with Hydra's own parser."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    choices: dict[str, list[str]] = {}
+    for override in OverridesParser.create().parse_overrides(arguments):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
+    return [tuple(job) for job in itertools.product(*choices.values())]
+
+
+def bounded_name(name: str, limit: int = 200) -> str:
+    """A folder name for `name`: slashes escaped, and cut to `limit` bytes with a hash of the whole appended when
+    longer (filesystems allow 255 bytes per name)."""
+    name = name.replace("%", "%25").replace("/", "%2F")
+    encoded = name.encode()
+    if len(encoded) <= limit:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    return encoded[: limit - 13].decode(errors="ignore") + "_" + digest
 
 
 def sha256_file(path: Path) -> str:

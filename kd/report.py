@@ -1,9 +1,10 @@
 """Tables and plots from Hydra multirun sweeps: `python -m kd.report SWEEP_DIR [SWEEP_DIR ...]`.
 
-Flow: job folders (result.json, metrics.jsonl, .hydra/overrides.yaml) -> runs -> groups (same config but
-the seed) -> summary rows (mean ± std over seeds, Δ to the baseline) -> report.md, report.csv, report.tex,
-PNG plots. The jobs a sweep should have are expanded from its multirun.yaml with Hydra's own parser, so a
-missing or failed job is listed, never silently averaged away.
+Flow: job folders (run.json, result.json, run_info.json, metrics.jsonl) -> runs -> groups (same config but the
+seed, same teacher weights) -> summary rows (mean ± std over seeds, Δ to the baseline) -> report.md, report.csv,
+report.tex, PNG plots. The jobs a sweep should have are its sweep.json grid (written before any job, refused when a
+relaunch would change it), and the jobs it has are the folders whose run.json a run wrote after passing its
+checks: a missing or failed job is listed, never silently averaged away, and a refused rerun changes neither.
 """
 import argparse
 import csv
@@ -18,16 +19,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from kd import plots, records
-from kd.records import is_under
-from kd.engine import RESULT_NEUTRAL
+from kd.records import RESULT_NEUTRAL, is_under
 
 # Config keys (and their subtrees) that do not change the experiment: runs differing only here are one group.
-# The engine's list of what a resumed run may change, plus the teacher's path (the same teacher, found by
-# `auto` on one machine and given by path on another, is one experiment).
+# What a resumed run may change, plus the teacher's path: a teacher is identified by its weights (TEACHER_SHA, from
+# result.json), so the same teacher found by `auto` on one machine and given by path on another is one experiment.
 IGNORED_KEYS = RESULT_NEUTRAL + ("teacher_checkpoint",)
+TEACHER_SHA = "teacher/sha256"  # a group key from result.json: runs with other teacher weights are other groups
 # What a phase never reads: a teacher run trains with cross-entropy and has no student or teacher_seed.
 UNUSED_BY_PHASE = {"teacher": ("student", "loss", "teacher_seed")}
 SEED_KEY = "seed"
@@ -50,6 +50,7 @@ class Run:
     result: Optional[dict[str, Any]]
     key: dict[str, Any] = field(default_factory=dict)  # flattened config minus seed and IGNORED_KEYS, plus method
     problem: str = ""
+    info: dict[str, Any] = field(default_factory=dict)  # run_info.json: speed and other per-execution facts
 
     @property
     def seed(self) -> Any:
@@ -104,26 +105,33 @@ class Problem:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Folders under sweep_dir (or sweep_dir itself) that Hydra ran a job in."""
+    """Folders under sweep_dir (or sweep_dir itself) whose run passed its checks (they hold run.json)."""
     sweep_dir = Path(sweep_dir)
-    if (sweep_dir / ".hydra" / "overrides.yaml").is_file():
+    if (sweep_dir / "run.json").is_file():
         return [sweep_dir]
-    return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml"))
+    return sorted(p.parent for p in sweep_dir.rglob("run.json"))
 
 
 def load_run(path: Path, sweep_dir: Path) -> Run:
     """Read one job folder; a missing or unreadable result.json marks it failed or unfinished."""
-    overrides = tuple(str(o) for o in OmegaConf.to_container(OmegaConf.load(path / ".hydra" / "overrides.yaml")))
-    run = Run(path, Path(sweep_dir), overrides, None)
     try:
-        run.result = json.loads((path / "result.json").read_text())
+        record = records.read_json(path / "run.json", "")
+    except records.CorruptRecord as error:
+        return Run(path, Path(sweep_dir), (), None, problem=str(error))
+    run = Run(path, Path(sweep_dir), tuple(str(o) for o in record.get("overrides", [])), None)
+    try:
+        run.result = records.read_json(path / "result.json", "")
     except FileNotFoundError:
         run.problem = "failed or unfinished (no result.json" + _progress(path) + ")"
         return run
-    except json.JSONDecodeError as err:
-        run.problem = f"unreadable result.json ({err})"
+    except records.CorruptRecord as error:
+        run.problem = f"unreadable result.json ({error})"
         return run
-    run.key = group_key(run.result.get("config", {}), seed_linked_keys(path))
+    try:
+        run.info = records.read_json(path / "run_info.json", "")
+    except (FileNotFoundError, records.CorruptRecord):
+        run.info = {}
+    run.key = group_key(run.result, set(record.get("seed_linked", [])))
     return run
 
 
@@ -160,24 +168,19 @@ def is_ignored(key: str) -> bool:
     return is_under(key, (SEED_KEY, *IGNORED_KEYS))
 
 
-def seed_linked_keys(path: Path) -> set[str]:
-    """Keys whose unresolved value is `${seed}` (e.g. teacher_seed='${seed}'): they follow the seed."""
-    raw = path / ".hydra" / "config.yaml"
-    if not raw.is_file():
-        return set()
-    tree = OmegaConf.to_container(OmegaConf.load(raw), resolve=False)
-    return {key for key, value in flatten(tree).items() if value == "${" + SEED_KEY + "}"}
-
-
-def group_key(config: dict[str, Any], linked: set[str] = frozenset()) -> dict[str, Any]:
+def group_key(result: dict[str, Any], linked: set[str] = frozenset()) -> dict[str, Any]:
     """The experiment a run belongs to: its flattened config minus the seed, IGNORED_KEYS and what its phase
-    never reads, plus method."""
+    never reads, plus method, pair and the teacher's weights (their sha256; "${seed}" when each seed has its own
+    teacher). `linked`: the keys whose unresolved value is `${seed}` (run.json's seed_linked): they follow the seed."""
+    config = result.get("config", {})
     unused = UNUSED_BY_PHASE.get(str(config.get("phase")), ())
     flat = {k: v for k, v in flatten(config).items() if not is_ignored(k) and not is_under(k, unused)}
     flat.update({k: "${" + SEED_KEY + "}" for k in linked if k in flat})
     pseudo = {METHOD: method_name(config)}
     if config.get("phase") == "student" and "teacher" in config and "student" in config:
         pseudo[PAIR] = f"{model_label(config['teacher'])} -> {model_label(config['student'])}"
+    if result.get(TEACHER_SHA):
+        pseudo[TEACHER_SHA] = "${" + SEED_KEY + "}" if "teacher_seed" in linked else result[TEACHER_SHA]
     return {**pseudo, **flat}
 
 
@@ -213,24 +216,12 @@ def criterion_name(node: dict[str, Any]) -> str:
 
 
 def expected_jobs(sweep_dir: Path) -> Optional[list[tuple[str, ...]]]:
-    """The jobs multirun.yaml asks for (the basic sweeper's cartesian product); None when it cannot say."""
-    path = Path(sweep_dir) / "multirun.yaml"
+    """The jobs sweep.json's grid asks for (the basic sweeper's cartesian product); None when it cannot say."""
+    path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         return None
-    hydra_cfg = OmegaConf.load(path).hydra
-    sweeper = OmegaConf.to_container(hydra_cfg.get("sweeper") or {}, resolve=False)
-    if not str(sweeper.get("_target_", "BasicSweeper")).endswith("BasicSweeper"):
-        return None  # other sweepers (Optuna, Ax) choose their jobs at run time
-    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
-    arguments = params + [str(o) for o in hydra_cfg.overrides.task]
-    choices: "OrderedDict[str, list[str]]" = OrderedDict()
-    for override in OverridesParser.create().parse_overrides(arguments):
-        key = override.get_key_element()
-        if override.is_sweep_override():
-            choices[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
-        else:
-            choices[key] = [f"{key}={override.get_value_element_as_str()}"]
-    return [tuple(job) for job in itertools.product(*choices.values())]
+    grid = records.read_json(path, f"Delete {path} to report on the job folders alone.").get("grid")
+    return None if grid is None else [tuple(job) for job in grid]
 
 
 def normalize(overrides: Sequence[str]) -> frozenset[tuple[str, str]]:
@@ -306,8 +297,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def mean_of_present(runs: Sequence[Run], key: str, scale: float = 1.0) -> Optional[float]:
-    """Mean of a result.json number over the runs that have it; None when none has it."""
-    values = [run.result[key] for run in runs if isinstance(run.result.get(key), (int, float))]
+    """Mean of a result.json (or run_info.json) number over the runs that have it; None when none has it."""
+    found = (run.result.get(key, run.info.get(key)) for run in runs)
+    values = [value for value in found if isinstance(value, (int, float))]
     return float(np.mean(values)) / scale if values else None
 
 
@@ -355,7 +347,7 @@ def is_baseline(key: dict[str, Any]) -> bool:
 
 # Keys a baseline may differ in, most to least specific: alpha alone (same T), any loss setting of the
 # same method, then a CE run of the same student (the teacher is not used by a baseline).
-BASELINE_TIERS = (("loss.alpha",), ("loss",), ("loss", METHOD, PAIR, "teacher", "teacher_seed"))
+BASELINE_TIERS = (("loss.alpha",), ("loss",), ("loss", METHOD, PAIR, "teacher", "teacher_seed", TEACHER_SHA))
 
 
 def find_baseline(row: Row, rows: Sequence[Row]) -> Optional[Row]:
@@ -393,9 +385,12 @@ def epoch_curve(group: Group, metric: str = "test/acc1") -> tuple[np.ndarray, np
 
 
 def fmt_value(value: Any, key: str = "") -> str:
-    """A config value as a table shows it: 0.9, 4, 0.25; a `_target_` by its last name (resnet8)."""
+    """A config value as a table shows it: 0.9, 4, 0.25; a `_target_` by its last name (resnet8); a sha256 by its
+    first 12 digits."""
     if isinstance(value, float):
         return f"{value:g}"
+    if key == TEACHER_SHA and isinstance(value, str):
+        return value[:12]
     if key.endswith("_target_") and isinstance(value, str):
         return value.rsplit(".", 1)[-1]
     return str(value)
@@ -677,7 +672,7 @@ def intro(sweep_dirs: Sequence[Path], runs: Sequence[Run], rows: Sequence[Row]) 
     for d in sweep_dirs:
         mine = [run for run in runs if run.sweep_dir == d]
         grid = expected_jobs(d)
-        asked = f"{len(grid)} jobs in multirun.yaml's grid" if grid is not None else "no multirun.yaml grid"
+        asked = f"{len(grid)} jobs in sweep.json's grid" if grid is not None else "no sweep.json grid"
         lines.append(f"- `{d}`: {asked}, {len(mine)} job folders, {sum(r.result is not None for r in mine)} finished")
     varying = varying_keys([row.group.key for row in rows])
     constant = [k for k in ("phase", "dataset.name", "teacher._target_", "student._target_", "epochs")
@@ -713,6 +708,22 @@ def pivot_sections(
     return markdown, latex
 
 
+def teacher_warnings(rows: Sequence[Row]) -> list[str]:
+    """A warning for each pair whose rows used different teacher weights (a retrained or replaced teacher)."""
+    by_pair: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        sha, pair = row.group.key.get(TEACHER_SHA), row.group.key.get(PAIR)
+        if sha is not None and pair is not None and sha != "${" + SEED_KEY + "}":
+            by_pair.setdefault(pair, {}).setdefault(sha, []).append(f"#{row.index}")
+    lines = []
+    for pair, shas in by_pair.items():
+        if len(shas) > 1:
+            used = "; ".join(f"{sha[:12]} (rows {', '.join(indices)})" for sha, indices in shas.items())
+            lines.append(f"**Different teachers for {pair}**: {used}. Rows of one pair are only comparable with one "
+                         "teacher: rerun the rows of the teacher you do not want, or report them apart.")
+    return lines + [""] if lines else []
+
+
 def problem_section(problems: Sequence[Problem], rows: Sequence[Row], sweep_dirs: Sequence[Path]) -> list[str]:
     """The "Missing or failed runs" section: each job, then the table rows and settings they affect."""
     lines = ["## Missing or failed runs", ""]
@@ -720,7 +731,7 @@ def problem_section(problems: Sequence[Problem], rows: Sequence[Row], sweep_dirs
         lines.append("None: every expected job has a result.json.")
     ungridded = [f"`{d}`" for d in sweep_dirs if expected_jobs(d) is None]
     if ungridded:
-        lines += ["", f"No basic-sweeper multirun.yaml in {', '.join(ungridded)}: only its job folders were checked."]
+        lines += ["", f"No basic-sweeper sweep.json in {', '.join(ungridded)}: only its job folders were checked."]
     lines += [f"- {p.line()}" for p in problems]
     absent = settings_without_rows(problems, [run for row in rows for run in row.group.runs])
     if absent:
@@ -771,13 +782,15 @@ def write_report(
     write_csv(out_dir / "report.csv", csv_records(rows))
     pivot_md, pivot_tex = pivot_sections(rows, pivots, primary, out_dir)
     plot_lines = write_plots(rows, out_dir, primary)
-    markdown = [*intro(sweep_dirs, runs, rows), markdown_table(header, cells), *pivot_md,
+    markdown = [*intro(sweep_dirs, runs, rows), *teacher_warnings(rows), markdown_table(header, cells), *pivot_md,
                 *problem_section(problems, rows, sweep_dirs), "## Plots", "", *[f"{line}\n" for line in plot_lines]]
     (out_dir / "report.md").write_text("\n".join(markdown))
     if latex:
         (out_dir / "report.tex").write_text("\n".join([latex_table(header, cells), *pivot_tex]))
     for problem in problems:
         print(f"kd.report: {problem.line()}", file=sys.stderr)
+    for line in filter(None, teacher_warnings(rows)):
+        print(f"kd.report: {line}", file=sys.stderr)
     return out_dir / "report.md"
 
 
@@ -802,7 +815,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kd.report: no such folder: {', '.join(map(str, missing))}", file=sys.stderr)
         return 1
     if not any(job_dirs(d) for d in args.sweep_dirs):
-        print("kd.report: no job folders (with .hydra/overrides.yaml) found", file=sys.stderr)
+        print("kd.report: no job folders (with a run.json) found", file=sys.stderr)
         return 1
     try:
         path = write_report(args.sweep_dirs, args.out, [tuple(p) for p in args.pivot], args.latex, args.metric)

@@ -1,42 +1,132 @@
-"""Hydra multirun hook: before any job starts, check the sweep's teacher once (or train it once)."""
+"""Hydra multirun hook: before any job starts, check the sweep folder and the sweep's teacher once.
+
+1. The sweep folder: a relaunch into a folder that holds a sweep (its `sweep.json`) may resume it or add jobs (more
+   values of the keys it sweeps), nothing else; anything else is refused before Hydra rewrites a file there.
+2. Job folders are named by the swept keys only (`loss.alpha=0.9,seed=1`), so a job keeps its folder when a
+   relaunch adds values; the constant overrides live in sweep.json and multirun.yaml. Long names are cut and
+   completed with a hash (kd.records.bounded_name).
+3. The teacher: a student sweep whose jobs share one teacher finds it here, or fails here once with the command
+   that trains it (or, with train_missing_teacher=true, trains it here once, before the jobs).
+"""
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from kd import engine, teachers
+import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
+from kd import engine, records, teachers
 from kd.config import Phase
 
 log = logging.getLogger(__name__)
 
 # Config heads that can change which teacher a student job needs.
 TEACHER_HEADS = set(teachers.IDENTITY_KEYS) | {"teacher_seed", "teacher_store", "experiment", "sweep"}
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 
 
-class TeacherPreflight(Callback):
-    """A student sweep whose jobs share one teacher finds it here, or fails here once with the command
-    that trains it (or, with train_missing_teacher=true, trains it here once, before the jobs)."""
+class SweepChecks(Callback):
+    """Checks the sweep folder, names the job folders by the swept keys, records the sweep, finds its teacher."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if Phase(config.phase) is not Phase.student or config.teacher_checkpoint != "auto":
-            return
-        swept, fixed = split_overrides(config)
-        heads = TEACHER_HEADS | ({"seed"} if OmegaConf.is_interpolation(config, "teacher_seed") else set())
-        if any(_head(key) in heads for key in swept):
-            return  # several teachers: each job finds (or trains, under a lock) its own
-        cfg = config.copy()
-        with open_dict(cfg):
-            cfg.pop("hydra")
-        needs_teacher = instantiate(cfg.loss).needs_teacher or any(_head(k) == "loss" for k in swept)
-        try:
-            engine.find_or_train_teacher(cfg, needs_teacher, fixed)
-        except teachers.MissingTeacher as missing:
+        sweep_dir, record = Path(config.hydra.sweep.dir), sweep_record(config)
+        refusal = check_sweep_folder(sweep_dir, record)
+        if refusal is None:
+            refusal = teacher_preflight(config)
+        if refusal is not None:
             # Hydra turns a callback's exceptions into warnings; SystemExit stops the sweep before its jobs.
-            log.error("%s", missing)
-            raise SystemExit(1) from None
+            log.error("%s", refusal)
+            raise SystemExit(1)
+        name_jobs_by_swept_keys(config, record)
+        records.write_json(sweep_dir / "sweep.json", record)
+
+
+def sweep_record(config: DictConfig) -> dict[str, Any]:
+    """The sweep as sweep.json records it: constant overrides, swept keys with their values, the grid of jobs."""
+    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+    params = {k: str(v) for k, v in (sweeper.get("params") or {}).items()}
+    overrides = [str(o) for o in config.hydra.overrides.task]
+    basic = sweeper.get("_target_") == BASIC_SWEEPER
+    fixed, swept = {}, {}
+    parser = OverridesParser.create()
+    for override in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides):
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            swept[key] = list(override.sweep_string_iterator()) if basic else [override.get_value_element_as_str()]
+        else:
+            fixed[key] = override.get_value_element_as_str()
+    grid = [list(job) for job in records.sweep_grid(params, overrides)] if basic else None
+    return {"sweeper": sweeper.get("_target_"), "fixed": fixed, "swept": swept, "grid": grid}
+
+
+def check_sweep_folder(sweep_dir: Path, new: dict[str, Any]) -> Optional[str]:
+    """Why this sweep may not run in sweep_dir (None when it may): a folder holding another sweep is refused."""
+    fix = (f"Start a new sweep folder (hydra.sweep.dir={sweep_dir}_2, or any other), or delete {sweep_dir} to "
+           "replace that sweep.")
+    if not (sweep_dir / "sweep.json").is_file():
+        if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
+            return f"{sweep_dir} holds files but no sweep.json: it is not a sweep folder of this repository. {fix}"
+        return None
+    old = records.read_json(sweep_dir / "sweep.json", fix)
+    differences = sweep_differences(old, new)
+    if differences:
+        return (f"{sweep_dir} holds another sweep ({'; '.join(differences)}). A relaunch into a sweep folder may "
+                f"resume that sweep or add jobs (more values of the keys it sweeps), nothing else. {fix}")
+    return None
+
+
+def sweep_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """How `new` differs from `old` beyond resuming it or adding values to its swept keys."""
+    problems = [] if old.get("sweeper") == new["sweeper"] else [f"sweeper: {old.get('sweeper')} -> {new['sweeper']}"]
+    relevant = lambda fixed: {k: v for k, v in fixed.items() if not records.is_under(k.lstrip("+~"), records.RESULT_NEUTRAL)}  # noqa: E731
+    was, now = relevant(old.get("fixed", {})), relevant(new["fixed"])
+    for key in sorted(was.keys() | now.keys()):
+        if was.get(key) != now.get(key):
+            problems.append(f"{key}: {was.get(key, 'not set')} -> {now.get(key, 'not set')}")
+    if set(old.get("swept", {})) != set(new["swept"]):
+        problems.append(f"swept keys: {', '.join(sorted(old.get('swept', {})))} -> {', '.join(sorted(new['swept']))} "
+                        "(job folders are named by them)")
+        return problems
+    for key, values in sorted(old["swept"].items()):
+        dropped = [v for v in values if v not in new["swept"][key]]
+        if dropped:
+            problems.append(f"{key}: {','.join(values)} -> {','.join(new['swept'][key])} (drops {','.join(dropped)})")
+    return problems
+
+
+def name_jobs_by_swept_keys(config: DictConfig, record: dict[str, Any]) -> None:
+    """Leave the constant overrides out of every job's folder name (hydra.job.override_dirname).
+
+    Hydra composes each job's config from the sweep config's `hydra.overrides.hydra` plus the job's overrides
+    (ConfigLoaderImpl.load_sweep_config), so one more Hydra override added here reaches every job, in any launcher.
+    """
+    parser = OverridesParser.create()
+    constant = sorted({o.key_or_group for o in parser.parse_overrides([f"{k}={v}" for k, v in record["fixed"].items()])})
+    quoted = ",".join("'" + key.replace("\\", "\\\\").replace("'", "\\'") + "'" for key in constant)
+    with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
+        config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]")
+
+
+def teacher_preflight(config: DictConfig) -> Optional[str]:
+    """Find (or train) a student sweep's one shared teacher now; the missing-teacher message when it cannot."""
+    if Phase(config.phase) is not Phase.student or config.teacher_checkpoint != "auto":
+        return None
+    swept, fixed = split_overrides(config)
+    heads = TEACHER_HEADS | ({"seed"} if OmegaConf.is_interpolation(config, "teacher_seed") else set())
+    if any(_head(key) in heads for key in swept):
+        return None  # several teachers: each job finds (or trains, under a lock) its own
+    cfg = config.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    needs_teacher = instantiate(cfg.loss).needs_teacher or any(_head(k) == "loss" for k in swept)
+    try:
+        engine.find_or_train_teacher(cfg, needs_teacher, fixed)
+    except teachers.MissingTeacher as missing:
+        return str(missing)
+    return None
 
 
 def split_overrides(config: DictConfig) -> tuple[set[str], list[str]]:

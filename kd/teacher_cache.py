@@ -6,13 +6,21 @@ to reach an epoch stores them; later and parallel jobs read them instead of runn
 the student still see the same view of each image ("consistent teaching", Beyer et al. 2022): what is cached is
 the output for the exact view of that epoch, not one per image.
 
-An entry is a folder named by a hash of everything the outputs depend on (`key.json`), holding one
-`epoch_NNNN.pt` per epoch: rows in the order the epoch visits the training set. Files are written through a
-temporary file and renamed, so parallel writers of the same epoch are harmless (their bytes are identical) and a
-reader never sees a partial file. With float32 storage a student trained from the cache is bit-identical to one
-trained with the live teacher.
+An entry is a folder named by a hash of everything the outputs depend on (`key.json`): the training data's content,
+the teacher's weights (sha256), the code that computes the outputs (OUTPUT_CODE_VERSION), the views (seed, batch
+size, augmentation), the numerics (precision, memory layout, device type, torch version) and the storage dtype. It
+holds one `epoch_NNNN.pt` per epoch: rows in the order the epoch visits the training set, with the entry's key, the
+epoch and a sha256 of the rows, all verified when read; a file that fails is deleted, reported and recomputed, never
+used. Files are written through a temporary file and renamed, so parallel writers of the same epoch are harmless
+(their bytes are identical) and a reader never sees a partial file.
+
+The live teacher and the cache hand the loss float32 logits under every precision. With float32 storage (the
+default) a student trained from the cache is therefore bit-identical to one trained with the live teacher, in fp32,
+bf16 and fp16 alike; bfloat16 storage is exact under bf16 autocast (the teacher's logits are bf16 numbers there) and
+rounds them otherwise.
 """
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -29,6 +37,34 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# The code that computes a cached output: the model zoo's forwards, the frozen teacher's preparation (BatchNorm
+# folding), the views (order, crops, flips, normalisation) and the loop's teacher pass under autocast. Each version
+# maps to the sha256 of that code (output_code_digest); tests/test_records.py fails when the code no longer matches
+# the newest entry. Then add an entry {N + 1: <new digest>}: the key changes and no older output is read again.
+OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
+               "kd.loop.Data.inputs", "kd.loop.autocast", "kd.data.augment", "kd.data.normalize", "kd.data.batches",
+               "kd.data.epoch_generator")
+OUTPUT_CODE_VERSIONS = {1: "0"}
+OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
+
+
+def output_code_digest() -> str:
+    """sha256 of the source of OUTPUT_CODE (files of a folder in name order; functions and classes by name)."""
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in OUTPUT_CODE:
+        if "/" in name:
+            for path in sorted((records.REPO_ROOT / name).glob("*.py")):
+                digest.update(path.read_bytes())
+            continue
+        module, _, attribute = name.partition(".")[2].partition(".")
+        target = importlib.import_module(f"kd.{module}")
+        for part in attribute.split("."):
+            target = getattr(target, part)
+        digest.update(inspect.getsource(target).encode())
+    return digest.hexdigest()
+
 
 class TeacherCache:
     """One cache entry: `load(epoch)` the stored logits or None, `save(epoch, logits)` after a live epoch."""
@@ -36,33 +72,47 @@ class TeacherCache:
     def __init__(self, root: Path, key: dict[str, Any], shape: tuple[int, int], dtype: str, max_bytes: float):
         if dtype not in DTYPES:
             raise ValueError(f"teacher_cache_dtype={dtype}: must be one of {', '.join(DTYPES)}.")
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        self.root, self.dir = Path(root), Path(root) / digest
-        self.key, self.shape, self.dtype, self.max_bytes = key, shape, DTYPES[dtype], max_bytes
-        self.hits = self.misses = 0
+        self.key = {**key, "dtype": dtype, "output_code_version": OUTPUT_CODE_VERSION}
+        self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.root, self.dir = Path(root), Path(root) / self.digest
+        self.shape, self.dtype, self.max_bytes = shape, DTYPES[dtype], max_bytes
+        self.hits = self.misses = self.rejected = 0
         self.full = False  # set when this entry alone would exceed max_bytes: stop writing, keep reading
 
     def load(self, epoch: int) -> Optional[Tensor]:
-        """The epoch's teacher logits (float32, CPU), or None when not stored (or unreadable: then rewritten)."""
+        """The epoch's teacher logits (float32, CPU), or None when not stored; a file that fails its checks is
+        deleted (the live teacher recomputes and stores the epoch) and counted in `rejected`."""
         path = self._file(epoch)
+        if not path.is_file():
+            self.misses += 1
+            return None
         try:
-            logits = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            self.misses += 1
-            return None
-        except Exception as error:  # a damaged file is a miss: the live teacher recomputes and replaces it
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            log.warning("teacher cache file %s is unreadable (%s): recomputing it", path, reason)
-            self.misses += 1
-            return None
-        if tuple(logits.shape) != self.shape or logits.dtype != self.dtype:
-            log.warning("teacher cache file %s holds %s %s, expected %s %s: recomputing it",
-                        path, tuple(logits.shape), logits.dtype, self.shape, self.dtype)
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            problem = self._problem(stored, epoch)
+        except Exception as error:  # truncated, garbage, or not a dict
+            problem = f"unreadable ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]})"
+        if problem:
+            log.warning("teacher cache file %s rejected (%s): deleted, the teacher recomputes this epoch", path, problem)
+            path.unlink(missing_ok=True)
+            self.rejected += 1
             self.misses += 1
             return None
         self.hits += 1
         os.utime(self.dir)  # recency for the least-recently-used eviction
-        return logits.float()
+        return stored["logits"].float()
+
+    def _problem(self, stored: Any, epoch: int) -> str:
+        """What is wrong with a loaded epoch file ("" when nothing is)."""
+        if not isinstance(stored, dict) or not {"logits", "sha256", "entry", "epoch"} <= stored.keys():
+            return "not an epoch file of this cache"
+        logits = stored["logits"]
+        if (stored["entry"], stored["epoch"]) != (self.digest, epoch):
+            return f"written for entry {stored['entry']} epoch {stored['epoch']}"
+        if tuple(logits.shape) != self.shape or logits.dtype != self.dtype:
+            return f"holds {tuple(logits.shape)} {logits.dtype}, expected {self.shape} {self.dtype}"
+        if records.sha256_tensors(logits) != stored["sha256"]:
+            return "its checksum does not match its rows"
+        return ""
 
     def save(self, epoch: int, logits: Tensor) -> None:
         """Store an epoch's logits (unless the size bound forbids it), then evict old entries beyond the bound."""
@@ -74,12 +124,15 @@ class TeacherCache:
                         "(raise it, or use teacher_cache_dtype=bfloat16)", self.dir, self.max_bytes / 1e9)
             self.full = True
             return
+        rows = logits.to("cpu", self.dtype).contiguous()
+        payload = {"logits": rows, "sha256": records.sha256_tensors(rows), "entry": self.digest, "epoch": epoch}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             records.write_json(self.dir / "key.json", self.key)
-            records.save_checkpoint(self._file(epoch), logits.to("cpu", self.dtype).contiguous())
-        except OSError as error:  # e.g. another job evicted this entry meanwhile: the run goes on without it
-            log.warning("could not store teacher outputs in %s (%s)", self.dir, error)
+            records.save_checkpoint(self._file(epoch), payload)
+        except OSError as error:  # a read-only cache folder, or another job evicted this entry meanwhile
+            log.warning("could not store teacher outputs in %s (%s): going on without the cache", self.dir, error)
+            self.full = True
             return
         self._evict()
 

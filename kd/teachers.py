@@ -1,17 +1,24 @@
-"""The teacher store: trained teachers filed under a key of what defines them, and loading them safely.
+"""The teacher store: trained teachers filed under a key of what defines them, immutable once filed, and loading
+them safely.
 
-An entry is `<teacher_store>/<name>/teacher.pt` plus `manifest.json` (identity, resolved config, final
-test accuracy, sha256 of the weights). The manifest is written last, so an entry without one is incomplete.
+An entry `<teacher_store>/<name>/` (name: dataset, model, width, seed and a hash of the identity) holds versions
+`v1/`, `v2/`, ...: each `teacher.pt` plus `manifest.json` (identity, resolved config, final result, class names,
+sha256 of the weights), written last. A version with a manifest is complete and never modified again (its files are
+made read-only); one without is work in progress. A teacher phase whose identity is stored returns the stored
+teacher; `retrain_teacher=true` trains and files a new version beside the old, and students use the newest.
 """
 import hashlib
 import json
 import logging
+import re
 import shlex
+import stat
+import tempfile
 import threading
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx
@@ -21,14 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kd.records import load_checkpoint, model_name, plain_config, save_checkpoint, sha256_file, write_json
+from kd.records import (
+    SOURCE_NEUTRAL, load_checkpoint, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
+)
 
 log = logging.getLogger(__name__)
 
 # Keys of the config that change what a teacher learns; everything else (device, logging, ...) does not.
 IDENTITY_KEYS = ("dataset", "teacher", "optimizer", "scheduler", "epochs", "batch_size")
-# Data-source settings that say where or how to fetch the data, not what it is.
-SOURCE_NEUTRAL = ("download", "cache_dir")
 
 
 def dataset_identity(dataset_cfg: DictConfig) -> dict[str, Any]:
@@ -54,23 +61,76 @@ def entry_dir(cfg: DictConfig, seed: int) -> Path:
     return Path(cfg.teacher_store) / name
 
 
-def save_to_store(cfg: DictConfig, model: nn.Module, metrics: dict[str, Any], run_dir: Path) -> Path:
-    """File a finished teacher (its final weights) in the store; returns the checkpoint path."""
+def versions(entry: Path) -> list[Path]:
+    """The entry's version folders v1, v2, ... in order."""
+    found = [p for p in Path(entry).glob("v*") if re.fullmatch(r"v\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[1:]))
+
+
+def newest_complete(entry: Path) -> Optional[Path]:
+    """The newest version folder with a manifest (a complete teacher), or None."""
+    complete = [v for v in versions(entry) if (v / "manifest.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def pending_version(entry: Path, with_run: bool) -> Path:
+    """The version folder a new teacher is filed into: the newest one if it is incomplete (a filing or an on-demand
+    training cut short) and fits the caller (`with_run`: it trains in `<version>/run`), else the next number."""
+    existing = versions(entry)
+    if existing and not (existing[-1] / "manifest.json").exists() and (existing[-1] / "run").exists() == with_run:
+        return existing[-1]
+    return Path(entry) / f"v{int(existing[-1].name[1:]) + 1 if existing else 1}"
+
+
+def stored_teacher(cfg: DictConfig) -> Optional[Path]:
+    """The newest complete stored teacher for cfg's teacher identity at seed cfg.seed (the teacher phase), or None."""
+    version = newest_complete(entry_dir(cfg, cfg.seed))
+    return version / "teacher.pt" if version is not None else None
+
+
+def read_manifest(version: Path) -> dict[str, Any]:
+    """A stored version's manifest; a damaged one names itself and the way out."""
+    return read_json(version / "manifest.json", f"Delete the version folder {version} to train that teacher again.")
+
+
+def check_writable(store: Path) -> None:
+    """Refuse a teacher store that cannot be written before any training (not after 240 epochs)."""
+    try:
+        Path(store).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=store, prefix=".write_test_"):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"teacher_store={store} cannot be written ({error.strerror or error}): the trained teacher could not be "
+            "filed. Point teacher_store at a writable folder."
+        ) from None
+
+
+def save_to_store(
+    cfg: DictConfig, model: nn.Module, result: dict[str, Any], run_dir: Path, classes: list[str],
+    version: Optional[Path] = None,
+) -> Path:
+    """File a finished teacher (its final weights) as a new version of its entry; returns the checkpoint path.
+
+    `version` is the folder an on-demand training ran in (`<version>/run`); otherwise the next free version is used.
+    Complete versions are never written again: a second teacher of the same identity becomes a version of its own.
+    """
     entry = entry_dir(cfg, cfg.seed)
-    checkpoint = entry / "teacher.pt"
-    # Under the entry's lock, so a student job never reads a teacher.pt that another job is replacing.
+    # Under the entry's lock, so two jobs never file into the same version.
     with store_lock(entry, cfg.teacher_lock_timeout_s):
-        entry.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(checkpoint, checkpoint_payload(cfg.teacher, model, metrics, cfg))
-        manifest = {
-            "identity": identity(cfg, cfg.seed),
-            "metrics": metrics,
-            "sha256": sha256_file(checkpoint),
-            "run_dir": str(run_dir),
-            "config": plain_config(cfg),
-        }
-        write_json(entry / "manifest.json", manifest)
-    log.info("teacher stored in %s (test/acc1 %.2f)", entry, metrics["test/acc1"])
+        version = version or pending_version(entry, with_run=False)
+        if newest_complete(entry) is not None:
+            log.warning("the store already holds a teacher of this identity: filing this one as %s (students use the "
+                        "newest version; earlier ones stay as they were)", version)
+        version.mkdir(parents=True, exist_ok=True)
+        checkpoint = version / "teacher.pt"
+        save_checkpoint(checkpoint, {**checkpoint_payload(cfg.teacher, model, result, cfg), "classes": classes})
+        manifest = {"identity": identity(cfg, cfg.seed), "result": result, "sha256": sha256_file(checkpoint),
+                    "run_dir": str(run_dir), "config": plain_config(cfg), "classes": classes, "version": version.name}
+        write_json(version / "manifest.json", manifest)  # the commit point: the version is complete
+        for path in (checkpoint, version / "manifest.json"):
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    log.info("teacher stored in %s (test/acc1 %.2f)", version, result["test/acc1"])
     return checkpoint
 
 
@@ -97,8 +157,9 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | Non
             raise FileNotFoundError(f"teacher_checkpoint={choice}: no such file.")
         return path
     entry = entry_dir(cfg, cfg.teacher_seed)
-    if (entry / "manifest.json").is_file():
-        return entry / "teacher.pt"
+    version = newest_complete(entry)
+    if version is not None:
+        return version / "teacher.pt"
     if not required:
         log.info("no teacher in the store for this config; training without one (%s)", entry)
         return None
@@ -186,11 +247,11 @@ def read(path: Path, model_cfg: DictConfig) -> dict[str, Any]:
     if mismatched:
         details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
         raise ValueError(f"teacher checkpoint {path} does not match the teacher config ({details}).")
-    manifest = path.parent / "manifest.json"
-    if manifest.is_file() and path.name == "teacher.pt":
-        recorded = json.loads(manifest.read_text())["sha256"]
+    if path.name == "teacher.pt" and (path.parent / "manifest.json").is_file():
+        recorded = read_manifest(path.parent).get("sha256")
         if sha256_file(path) != recorded:
-            raise ValueError(f"{path} does not match the sha256 in {manifest}: the file changed after training.")
+            raise ValueError(f"{path} does not match the sha256 in {path.parent / 'manifest.json'}: the file changed "
+                             f"after it was filed. Delete {path.parent} to train that teacher again.")
     return payload
 
 

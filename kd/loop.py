@@ -1,0 +1,264 @@
+"""The training loop: one epoch of training (`train_one_epoch`), evaluation (`predict`, `score`) and the objects
+they read (`Data`: the splits on the device; `Job`: the models, criterion, optimizer and settings of a run).
+
+The loop asks the data for the epoch's batches and views, runs the student (and the teacher, live or from the
+teacher-output cache), and sums the criterion's terms; it never learns which method, data source or phase it runs.
+`kd.engine` builds a Job and drives the epochs around it.
+"""
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from tqdm import tqdm
+
+from kd import distributed, records
+from kd.data import Split, augment, batches, epoch_generator, normalize
+from kd.features import capture
+from kd.losses import Criterion, Step
+from kd.teacher_cache import TeacherCache
+
+
+@dataclass
+class Data:
+    """The decoded splits on the compute device, and how training batches are augmented and normalised."""
+
+    train: Split
+    val: Optional[Split]
+    test: Split
+    mean: Tensor
+    std: Tensor
+    crop_padding: int
+    hflip: bool
+    channels_last: bool = False
+    classes: list[str] = field(default_factory=list)  # class names, in label order
+    _train_digest: Optional[str] = field(default=None, repr=False)
+
+    def train_digest(self) -> str:
+        """sha256 of the training split's images and labels, in order: the content the teacher cache keys on."""
+        if self._train_digest is None:
+            self._train_digest = records.sha256_tensors(self.train.images, self.train.labels)
+        return self._train_digest
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def inputs(self, images: Tensor) -> Tensor:
+        """Network inputs: normalised floats, in NHWC memory order when channels_last is on."""
+        x = normalize(images, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+@dataclass
+class Job:
+    """Everything an epoch needs, so the loop functions take one argument instead of twelve."""
+
+    model: nn.Module  # the trained network itself: what is evaluated and saved
+    teacher: Optional[nn.Module]
+    criterion: Criterion
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    data: Data
+    seed: int
+    batch_size: int
+    eval_batch_size: int
+    progress_bar: bool
+    teacher_predictions: dict[str, Tensor] = field(default_factory=dict)  # teacher argmax on test/val: agreement
+    forward: Optional[Callable[[Tensor], Tensor]] = None  # the model as trained: compiled and/or DDP-wrapped
+    amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None = fp32
+    scaler: Optional[torch.amp.GradScaler] = None  # loss scaling for fp16 (a no-op otherwise)
+    cache: Optional[TeacherCache] = None
+
+    def autocast(self) -> ContextManager:
+        return autocast(self.data.mean.device, self.amp_dtype)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    """Mixed precision in `dtype` on `device`; a no-op for dtype None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def training_forward(job: Job, compile_model: bool) -> Callable[[Tensor], Tensor]:
+    """The model as the training step calls it: DDP-wrapped under torchrun, torch.compile'd when asked."""
+    forward: Callable[[Tensor], Tensor] = job.model
+    if distributed.world_size() > 1:
+        device = job.data.mean.device
+        forward = nn.parallel.DistributedDataParallel(job.model, device_ids=[device] if device.type == "cuda" else None)
+    if compile_model:
+        if job.criterion.layers() != ([], []):
+            raise ValueError("compile=true with a loss that reads features (forward hooks) is not supported: "
+                             "set compile=false.")
+        forward = torch.compile(forward)
+    return forward
+
+
+def run_epoch(job: Job, epoch: int) -> dict[str, Any]:
+    """One epoch of training and its evaluation, as one flat, namespaced metrics dict."""
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {"epoch": epoch, "lr": job.optimizer.param_groups[0]["lr"]}
+    metrics.update(_prefixed("train", train_one_epoch(job, epoch)))
+    job.scheduler.step()
+    metrics["time/train_s"] = time.perf_counter() - started
+    distributed.broadcast_buffers(job.model)  # every rank evaluates the model rank 0 saves
+    for name, split in (("val", job.data.val), ("test", job.data.test)):
+        if split is not None:
+            logits = predict(job.model, split, job.data, job.eval_batch_size, job.amp_dtype)
+            metrics.update(_prefixed(name, score(logits, split.labels, job.teacher_predictions.get(name))))
+    metrics["time/epoch_s"] = time.perf_counter() - started
+    return metrics
+
+
+def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
+    """One pass over the augmented training set; returns per-image averages of the loss terms and top-1.
+
+    Every rank draws the same global batch and the same augmentation from (seed, epoch), then trains on its
+    share of it: the views, and so the results, do not depend on the number of processes.
+    """
+    job.model.train()
+    device = job.data.mean.device
+    generator = epoch_generator(job.seed, epoch)  # order and augmentation of this epoch, from (seed, epoch)
+    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+    first_bad_step = torch.full((), math.inf, device=device)
+    teacher = EpochTeacher(job, epoch)
+    student_layers, _ = job.criterion.layers()
+    steps = math.ceil(len(job.data.train) / job.batch_size)
+    loader = batches(job.data.train, job.batch_size, generator)
+    loader = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not job.progress_bar, leave=False)
+    with capture(job.model, student_layers) if student_layers else nullcontext({}) as student_features:
+        for step, batch in enumerate(loader):
+            views = augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
+            rows = teacher.advance(len(batch))
+            if len(batch) < distributed.world_size():
+                continue  # a last batch too small to give every rank a sample (all ranks skip it)
+            share = distributed.shard(len(batch))
+            images, labels = job.data.inputs(views[share]), batch.labels[share]
+            with job.autocast():
+                logits = job.forward(images)
+                teacher_logits, teacher_features = teacher(images, rows, share)
+                terms = job.criterion(Step(
+                    logits, labels, teacher_logits, dict(student_features), teacher_features, batch.index[share], epoch
+                ))
+                loss = sum(terms.values())
+            optimize(job, loss)
+            # Tracked on the device: no host sync per step; the first non-finite step is reported below.
+            first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
+            for name, value in {"loss": loss, **terms}.items():
+                sums[name] += value.detach().float() * len(labels)
+            sums["acc1"] += (logits.argmax(1) == labels).sum() * 100.0
+            sums["count"] += len(labels)
+    teacher.finish()
+    return epoch_averages(sums, first_bad_step, epoch)
+
+
+def optimize(job: Job, loss: Tensor) -> None:
+    """Backward and step; adapter gradients are averaged over ranks (DDP averages the model's)."""
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scaler.scale(loss).backward()
+    if distributed.world_size() > 1:
+        for parameter in job.criterion.parameters():
+            if parameter.grad is not None:
+                distributed.sum_(parameter.grad).div_(distributed.world_size())
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+
+
+def epoch_averages(sums: dict[str, Tensor], first_bad_step: Tensor, epoch: int) -> dict[str, float]:
+    """Per-image averages over all ranks; stop on the first non-finite step."""
+    names = sorted(sums)
+    totals = distributed.sum_(torch.stack([sums[name] for name in names]))
+    if math.isfinite(bad := distributed.min_(first_bad_step).item()):
+        kept = f"the last checkpoint is from epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+        raise FloatingPointError(
+            f"non-finite training loss at epoch {epoch}, step {int(bad)}: stopped; {kept}. "
+            "Lower the learning rate or check the inputs."
+        )
+    totals = dict(zip(names, totals.tolist()))
+    count = totals.pop("count")
+    return {name: total / count for name, total in totals.items()}
+
+
+class EpochTeacher:
+    """The teacher's outputs for one epoch's views: read from the teacher cache, or computed live (and then
+    stored in the cache for the next job). Rows are numbered in the order the epoch visits the samples."""
+
+    def __init__(self, job: Job, epoch: int):
+        self.job, self.epoch, self.seen = job, epoch, 0
+        self.active = job.teacher is not None and job.criterion.needs_teacher
+        self.stored = job.cache.load(epoch) if self.active and job.cache is not None else None
+        self.recording = None
+        if self.active and job.cache is not None and self.stored is None and not job.cache.full:
+            self.recording = torch.empty(job.cache.shape, device=job.data.mean.device)
+        self.layers = job.criterion.layers()[1]
+
+    def advance(self, n: int) -> slice:
+        rows = slice(self.seen, self.seen + n)
+        self.seen += n
+        return rows
+
+    def __call__(self, images: Tensor, rows: slice, share: slice) -> tuple[Optional[Tensor], dict[str, Tensor]]:
+        """(logits, features) for this rank's images, which are rows[share] of the epoch."""
+        if not self.active:
+            return None, {}
+        if self.stored is not None:
+            return self.stored[rows][share].to(images.device), {}
+        # Eval mode (set at load) makes the targets a fixed function of the view: BN uses running statistics.
+        # inference_mode: no graph or saved activations for a network that is never updated.
+        hooks = capture(self.job.teacher, self.layers) if self.layers else nullcontext({})
+        with torch.inference_mode(), hooks as features:
+            logits = self.job.teacher(images)
+        # float32 copies: normal tensors again (the loss may save them for backward), and the same dtype as the
+        # cache hands out, so live and cached teacher logits are the same numbers under every precision.
+        logits = logits.to(torch.float32, copy=True)
+        if self.recording is not None:
+            self.recording[rows] = logits
+        return logits, {name: value.clone() for name, value in features.items()}
+
+    def finish(self) -> None:
+        if self.recording is not None and self.seen == self.recording.shape[0]:
+            self.job.cache.save(self.epoch, self.recording)
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, split: Split, data: Data, batch_size: int, amp_dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    """Logits (float32) for a whole split, in order, in eval mode and without augmentation.
+
+    Under torchrun each rank predicts its shard and the shards are summed into place, so every sample is
+    counted exactly once and every rank holds all the logits.
+    """
+    was_training = model.training
+    model.eval()
+    share = distributed.shard(len(split))
+    local = Split(split.images[share], split.labels[share])
+    with autocast(data.mean.device, amp_dtype):
+        parts = [model(data.inputs(batch.images)).float() for batch in batches(local, batch_size)]
+    model.train(was_training)
+    if distributed.world_size() == 1:
+        return torch.cat(parts)
+    logits = torch.zeros(len(split), parts[0].shape[1], device=data.mean.device)
+    logits[share] = torch.cat(parts)
+    return distributed.sum_(logits)
+
+
+def score(logits: Tensor, labels: Tensor, reference: Optional[Tensor]) -> dict[str, float]:
+    """Loss, top-1 and top-5 (%) of logits; agreement (%) of their argmax with a reference model's."""
+    metrics = {"loss": nn.functional.cross_entropy(logits.float(), labels).item()}
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    metrics["acc1"] = (top[:, 0] == labels).float().mean().item() * 100
+    metrics["acc5"] = (top == labels[:, None]).any(1).float().mean().item() * 100
+    if reference is not None:
+        metrics["agreement"] = (top[:, 0] == reference).float().mean().item() * 100
+    return metrics
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{key}": value for key, value in metrics.items()}
+
