@@ -220,10 +220,18 @@ def folder_lock(folder: Path) -> Iterator[None]:
     started = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}, started {started}\n".encode(), 0)
+    remove_stale_temporaries(folder)
     try:
         yield
     finally:
         os.close(fd)  # releases the flock
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of writes a killed process left in `folder` (call while holding its lock: no
+    live writer can be using them). Readers never open them; this only keeps the folder clean."""
+    for path in Path(folder).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ class TeacherCache:
             return f"written for entry {stored['entry']} epoch {stored['epoch']}"
         if tuple(logits.shape) != self.shape or logits.dtype != self.dtype:
             return f"holds {tuple(logits.shape)} {logits.dtype}, expected {self.shape} {self.dtype}"
-        if records.sha256_tensors(logits) != stored["sha256"]:
+        if _checksum(self.digest, epoch, logits) != stored["sha256"]:
             return "its checksum does not match its rows"
         return ""
 
@@ -125,7 +125,7 @@ class TeacherCache:
             self.full = True
             return
         rows = logits.to("cpu", self.dtype).contiguous()
-        payload = {"logits": rows, "sha256": records.sha256_tensors(rows), "entry": self.digest, "epoch": epoch}
+        payload = {"logits": rows, "sha256": _checksum(self.digest, epoch, rows), "entry": self.digest, "epoch": epoch}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             records.write_json(self.dir / "key.json", self.key)
@@ -153,6 +153,11 @@ class TeacherCache:
             log.info("teacher cache over teacher_cache_max_gb: deleting %s", entry)
             shutil.rmtree(entry, ignore_errors=True)
             total -= sizes[entry]
+
+
+def _checksum(entry: str, epoch: int, logits: Tensor) -> str:
+    """sha256 binding an epoch file's rows to its entry and epoch: a file copied from elsewhere does not verify."""
+    return hashlib.sha256(f"{entry}|{epoch}|{records.sha256_tensors(logits)}".encode()).hexdigest()
 
 
 def _folder_bytes(path: Path) -> int:

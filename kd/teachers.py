@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from kd import records
 from kd.records import (
     SOURCE_NEUTRAL, load_checkpoint, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
 )
@@ -208,6 +209,8 @@ def store_lock(entry: Path, timeout_s: float) -> Iterator[None]:
             "Raise teacher_lock_timeout_s, or train it first with phase=teacher."
         ) from None
     _HELD.add(key)
+    for version in versions(entry):  # what a filing killed mid-write left (no writer is alive: we hold the lock)
+        records.remove_stale_temporaries(version)
     try:
         yield
     finally:

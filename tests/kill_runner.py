@@ -1,59 +1,111 @@
-"""train.py that SIGKILLs itself at a chosen point, so tests can prove a killed run resumes exactly.
+"""train.py that SIGKILLs itself at a chosen point, so tests can prove that a killed run resumes exactly and leaves
+nothing half-written that a later run could read.
 
-    KD_KILL_AT=E:S        python tests/kill_runner.py <train.py arguments>   # before training step S of epoch E
-    KD_KILL_AT=E:ckpt     ...                                                # right after the E-th last.pt lands
-    KD_KILL_AT=E:pre-ckpt ...                                                # right before the E-th last.pt write
+    KD_KILL_AT=step:E:S        python tests/kill_runner.py <train.py arguments>  # before step S of epoch E
+    KD_KILL_AT=before:NAME:N   ...   # right before the N-th write of a file whose name matches NAME (fnmatch)
+    KD_KILL_AT=write:NAME:N    ...   # during that write: half its bytes are in the temporary file
+    KD_KILL_AT=after:NAME:N    ...   # right after that write landed
+    KD_KILL_AT=decode:N        ...   # while decoding the N-th image of an image folder
+    KD_KILL_AT=pause:E:S KD_PAUSE_DIR=D ...  # before step S of epoch E: touch D/paused, wait for D/resume
 
-E counts the training epochs (and last.pt writes) of this process, across the jobs of a multirun. The hook
-lives here, not in kd/, so production code carries no test switches.
+E counts the training epochs this process runs, and N the writes (records.atomic_write_bytes, save_checkpoint) or
+decoded images, across the runs of a process (a student training its teacher on demand, the jobs of a multirun).
+The hooks live here, not in kd/, so production code carries no test switches.
 """
+import fnmatch
+import io
 import os
 import runpy
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import kd.engine  # noqa: E402
-import kd.records  # noqa: E402
+import torch  # noqa: E402
 
-epoch_text, point = os.environ["KD_KILL_AT"].split(":")
-target = int(epoch_text)
-counts = {"epochs": 0, "checkpoints": 0}
+import kd.data  # noqa: E402
+import kd.loop  # noqa: E402
+import kd.records  # noqa: E402
+import kd.teachers  # noqa: E402
+
+kind, *spec = os.environ["KD_KILL_AT"].split(":")
+counts = {"epochs": 0, "writes": 0, "images": 0}
 
 
 def die() -> None:
     sys.stdout.flush()
+    sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def counting_generator(seed: int, epoch: int, _real=kd.engine.epoch_generator):
+def counting_generator(seed: int, epoch: int, _real=kd.loop.epoch_generator):
     counts["epochs"] += 1
     return _real(seed, epoch)
 
 
-def killing_batches(split, batch_size, generator=None, _real=kd.engine.batches):
+def killing_batches(split, batch_size, generator=None, _real=kd.loop.batches):
     for step, batch in enumerate(_real(split, batch_size, generator)):
-        if generator is not None and point.isdigit() and (counts["epochs"], step) == (target, int(point)):
-            die()
+        if kind in ("step", "pause") and generator is not None and (counts["epochs"], step) == tuple(map(int, spec)):
+            pause() if kind == "pause" else die()
         yield batch
 
 
+def pause() -> None:
+    """Hold the run here (its folder lock held) until the test lets it go on."""
+    folder = Path(os.environ["KD_PAUSE_DIR"])
+    (folder / "paused").touch()
+    while not (folder / "resume").exists():
+        time.sleep(0.05)
+
+
+def killing_read_image(path, image_size, _real=kd.data.read_image):
+    counts["images"] += 1
+    if kind == "decode" and counts["images"] == int(spec[0]):
+        die()
+    return _real(path, image_size)
+
+
+def write_hook(path: Path, data, write) -> None:
+    """Count writes of matching files and die before, during or after the chosen one."""
+    chosen = kind in ("before", "write", "after") and fnmatch.fnmatch(Path(path).name, spec[0])
+    if chosen:
+        counts["writes"] += 1
+        chosen = counts["writes"] == int(spec[1])
+    if chosen and kind == "before":
+        die()
+    if chosen and kind == "write":  # what a kill mid-write leaves: a partial temporary file beside the target
+        fd, _ = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+        content = data()
+        os.write(fd, content[: len(content) // 2])
+        os.fsync(fd)
+        die()
+    write()
+    if chosen and kind == "after":
+        die()
+
+
+def killing_atomic_write(path: Path, data: bytes, _real=kd.records.atomic_write_bytes) -> None:
+    write_hook(path, lambda: data, lambda: _real(path, data))
+
+
 def killing_save(path: Path, payload: dict, _real=kd.records.save_checkpoint) -> None:
-    last = path.name == "last.pt"
-    counts["checkpoints"] += last
-    if last and point == "pre-ckpt" and counts["checkpoints"] == target:
-        die()
-    _real(path, payload)
-    if last and point == "ckpt" and counts["checkpoints"] == target:
-        die()
+    def serialized() -> bytes:
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        return buffer.getvalue()
+
+    write_hook(path, serialized, lambda: _real(path, payload))
 
 
-kd.engine.epoch_generator = counting_generator
-kd.engine.batches = killing_batches
-kd.records.save_checkpoint = killing_save
+kd.loop.epoch_generator = counting_generator
+kd.loop.batches = killing_batches
+kd.data.read_image = killing_read_image
+kd.records.atomic_write_bytes = killing_atomic_write
+kd.records.save_checkpoint = kd.teachers.save_checkpoint = killing_save
 
 if __name__ == "__main__":
     sys.argv[0] = str(REPO / "train.py")

@@ -81,9 +81,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 # KD_KILL_AT for tests/kill_runner.py -> (epoch of last.pt when killed, epochs in metrics.jsonl when killed)
 KILL_POINTS = {
-    "mid-epoch": ("2:5", 1, [1]),  # before step 5 of epoch 2
-    "after-checkpoint": ("2:ckpt", 2, [1, 2]),  # right after epoch 2's last.pt landed
-    "before-checkpoint": ("2:pre-ckpt", 1, [1, 2]),  # epoch 2 logged, its last.pt not written: a line to drop
+    "mid-epoch": ("step:2:5", 1, [1]),  # before step 5 of epoch 2
+    "after-checkpoint": ("after:last.pt:2", 2, [1, 2]),  # right after epoch 2's last.pt landed
+    "before-checkpoint": ("before:last.pt:2", 1, [1, 2]),  # epoch 2 logged, its last.pt not written: a line to drop
 }
 
 
@@ -102,17 +102,19 @@ def test_killed_run_resumes_to_the_same_bits(point, uninterrupted, tmp_path):
     assert resumed.returncode == 0, resumed.stdout
     assert f"resuming {run} after epoch {saved_epoch} of 3" in resumed.stdout
     assert outcome(run) == outcome(uninterrupted)  # bit for bit: floats compared exactly
-    assert json.loads((run / "result.json").read_text())["resumed_from_epoch"] == saved_epoch
-    # The resumed process logged into the same W&B run: every offline run folder carries last.pt's id.
+    assert (run / "result.json").read_bytes() == (uninterrupted / "result.json").read_bytes()
+    assert json.loads((run / "run_info.json").read_text())["resumed_from_epoch"] == saved_epoch
+    # The resumed process logged into the same W&B run: every offline run folder carries run.json's id.
     runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and {p.name.rsplit("-", 1)[1] for p in runs} == {checkpoint["wandb_id"]}
+    wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
+    assert len(runs) == 2 and {p.name.rsplit("-", 1)[1] for p in runs} == {wandb_id}
 
 
 @pytest.mark.slow
 def test_relaunched_sweep_skips_finished_jobs_resumes_the_killed_one_and_runs_the_rest(tmp_path):
     sweep, args = tmp_path / "sweep", [*PLAIN, "epochs=2", "seed=0,1,2"]
     # The basic launcher runs the jobs one after another in one process: its 4th epoch is job 1's second.
-    killed = launch(sweep, *args, multirun=True, kill_at="4:3")
+    killed = launch(sweep, *args, multirun=True, kill_at="step:4:3")
     assert killed.returncode == -signal.SIGKILL, killed.stdout
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 2 and (jobs[0] / "result.json").is_file() and not (jobs[1] / "result.json").exists()
@@ -161,6 +163,9 @@ def test_run_folder_of_another_config_is_refused(finished, tmp_path, monkeypatch
     monkeypatch.setattr(engine, "load_data", no_data)
     cfg = compose_cfg(tmp_path, *PLAIN, "epochs=2", "seed=1", "optimizer.lr=0.1")
     named = r"written by another config \(recorded -> now: optimizer.lr: 0.05 -> 0.1; seed: 0 -> 1\)"
+    with pytest.raises(ValueError, match=r"run\.json was " + named):
+        engine.run(cfg, run)
+    (run / "run.json").unlink()  # as a run of an earlier version left it: result.json decides
     with pytest.raises(ValueError, match=r"result\.json was " + named):
         engine.run(cfg, run)
     (run / "result.json").unlink()  # an interrupted run: last.pt decides
@@ -205,10 +210,13 @@ def test_parallel_students_train_their_missing_teacher_once(tmp_path):
     assert sorted(trained) == [0, 1]
     assert "another job is training or filing this teacher" in outputs[trained.index(0)]  # it waited on the lock
     (entry,) = [p for p in store.iterdir() if p.is_dir()]
-    # outputs_cache: the teacher's logits, stored by the first student and read by the second.
-    assert sorted(p.name for p in entry.iterdir()) == [".lock", "manifest.json", "outputs_cache", "run", "teacher.pt"]
+    assert sorted(p.name for p in entry.iterdir()) == [".lock", "v1"]
+    assert sorted(p.name for p in (entry / "v1").iterdir()) == ["manifest.json", "run", "teacher.pt"]
     results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("a", "b")]
-    assert {r["teacher_checkpoint"] for r in results} == {str(entry / "teacher.pt")}
+    assert {r["teacher_checkpoint"] for r in results} == {str(entry / "v1" / "teacher.pt")}
+    # The teacher's logits, stored by the first student and read by the second.
+    infos = [json.loads((tmp_path / name / "run_info.json").read_text()) for name in ("a", "b")]
+    assert sorted(info["teacher_cache/hits"] for info in infos) == [0, 3]
 
 
 def test_teacher_phase_files_into_the_store_under_its_lock(tmp_path):
@@ -217,11 +225,11 @@ def test_teacher_phase_files_into_the_store_under_its_lock(tmp_path):
     entry.mkdir(parents=True)
     with FileLock(entry / ".lock"):  # as if another job were filing this teacher
         with pytest.raises(TimeoutError, match="another job is still training this teacher"):
-            teachers.save_to_store(cfg, model, metrics, tmp_path)
-    assert not (entry / "manifest.json").exists()
+            teachers.save_to_store(cfg, model, metrics, tmp_path, ["a", "b"])
+    assert teachers.newest_complete(entry) is None
     with teachers.store_lock(entry, 0.2):  # the on-demand path holds the lock already: no wait on itself
-        teachers.save_to_store(cfg, model, metrics, tmp_path)
-    assert (entry / "manifest.json").is_file()
+        teachers.save_to_store(cfg, model, metrics, tmp_path, ["a", "b"])
+    assert (entry / "v1" / "manifest.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-import yaml
 
 from kd import report
 
@@ -64,13 +63,9 @@ def csv_rows(path: Path) -> dict[tuple[float, float], dict[str, str]]:
 
 
 def job_folder(sweep: Path, **values: str) -> Path:
-    """The one job folder whose overrides contain every key=value given (dots written as __).
-
-    Folders may nest: Hydra names them after the overrides, and teacher_store=/a/path holds slashes.
-    """
+    """The one job folder whose overrides (in its run.json) contain every key=value given (dots written as __)."""
     wanted = {f"{k.replace('__', '.')}={v}" for k, v in values.items()}
-    (match,) = [p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")
-                if wanted <= set(yaml.safe_load(p.read_text()))]
+    (match,) = [p.parent for p in sweep.rglob("run.json") if wanted <= set(json.loads(p.read_text())["overrides"])]
     return match
 
 
@@ -81,9 +76,13 @@ def section(markdown: str, heading: str) -> str:
 def test_expected_jobs_are_the_grid(sweep):
     jobs = report.expected_jobs(sweep)
     assert len(jobs) == 8
-    folders = {report.normalize(yaml.safe_load(p.read_text())) for p in sweep.rglob(".hydra/overrides.yaml")}
+    folders = {report.normalize(json.loads(p.read_text())["overrides"]) for p in sweep.rglob("run.json")}
     assert {report.normalize(job) for job in jobs} == folders
     assert sum("loss.alpha=0.9" in job and "seed=1" in job for job in jobs) == 2
+    # Job folders are named by the swept keys alone; the constant overrides are in sweep.json.
+    names = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert "loss.alpha=0.9,loss.temperature=4,seed=1" in names and len(names) == 8
+    assert json.loads((sweep / "sweep.json").read_text())["fixed"]["phase"] == "student"
 
 
 def test_table_matches_an_independent_computation(sweep, out):
@@ -182,12 +181,14 @@ def test_removed_folders_are_missing_from_the_grid(sweep, tmp_path, capsys):
 # ---------------------------------------------------------------- hand-made sweeps (no training)
 
 
-def fake_job(folder: Path, overrides: list[str], config: dict, **result) -> None:
-    """A job folder as train.py leaves it: overrides, result.json with the config, a two-epoch metrics.jsonl."""
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+def fake_job(folder: Path, overrides: list[str], config: dict, info: dict = None, **result) -> None:
+    """A job folder as train.py leaves it: run.json with the overrides, result.json with the config, run_info.json,
+    a two-epoch metrics.jsonl."""
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"overrides": overrides, "config": config, "seed_linked": []}))
     record = {"phase": "student", "best_selected_by": "val/acc1", "config": config, **result}
     (folder / "result.json").write_text(json.dumps(record))
+    (folder / "run_info.json").write_text(json.dumps(info or {}))
     epochs = [{"epoch": 1, "test/acc1": result["test/acc1"] / 2}, {"epoch": 2, "test/acc1": result["test/acc1"]}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
 
@@ -208,9 +209,9 @@ def ce_and_kd_sweep(tmp_path) -> Path:
             for seed in (0, 1) if (name, width) != ("kd", 1.0) else (0,):
                 acc = 50 + 10 * width + 5 * (name == "kd") + seed
                 fake_job(tmp_path / f"{number}_job", [f"loss={name}", f"student.width={width}", f"seed={seed}"],
-                         fake_config(loss, width, seed, device=f"cuda:{seed}"), **{
+                         fake_config(loss, width, seed, device=f"cuda:{seed}"), {"latency_ms": 2.0}, **{
                              "test/acc1": acc, "test/acc1_best": acc + 1, "params": params,
-                             "flops_per_image": 3e6 * params / 1000, "latency_ms": 2.0})
+                             "flops_per_image": 3e6 * params / 1000})
                 number += 1
     return tmp_path
 
@@ -233,23 +234,26 @@ def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
     assert "heatmap_alpha_temperature.png skipped" in markdown
 
 
+def key(config: dict, linked: set = frozenset(), **result) -> dict:
+    return report.group_key({"config": config, **result}, linked)
+
+
 def test_group_key_drops_seed_and_bookkeeping_but_keeps_seed_links():
     one = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 0, teacher_seed=0, teacher_store="/a")
     two = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=0, teacher_store="/b")
-    assert report.group_key(one) == report.group_key({**two, "logger": {"mode": "online"}, "progress_bar": True})
-    assert report.group_key(one)["method"] == "KD" and "seed" not in report.group_key(one)
+    assert key(one) == key({**two, "logger": {"mode": "online"}, "progress_bar": True})
+    assert key(one)["method"] == "KD" and "seed" not in key(one)
     paired = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=1)
-    assert report.group_key(paired) != report.group_key(one)  # a different teacher is another experiment
-    assert report.group_key(paired, {"teacher_seed"})["teacher_seed"] == "${seed}"
+    assert key(paired) != key(one)  # a different teacher is another experiment
+    assert key(paired, {"teacher_seed"})["teacher_seed"] == "${seed}"
     teacher = {**one, "phase": "teacher", "teacher": {"_target_": "kd.models.cifar_resnet.resnet8"}}
-    assert report.group_key(teacher) == report.group_key({**teacher, "student": {}, "loss": {"alpha": 0.0}})
-    assert report.group_key(teacher)["method"] == "teacher (CE)"
-
-
-def test_seed_linked_keys_read_the_unresolved_config(tmp_path):
-    (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra/config.yaml").write_text("seed: 3\nteacher_seed: ${seed}\nepochs: ${seed}x\n")
-    assert report.seed_linked_keys(tmp_path) == {"teacher_seed"}
+    assert key(teacher) == key({**teacher, "student": {}, "loss": {"alpha": 0.0}})
+    assert key(teacher)["method"] == "teacher (CE)"
+    # The teacher's weights are part of the experiment; its path is not; a per-seed teacher follows the seed.
+    by_path = {**one, "teacher_checkpoint": "/elsewhere/teacher.pt"}
+    assert key(one, **{"teacher/sha256": "a" * 64}) == key(by_path, **{"teacher/sha256": "a" * 64})
+    assert key(one, **{"teacher/sha256": "a" * 64}) != key(one, **{"teacher/sha256": "b" * 64})
+    assert key(paired, {"teacher_seed"}, **{"teacher/sha256": "b" * 64})["teacher/sha256"] == "${seed}"
 
 
 def test_bad_pivot_key_and_empty_folder_fail(ce_and_kd_sweep, tmp_path, capsys):

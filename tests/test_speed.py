@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import bench, data, engine
+from kd import bench, data, engine, loop
 from kd.teacher_cache import TeacherCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,9 +31,11 @@ def teacher(tmp_path_factory) -> Path:
 
 
 def student(tmp_path: Path, teacher: Path, name: str, *overrides: str) -> dict:
+    """A student run's result.json merged with its run_info.json (where the cache's hits and misses are)."""
     cache = f"teacher_cache_dir={tmp_path / 'cache'}"
     cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}", cache, *overrides)
-    return engine.run(cfg, tmp_path / name)
+    result = engine.run(cfg, tmp_path / name)
+    return {**result, **json.loads((tmp_path / name / "run_info.json").read_text())}
 
 
 def trained(result: dict) -> dict:
@@ -60,12 +62,12 @@ def test_student_from_the_cache_is_bit_identical_to_the_live_teacher(teacher, tm
 def test_cache_hit_equals_the_live_teachers_outputs(teacher, tmp_path):
     cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}",
                       f"teacher_cache_dir={tmp_path / 'cache'}")
-    job, _ = engine.set_up(cfg, [])
-    engine.train_one_epoch(job, epoch=1)  # live: records the epoch
+    job, _, _ = engine.set_up(cfg, [])
+    loop.train_one_epoch(job, epoch=1)  # live: records the epoch
     stored = job.cache.load(1)
     live = []
-    generator = engine.epoch_generator(cfg.seed, 1)
-    for batch in engine.batches(job.data.train, cfg.batch_size, generator):
+    generator = data.epoch_generator(cfg.seed, 1)
+    for batch in data.batches(job.data.train, cfg.batch_size, generator):
         views = data.augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
         with torch.inference_mode():
             live.append(job.teacher(job.data.inputs(views)))
@@ -79,7 +81,7 @@ def test_anything_that_changes_the_views_or_numerics_gets_its_own_entry(teacher,
     base, other = compose_cfg(tmp_path, *common), compose_cfg(tmp_path, *common, change)
     dirs = []
     for cfg in (base, other):
-        job, _ = engine.set_up(cfg, [])
+        job, _, _ = engine.set_up(cfg, [])
         dirs.append(job.cache.dir)
     assert dirs[0] != dirs[1]
 
@@ -94,7 +96,7 @@ def test_another_teacher_never_reads_this_teachers_entry(teacher, tmp_path):
     for path in (teacher, copy):
         cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={path}",
                           f"teacher_cache_dir={tmp_path / 'cache'}", "teacher_acc_tolerance=100")
-        job, _ = engine.set_up(cfg, [])
+        job, _, _ = engine.set_up(cfg, [])
         dirs.append(job.cache.dir)
     assert dirs[0] != dirs[1]
 
@@ -102,7 +104,7 @@ def test_another_teacher_never_reads_this_teachers_entry(teacher, tmp_path):
 def test_no_cache_for_losses_without_teacher_or_with_teacher_features(teacher, tmp_path):
     for overrides in (["loss.alpha=0"], ["loss=fitnet"]):
         cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}", *overrides)
-        job, _ = engine.set_up(cfg, [])
+        job, _, _ = engine.set_up(cfg, [])
         assert job.cache is None
 
 
@@ -111,18 +113,22 @@ def test_damaged_cache_file_is_recomputed(teacher, tmp_path):
     epoch_file = Path(first["teacher_cache/dir"]) / "epoch_0001.pt"
     epoch_file.write_bytes(b"not a tensor file")
     second = student(tmp_path, teacher, "second")
-    assert (second["teacher_cache/hits"], second["teacher_cache/misses"]) == (1, 1)
+    assert (second["teacher_cache/hits"], second["teacher_cache/misses"], second["teacher_cache/rejected"]) == (1, 1, 1)
     assert trained(first) == trained(second)
-    assert torch.load(epoch_file, weights_only=True).shape == (1438, 10)
+    assert torch.load(epoch_file, weights_only=True)["logits"].shape == (1438, 10)
 
 
 def test_cache_stays_within_its_bound(tmp_path):
-    logits = torch.randn(100, 10)  # 4000 bytes per epoch
-    old = TeacherCache(tmp_path, {"teacher": "old"}, (100, 10), "float32", max_bytes=10_000)
+    logits = torch.randn(100, 10)
+    probe = TeacherCache(tmp_path / "probe", {"teacher": "probe"}, (100, 10), "float32", max_bytes=1e9)
+    probe.save(1, logits)
+    epoch_bytes = probe.size_bytes()  # 4000 bytes of rows, plus the file's header, checksum and key.json
+    bound = 2.5 * epoch_bytes
+    old = TeacherCache(tmp_path, {"teacher": "old"}, (100, 10), "float32", max_bytes=bound)
     old.save(1, logits)
     old.save(2, logits)
-    new = TeacherCache(tmp_path, {"teacher": "new"}, (100, 10), "float32", max_bytes=10_000)
-    new.save(1, logits)  # 12000 bytes in all: the least recently used other entry goes
+    new = TeacherCache(tmp_path, {"teacher": "new"}, (100, 10), "float32", max_bytes=bound)
+    new.save(1, logits)  # over the bound in all: the least recently used other entry goes
     assert not old.dir.exists() and new.dir.exists()
     new.save(2, logits)
     new.save(3, logits)  # would exceed the bound on its own: not stored, the run goes on live
@@ -203,8 +209,8 @@ def test_image_folder_cache_is_built_once_reused_and_rebuilt_on_change(tmp_path,
     first = data.image_folder(str(root), cache_dir=str(cache))
     assert len(list(cache.glob("*.pt"))) == 1
     decoded = []
-    real_decode = data._decode_folder
-    monkeypatch.setattr(data, "_decode_folder", lambda *a: decoded.append(a) or real_decode(*a))
+    real_decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda *a: decoded.append(a) or real_decode(*a))
     again = data.image_folder(str(root), cache_dir=str(cache))
     assert decoded == []  # served from the cache
     assert torch.equal(again.train.images, first.train.images) and again.classes == first.classes

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from wandb.proto import wandb_internal_pb2
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, records, teachers
+from kd import engine, loop, records, teachers
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
@@ -64,11 +64,13 @@ def test_teacher_run_records_and_store(pipeline):
     result = json.loads((pipeline / "teacher" / "result.json").read_text())
     assert result["phase"] == "teacher" and result["epochs"] == 2
     (entry,) = (pipeline / "teachers").iterdir()
-    manifest = json.loads((entry / "manifest.json").read_text())
-    assert manifest["sha256"] == records.sha256_file(entry / "teacher.pt")
-    assert manifest["metrics"]["test/acc1"] == result["test/acc1"]
+    (version,) = teachers.versions(entry)
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["sha256"] == records.sha256_file(version / "teacher.pt")
+    assert manifest["result"]["test/acc1"] == result["test/acc1"]
     assert manifest["identity"]["teacher"]["_target_"].endswith(".resnet8")
-    assert result["teacher_checkpoint"] == str(entry / "teacher.pt")
+    assert manifest["classes"] == [str(d) for d in range(10)]
+    assert result["teacher_checkpoint"] == str(version / "teacher.pt")
 
 
 def test_student_run_records(pipeline):
@@ -87,9 +89,16 @@ def test_student_run_records(pipeline):
     assert result["teacher/acc1"] == pytest.approx(teacher_result["test/acc1"])
     student = instantiate(json_cfg(result)["student"])
     assert result["params"] == sum(p.numel() for p in student.parameters())
-    assert result["flops_per_image"] > 0 and result["wall_time_s"] > 0
-    assert result["env"]["torch"] == torch.__version__ and result["config"]["loss"]["alpha"] == 0.9
-    assert (run / ".hydra" / "config.yaml").is_file()
+    assert result["flops_per_image"] > 0 and result["config"]["loss"]["alpha"] == 0.9
+    (entry,) = (pipeline / "teachers").iterdir()
+    assert result["teacher/sha256"] == records.sha256_file(entry / "v1" / "teacher.pt")
+    assert result["teacher/source"] == "store"
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["wall_time_s"] > 0 and info["env"]["torch"] == torch.__version__
+    record = json.loads((run / "run.json").read_text())
+    assert record["config"] == result["config"] and "phase=student" in record["overrides"]
+    assert not (run / ".hydra").exists()  # Hydra's copies are off: run.json is the record
+    assert "epoch 2/2" in (run / "train.log").read_text()
 
 
 def json_cfg(result: dict):
@@ -122,6 +131,9 @@ def test_wandb_offline_run_read_back(pipeline):
     assert run_record.job_type == "student" and "loss:KDLoss" in run_record.tags
     config = {i.key: json.loads(i.value_json) for i in run_record.config.update}
     assert config["loss"]["alpha"] == 0.9 and config["student"]["width"] == 0.25
+    result = json.loads((run / "result.json").read_text())
+    assert config["teacher/sha256"] == result["teacher/sha256"] and config["teacher/source"] == "store"
+    assert run_record.run_id == json.loads((run / "run.json").read_text())["wandb_id"]
 
 
 def test_missing_teacher_names_the_command(tmp_path):
@@ -153,7 +165,7 @@ def test_teacher_gets_no_gradients_and_stays_frozen(teacher_ckpt, tmp_path):
     job = engine.build_job(cfg, kd.config.Phase.student, instantiate(cfg.loss), data, torch.device("cpu"), teacher)
     before = {k: v.clone() for k, v in job.teacher.state_dict().items()}
     student_before = [p.clone() for p in job.model.parameters()]
-    engine.train_one_epoch(job, epoch=1)
+    loop.train_one_epoch(job, epoch=1)
     assert all(p.grad is None and not p.requires_grad for p in job.teacher.parameters())
     assert not job.teacher.training
     assert all(torch.equal(before[k], v) for k, v in job.teacher.state_dict().items())  # BN stats too
@@ -243,7 +255,7 @@ def test_interrupted_feature_method_resumes_to_the_same_bits(teacher_ckpt, tmp_p
     """Adapters, their optimizer state, CRD's memory banks and its sampling RNG all come back from last.pt."""
     overrides = ["phase=student", f"teacher_checkpoint={teacher_ckpt}", f"loss={loss}", "epochs=2",
                  "model@student=resnet8", "student.width=0.25", "profile=false", "threads=1"]
-    whole = engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "whole")
+    engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "whole")
     real_run_epoch = engine.run_epoch
 
     def stop_at_epoch_two(job, epoch):
@@ -256,7 +268,7 @@ def test_interrupted_feature_method_resumes_to_the_same_bits(teacher_ckpt, tmp_p
         engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "resumed")
     monkeypatch.setattr(engine, "run_epoch", real_run_epoch)
     torch.manual_seed(12345)  # the resumed run must not depend on the RNG state it starts in
-    resumed = engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "resumed")
-    assert resumed["resumed_from_epoch"] == 1
-    keys = [k for k in whole if k.startswith(("train/", "test/"))]
-    assert {k: whole[k] for k in keys} == {k: resumed[k] for k in keys}
+    engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "run_info.json").read_text())["resumed_from_epoch"] == 1
+    # result.json is a function of config, code and data alone: the same bytes, interrupted or not.
+    assert (tmp_path / "resumed" / "result.json").read_bytes() == (tmp_path / "whole" / "result.json").read_bytes()
