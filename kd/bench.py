@@ -18,7 +18,6 @@ matmuls a step really performs: 3x the student's forward (forward + backward) pl
 temperatures sharing one teacher) with and without the teacher cache, and prints the ratio of their wall times.
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -28,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir

@@ -9,6 +9,7 @@ A sweep folder holds `sweep.json`: its grid of jobs, checked before a relaunch m
 """
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -21,7 +22,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -122,18 +123,14 @@ def keep_epochs(path: Path, last_epoch: int) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through a temporary file, so a crash mid-write leaves the previous checkpoint intact.
+
+    Serialised in memory first: torch.save names the archive inside the file after the file it writes to, so saving
+    to a randomly named temporary file would give equal payloads different bytes (and sha256s).
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 class UnusableCheckpoint(ValueError):

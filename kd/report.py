@@ -8,11 +8,9 @@ checks: a missing or failed job is listed, never silently averaged away, and a r
 """
 import argparse
 import csv
-import itertools
 import json
 import math
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence

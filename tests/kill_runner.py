@@ -8,12 +8,12 @@ nothing half-written that a later run could read.
     KD_KILL_AT=decode:N        ...   # while decoding the N-th image of an image folder
     KD_KILL_AT=pause:E:S KD_PAUSE_DIR=D ...  # before step S of epoch E: touch D/paused, wait for D/resume
 
-E counts the training epochs this process runs, and N the writes (records.atomic_write_bytes, save_checkpoint) or
+E counts the training epochs this process runs, and N the writes (records.atomic_write_bytes, which every record,
+checkpoint and cache file goes through) or
 decoded images, across the runs of a process (a student training its teacher on demand, the jobs of a multirun).
 The hooks live here, not in kd/, so production code carries no test switches.
 """
 import fnmatch
-import io
 import os
 import runpy
 import signal
@@ -25,12 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-
 import kd.data  # noqa: E402
 import kd.loop  # noqa: E402
 import kd.records  # noqa: E402
-import kd.teachers  # noqa: E402
 
 kind, *spec = os.environ["KD_KILL_AT"].split(":")
 counts = {"epochs": 0, "writes": 0, "images": 0}
@@ -92,20 +89,10 @@ def killing_atomic_write(path: Path, data: bytes, _real=kd.records.atomic_write_
     write_hook(path, lambda: data, lambda: _real(path, data))
 
 
-def killing_save(path: Path, payload: dict, _real=kd.records.save_checkpoint) -> None:
-    def serialized() -> bytes:
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
-        return buffer.getvalue()
-
-    write_hook(path, serialized, lambda: _real(path, payload))
-
-
 kd.loop.epoch_generator = counting_generator
 kd.loop.batches = killing_batches
 kd.data.read_image = killing_read_image
 kd.records.atomic_write_bytes = killing_atomic_write
-kd.records.save_checkpoint = kd.teachers.save_checkpoint = killing_save
 
 if __name__ == "__main__":
     sys.argv[0] = str(REPO / "train.py")

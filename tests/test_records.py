@@ -409,3 +409,88 @@ def test_data_dependent_settings_are_refused_before_training(tmp_path, overrides
     with pytest.raises(ValueError, match=message):
         engine.run(compose_cfg(tmp_path, "phase=teacher", *overrides), tmp_path / "run")
     assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "train.log").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fault injection: SIGKILL at 20 points of a run's life, then the same command again
+
+
+# A student that trains its teacher on demand, on an image folder with the decode cache and the teacher cache: every
+# kind of record is written in one command. Relative paths, run from a folder of its own: the records are the same
+# bytes in every folder, so runs can be compared file for file (and run two at a time).
+STUDENT_RUN = [*FOLDER, "dataset.source.root=images", "dataset.source.cache_dir=decode_cache", "experiment=quickstart",
+               "model@teacher=simple_cnn", "teacher.width=0.25", "model@student=simple_cnn", "student.width=0.25",
+               "epochs=2", "batch_size=16", "threads=1", "profile=false", "logger.mode=offline",
+               "teacher_store=teachers", "phase=student", "train_missing_teacher=true", "hydra.run.dir=student"]
+TEACHER_RUN = [o for o in STUDENT_RUN if o not in ("phase=student", "train_missing_teacher=true",
+                                                   "hydra.run.dir=student")] + ["phase=teacher", "hydra.run.dir=teacher"]
+# Process epochs 1-2 train the teacher, 3-4 the student; three steps an epoch; N counts a file name's writes.
+STUDENT_FAULTS = [
+    "decode:10", "write:images_*.pt:1", "after:images_*.pt:1",  # data loading: decoding, the decode cache
+    "step:1:1", "write:last.pt:1", "after:last.pt:1", "step:2:2", "write:last.pt:2",  # the teacher's epochs
+    "write:teacher.pt:1", "write:manifest.json:1", "after:manifest.json:1", "write:result.json:1",  # its filing
+    "write:run.json:2", "step:3:0", "step:3:2", "write:epoch_0001.pt:1", "write:last.pt:3",  # the student
+    "write:epoch_0002.pt:1", "step:4:1", "write:last.pt:4", "write:run_info.json:2", "write:result.json:2",
+]
+TEACHER_FAULTS = ["write:teacher.pt:1", "write:manifest.json:1"]  # a teacher phase killed while filing itself
+
+
+def run_in(folder: Path, args: list[str], kill_at: str = "") -> subprocess.CompletedProcess:
+    script = REPO / ("tests/kill_runner.py" if kill_at else "train.py")
+    env = {**os.environ, "KD_KILL_AT": kill_at} if kill_at else dict(os.environ)
+    return subprocess.run([sys.executable, str(script), *args], cwd=folder, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+
+
+def check_nothing_half_written(folder: Path) -> None:
+    """No store version, cache entry or run folder holds a file a later run could read half-written."""
+    (entry,) = (folder / "teachers").iterdir()
+    assert [v.name for v in teachers.versions(entry)] == ["v1"]
+    manifest = json.loads((entry / "v1" / "manifest.json").read_text())
+    assert manifest["sha256"] == records.sha256_file(entry / "v1" / "teacher.pt")
+    for path in (folder / "teacher_cache").glob("*/epoch_*.pt"):
+        stored = torch.load(path, weights_only=True)
+        assert stored["sha256"] == teacher_cache._checksum(path.parent.name, stored["epoch"], stored["logits"])
+    for path in (folder / "decode_cache").glob("*.pt"):
+        stored = torch.load(path, weights_only=True)
+        assert stored["checksum"] == records.sha256_tensors(*stored["train"], *stored["test"])
+    for run in [p.parent for p in folder.rglob("run.json")]:
+        for path in run.glob("*.json"):
+            json.loads(path.read_text())
+        for path in run.glob("*.pt"):
+            torch.load(path, weights_only=True)
+        wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
+        assert {p.name.rsplit("-", 1)[1] for p in run.glob("wandb/offline-run-*")} <= {wandb_id}  # one W&B run
+    # A killed write's temporary file is never read; the next holder of the folder's lock deletes it.
+    assert not list((entry / "v1").glob(".*.tmp")) and not list((folder / "student").glob(".*.tmp"))
+
+
+def killed_and_rerun(template: Path, folder: Path, args: list[str], kill_at: str, result: str) -> bytes:
+    shutil.copytree(template, folder)
+    killed = run_in(folder, args, kill_at)
+    assert killed.returncode == -signal.SIGKILL, (kill_at, killed.stdout[-3000:])
+    rerun = run_in(folder, args)
+    assert rerun.returncode == 0, (kill_at, rerun.stdout[-3000:])
+    check_nothing_half_written(folder)
+    return (folder / result / "result.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_of_20_points_and_rerun_ends_with_the_same_result_and_nothing_half_written(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    template = tmp_path / "template"
+    write_folder(template / "images", seed=0)
+    reference = {}
+    for name, args in (("student", STUDENT_RUN), ("teacher", TEACHER_RUN)):
+        shutil.copytree(template, tmp_path / f"reference_{name}")
+        done = run_in(tmp_path / f"reference_{name}", args)
+        assert done.returncode == 0, done.stdout[-3000:]
+        reference[name] = (tmp_path / f"reference_{name}" / name / "result.json").read_bytes()
+    trials = [("student", STUDENT_RUN, fault) for fault in STUDENT_FAULTS]
+    trials += [("teacher", TEACHER_RUN, fault) for fault in TEACHER_FAULTS]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time: the records do not depend on the folder
+        results = list(pool.map(lambda t: killed_and_rerun(template, tmp_path / f"{t[0]}_{t[2]}".replace(":", "_"),
+                                                           t[1], t[2], t[0]), trials))
+    for (name, _, fault), result in zip(trials, results):
+        assert result == reference[name], fault

@@ -43,7 +43,7 @@ def compose_cfg(tmp: Path, *overrides: str):
 def command(out: Path, *overrides: str, multirun: bool = False, kill_at: str | None = None) -> list[str]:
     """train.py (or tests/kill_runner.py when kill_at is set) into run folder `out` (or sweep folder, multirun)."""
     script = "tests/kill_runner.py" if kill_at else "train.py"
-    where = ["-m", f"hydra.sweep.dir={out}"] if multirun else [f"hydra.run.dir={out}"]
+    where = ["-m", f"hydra.sweep.dir='{out}'"] if multirun else [f"hydra.run.dir='{out}'"]  # quoted: job folders hold = and ,
     return [sys.executable, script, *where, *TINY, f"teacher_store={out.parent / 'teachers'}", *overrides]
 
 
