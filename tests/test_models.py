@@ -13,6 +13,8 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from torch import nn
 
+from kd.features import default_layers, probe_shapes
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 MODULES = {
@@ -25,16 +27,18 @@ MODULES = {
     "mobilenetv2": ["mobilenetv2"],
     "shufflenet": ["shufflenetv1", "shufflenetv2"],
     "torchvision_resnet": ["resnet18"],
+    "resnetv2": ["ResNet18", "ResNet50"],
     "simple_cnn": ["simple_cnn"],
 }
 MODULE_OF = {name: module for module, names in MODULES.items() for name in names}
 NAMES = list(MODULE_OF)
 WIDTHS = (0.25, 0.5, 1.0, 2.0)
 
-# Width 1, 100 classes. resnet20, resnet32x4 and wrn_40_2 are the given references; the rest agree with
-# the counts below written from the architecture descriptions, and with the CRD-era tables
+# Width 1, 100 classes. resnet20, resnet32x4, wrn_40_2 and ResNet50 are the given references; the rest agree
+# with the counts below written from the architecture descriptions, and with the CRD-era tables
 # (0.86M resnet56, 1.23M resnet8x4, 0.70M wrn_16_2, 0.57M wrn_40_1, 3.96M vgg8, 9.46M vgg13,
-# 0.81M MobileNetV2, 0.95M ShuffleV1, 1.36M ShuffleV2).
+# 0.81M MobileNetV2, 0.95M ShuffleV1, 1.36M ShuffleV2). ResNet18 has torchvision's CIFAR-stem resnet18's count:
+# the same layers under other names.
 EXPECTED_PARAMS = {
     "resnet8": 83_892,
     "resnet14": 181_108,
@@ -58,6 +62,8 @@ EXPECTED_PARAMS = {
     "shufflenetv1": 949_258,
     "shufflenetv2": 1_355_528,
     "resnet18": 11_220_132,
+    "ResNet18": 11_220_132,
+    "ResNet50": 23_705_252,
     "simple_cnn": 106_372,
 }
 
@@ -199,6 +205,24 @@ def count_shufflenetv2(classes: int) -> int:
     return total + conv(464, 1024) + bn(1024) + linear(1024, classes)
 
 
+def count_resnetv2(bottleneck: bool, blocks: list[int], classes: int) -> int:
+    """3x3 stem+BN; stages of 64/128/256/512 planes (expanded 4x by bottlenecks); projection on change; linear."""
+    expansion = 4 if bottleneck else 1
+    total, c_in = conv(3, 64, 3) + bn(64), 64
+    for stage, (planes, n) in enumerate(zip([64, 128, 256, 512], blocks)):
+        out = planes * expansion
+        for i in range(n):
+            if bottleneck:
+                total += conv(c_in, planes) + bn(planes) + conv(planes, planes, 3) + bn(planes) + conv(planes, out)
+            else:
+                total += conv(c_in, planes, 3) + bn(planes) + conv(planes, planes, 3)
+            total += bn(out)
+            if i == 0 and (stage > 0 or c_in != out):
+                total += conv(c_in, out) + bn(out)
+            c_in = out
+    return total + linear(c_in, classes)
+
+
 def count_simple_cnn(classes: int) -> int:
     """Three conv3x3 (no bias) + BN stages of 32/64/128 channels; linear."""
     return conv(3, 32, 3) + bn(32) + conv(32, 64, 3) + bn(64) + conv(64, 128, 3) + bn(128) + linear(128, classes)
@@ -214,6 +238,8 @@ DESCRIBED_COUNTS = {
     "mobilenetv2": count_mobilenetv2_half,
     "shufflenetv1": count_shufflenetv1,
     "shufflenetv2": count_shufflenetv2,
+    "ResNet18": functools.partial(count_resnetv2, False, [2, 2, 2, 2]),
+    "ResNet50": functools.partial(count_resnetv2, True, [3, 4, 6, 3]),
     "simple_cnn": count_simple_cnn,
 }
 
@@ -278,6 +304,9 @@ REPDISTILLER_KEYS = {
                     "classifier.0.weight"],
     "shufflenetv1": ["conv1.weight", "layer1.0.conv1.weight", "layer3.3.bn3.bias", "linear.weight"],
     "shufflenetv2": ["layer1.0.conv5.weight", "layer2.7.bn3.weight", "conv2.weight", "bn2.bias", "linear.bias"],
+    "ResNet18": ["conv1.weight", "bn1.bias", "layer2.0.shortcut.0.weight", "layer4.1.bn2.running_var", "linear.weight"],
+    "ResNet50": ["layer1.0.shortcut.0.weight", "layer1.0.shortcut.1.bias", "layer3.5.conv3.weight",
+                 "layer4.2.bn3.weight", "linear.bias"],
 }
 
 
@@ -297,3 +326,68 @@ def test_model_yaml_targets_factory(name):
         "width": 1.0,
     }
     assert get_method(cfg._target_) is factory(name)
+
+
+def resnetv2_layout(bottleneck: bool, blocks: list[int], classes: int) -> dict[str, tuple[int, ...]]:
+    """Every state_dict key and shape of RepDistiller's models/resnetv2.py, written from its module names.
+
+    Stem `conv1`/`bn1`; `layer1..4.<block>` with `conv1/bn1/conv2/bn2` (+ `conv3/bn3` in bottlenecks) and, where
+    stride or width changes, `shortcut.0` (1x1 conv) + `shortcut.1` (BN); head `linear`.
+    """
+    layout: dict[str, tuple[int, ...]] = {}
+
+    def add_conv(key: str, c_in: int, c_out: int, k: int) -> None:
+        layout[f"{key}.weight"] = (c_out, c_in, k, k)
+
+    def add_bn(key: str, c: int) -> None:
+        layout.update({f"{key}.{n}": (c,) for n in ("weight", "bias", "running_mean", "running_var")})
+        layout[f"{key}.num_batches_tracked"] = ()
+
+    expansion = 4 if bottleneck else 1
+    add_conv("conv1", 3, 64, 3)
+    add_bn("bn1", 64)
+    c_in = 64
+    for stage, (planes, n) in enumerate(zip([64, 128, 256, 512], blocks), start=1):
+        out = planes * expansion
+        for i in range(n):
+            key = f"layer{stage}.{i}"
+            if bottleneck:
+                shapes = [(c_in, planes, 1), (planes, planes, 3), (planes, out, 1)]
+            else:
+                shapes = [(c_in, planes, 3), (planes, out, 3)]
+            for j, (a, b, k) in enumerate(shapes, start=1):
+                add_conv(f"{key}.conv{j}", a, b, k)
+                add_bn(f"{key}.bn{j}", b)
+            if i == 0 and (stage > 1 or c_in != out):
+                add_conv(f"{key}.shortcut.0", c_in, out, 1)
+                add_bn(f"{key}.shortcut.1", out)
+            c_in = out
+    layout["linear.weight"], layout["linear.bias"] = (classes, c_in), (classes,)
+    return layout
+
+
+@pytest.mark.parametrize("name, bottleneck, blocks", [("ResNet18", False, [2, 2, 2, 2]),
+                                                      ("ResNet50", True, [3, 4, 6, 3])])
+def test_resnetv2_state_dict_is_repdistillers(name, bottleneck, blocks):
+    with torch.device("meta"):
+        state = factory(name)(num_classes=100).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == resnetv2_layout(bottleneck, blocks, 100)
+    assert not [k for k in state if k.startswith("fc.") or "downsample" in k]
+    embedding = 2048 if bottleneck else 512
+    assert state["linear.weight"].shape == (100, embedding)
+    # ResNet50's first block widens 64 -> 256 and so projects; ResNet18's first block is an identity.
+    assert ("layer1.0.shortcut.0.weight" in state) == bottleneck
+
+
+@pytest.mark.parametrize("name, embedding", [("ResNet18", 512), ("ResNet50", 2048)])
+def test_resnetv2_default_feature_layers(name, embedding):
+    with torch.device("meta"):
+        model = factory(name)(num_classes=100)
+        layers = default_layers(model)
+        shapes = probe_shapes(model, layers["stages"] + [layers["embedding"]], torch.empty(2, 3, 32, 32))
+    assert layers == {"stages": ["layer1", "layer2", "layer3", "layer4"], "embedding": "linear:in"}
+    expansion = embedding // 512
+    assert [tuple(shapes[s]) for s in layers["stages"]] == [
+        (2, 64 * expansion, 32, 32), (2, 128 * expansion, 16, 16), (2, 256 * expansion, 8, 8), (2, embedding, 4, 4)
+    ]
+    assert shapes["linear:in"] == (2, embedding)
