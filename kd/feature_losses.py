@@ -1,10 +1,12 @@
-"""Feature-based distillation: FitNet, AT, SP, PKT, RKD and CRD, each a pure tensor function plus a thin criterion.
+"""Feature-based distillation: FitNet, AT, SP, PKT, RKD, CRD, VID, NST and CC, each a pure tensor function plus a
+thin criterion.
 
 Every criterion returns one term (loss_fitnet, loss_at, ...) already multiplied by its `weight`, RepDistiller's
 beta (HobbitLong/RepDistiller, scripts/run_cifar_distill.sh). The features are RepDistiller's too (train_student.py,
 helper/loops.py, in terms of kd.features.default_layers): FitNet the second stage output (its hint_layer=2, the
-stem being feature 0), AT every stage output, SP the last one, PKT / RKD / CRD the classifier's input. Each
-criterion's student_layers / teacher_layers (module names, ":in" for a module's input) replace these defaults.
+stem being feature 0), AT, VID and NST every stage output, SP the last one, PKT / RKD / CRD / CC the classifier's
+input. Each criterion's student_layers / teacher_layers (module names, ":in" for a module's input) replace these
+defaults.
 
 The losses run in float32 or wider with autocast off: they sum thousands of small products and CRD exponentiates
 scores / 0.07, which overflows float16. Teacher features are detached: no gradient ever reaches the teacher.
@@ -78,12 +80,22 @@ def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
 
     As RepDistiller (distiller_zoo/AT.py), the larger map is first average-pooled to the smaller one's size.
     """
+    student, teacher = pool_to_common_size(student, teacher)
+    return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
+
+
+def pool_to_common_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Both maps at the smaller one's height and width: the larger is adaptive-average-pooled down.
+
+    What RepDistiller's AT, VID and NST do when the student's and the teacher's maps differ in size
+    (distiller_zoo/AT.py, VID.py, NST.py; they pool to (H, H), the same for the square maps of this zoo).
+    """
     size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
     if tuple(student.shape[2:]) != size:
         student = F.adaptive_avg_pool2d(student, size)
     if tuple(teacher.shape[2:]) != size:
         teacher = F.adaptive_avg_pool2d(teacher, size)
-    return (attention_map(student, p) - attention_map(teacher, p)).pow(2).mean()
+    return student, teacher
 
 
 def similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -149,6 +161,63 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
 def rkd_loss(student: Tensor, teacher: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0) -> Tensor:
     """Park et al. CVPR 2019 (RKD): distance_weight * RKD-D + angle_weight * RKD-A (RepDistiller's w_d=25, w_a=50)."""
     return distance_weight * rkd_distance_loss(student, teacher) + angle_weight * rkd_angle_loss(student, teacher)
+
+
+def vid_loss(predicted_mean: Tensor, teacher: Tensor, variance: Tensor) -> Tensor:
+    """Ahn et al. CVPR 2019 (VID): mean over all elements of 0.5 * (log var_c + (t - mu(f_s))^2 / var_c).
+
+    The Gaussian negative log-likelihood of the teacher's feature under mean mu (the regressed student feature)
+    and one learned variance per channel, without its constant 0.5 log(2 pi); averaged over batch, channels and
+    positions, as RepDistiller's distiller_zoo/VID.py.
+    """
+    variance = variance.reshape(1, -1, *([1] * (teacher.dim() - 2)))
+    return (0.5 * (torch.log(variance) + (predicted_mean - teacher).pow(2) / variance)).mean()
+
+
+def vid_regressor(student_channels: int, teacher_channels: int) -> nn.Module:
+    """VID's mean predictor: 1x1 conv, ReLU, 1x1 conv, ReLU, 1x1 conv, no biases, teacher_channels wide inside.
+
+    As RepDistiller: VIDLoss(s, t, t) in train_student.py, i.e. num_mid_channel = the teacher's channel count.
+    """
+    return nn.Sequential(
+        nn.Conv2d(student_channels, teacher_channels, 1, bias=False), nn.ReLU(),
+        nn.Conv2d(teacher_channels, teacher_channels, 1, bias=False), nn.ReLU(),
+        nn.Conv2d(teacher_channels, teacher_channels, 1, bias=False),
+    )
+
+
+def softplus_inverse(value: float) -> float:
+    """x with log(1 + exp(x)) = value: the raw parameter that starts VID's variance at a given value."""
+    return math.log(math.expm1(value))
+
+
+def nst_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Huang & Wang 2017 (NST): MMD^2 between the channels of f_s and of f_t, with the kernel k(x, y) = (x.y)^2.
+
+    Each channel is a point: its map over the positions, L2-normalised. Per sample, MMD^2 = mean_ij k(t_i, t_j)
+    + mean_ij k(s_i, s_j) - 2 mean_ij k(s_i, t_j), averaged over the batch (distiller_zoo/NST.py, its full_loss
+    branch). The larger map is first average-pooled to the smaller one's size.
+    """
+    student, teacher = pool_to_common_size(student, teacher)
+    s, t = F.normalize(student.flatten(2), dim=2), F.normalize(teacher.flatten(2), dim=2)
+
+    def kernel_mean(a: Tensor, b: Tensor) -> Tensor:
+        return (a @ b.transpose(1, 2)).pow(2).mean()
+
+    return kernel_mean(t, t) + kernel_mean(s, s) - 2 * kernel_mean(s, t)
+
+
+def correlation_congruence_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """Peng et al. ICCV 2019 (CC) as RepDistiller runs it: mean_i sum_d |e_s,i - e_t,i|_d |e_s,i+1 - e_t,i+1|_d.
+
+    RepDistiller's distiller_zoo/CC.py (code its authors sent, used for the CRD paper's CC row) multiplies the
+    embedding differences of consecutive samples in the batch (i = 1 .. b-1) rather than comparing the paper's
+    b x b kernel correlation matrices. A batch of one has no pair: the term is then 0.
+    """
+    delta = (student - teacher).flatten(1).abs()
+    if delta.shape[0] < 2:
+        return student.sum() * 0.0
+    return (delta[:-1] * delta[1:]).sum(dim=1).mean()
 
 
 def nce_loss(probabilities: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
@@ -476,3 +545,119 @@ class CRDLoss(FeatureCriterion):
                 self.memory_student = momentum_update(self.memory_student, index, anchor_student, self.momentum)
                 self.memory_teacher = momentum_update(self.memory_teacher, index, anchor_teacher, self.momentum)
         return loss
+
+
+def _check_spatial(method: str, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size]) -> None:
+    for s, t in zip(student_shapes, teacher_shapes):
+        if len(s) != 4 or len(t) != 4:
+            raise ValueError(
+                f"{method} compares spatial maps (N, C, H, W); got student {tuple(s)}, teacher {tuple(t)}."
+            )
+
+
+class VIDLoss(FeatureCriterion):
+    """Ahn et al. CVPR 2019 (VID): weight * sum over stage pairs of mean 0.5 * (log var_c + (t - mu(f_s))^2 / var_c).
+
+    mu is a learned 1x1-conv regressor (vid_regressor) and var_c = softplus(alpha_c) + eps a learned variance per
+    teacher channel, starting at init_variance. As RepDistiller (distiller_zoo/VID.py init_pred_var=5, eps=1e-5;
+    helper/loops.py feat[1:-1]: every stage output; scripts/run_cifar_distill.sh weight (beta) 1). The larger of
+    two maps is average-pooled to the other's size before the regressor, as there.
+    """
+
+    term = "loss_vid"
+    one_pair = False
+
+    def __init__(self, weight: float = 1.0, init_variance: float = 5.0, eps: float = 1e-5,
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+        super().__init__(weight, student_layers, teacher_layers)
+        if not init_variance > eps > 0:
+            raise ValueError(f"VID: init_variance={init_variance} must exceed eps={eps} > 0 (softplus is positive).")
+        self.init_variance, self.eps = init_variance, eps
+        self.regressors = nn.ModuleList()
+        self.log_scales = nn.ParameterList()
+
+    def pick(self, layers: dict) -> list[str]:
+        return list(layers["stages"])
+
+    def build(self, student_shapes, teacher_shapes, images, train_labels) -> None:
+        _check_spatial("VID", student_shapes, teacher_shapes)
+        start = softplus_inverse(self.init_variance - self.eps)  # softplus(start) + eps = init_variance
+        device = images.device
+        pairs = zip(student_shapes, teacher_shapes)
+        self.regressors = nn.ModuleList(vid_regressor(s[1], t[1]).to(device) for s, t in pairs)
+        self.log_scales = nn.ParameterList(torch.full((t[1],), start, device=device) for t in teacher_shapes)
+
+    def variances(self) -> list[Tensor]:
+        """var_c = softplus(alpha_c) + eps per teacher channel, one vector per stage pair."""
+        return [F.softplus(full_precision(alpha)) + self.eps for alpha in self.log_scales]
+
+    def forward(self, step: Step) -> dict[str, Tensor]:
+        students, teachers = self.features(step)
+        loss = students[0].new_zeros(())
+        for student, teacher, regressor, variance in zip(students, teachers, self.regressors, self.variances()):
+            student, teacher = pool_to_common_size(student, teacher)
+            predicted = full_precision(regressor(student))  # the regressor may run under autocast
+            with autocast_off(teacher):
+                loss = loss + vid_loss(predicted, teacher, variance)
+        return {self.term: self.weight * loss}
+
+
+class NSTLoss(FeatureCriterion):
+    """Huang & Wang 2017 (NST): weight * sum over stage pairs of MMD^2 with the kernel (x.y)^2 between channels.
+
+    nst_loss compares the L2-normalised channel maps. As RepDistiller (helper/loops.py feat[1:-1]: every stage
+    output; scripts/run_cifar_distill.sh weight (beta) 50); no adapters: the channel counts may differ.
+    """
+
+    term = "loss_nst"
+    one_pair = False
+
+    def __init__(self, weight: float = 50.0, student_layers: Optional[Sequence[str]] = None,
+                 teacher_layers: Optional[Sequence[str]] = None):
+        super().__init__(weight, student_layers, teacher_layers)
+
+    def pick(self, layers: dict) -> list[str]:
+        return list(layers["stages"])
+
+    def build(self, student_shapes, teacher_shapes, images, train_labels) -> None:
+        _check_spatial("NST", student_shapes, teacher_shapes)
+
+    def forward(self, step: Step) -> dict[str, Tensor]:
+        students, teachers = self.features(step)
+        with autocast_off(students[0]):
+            loss = sum(nst_loss(s, t) for s, t in zip(students, teachers))
+        return {self.term: self.weight * loss}
+
+
+class CCLoss(FeatureCriterion):
+    """Peng et al. ICCV 2019 (CC): weight * correlation_congruence_loss(W_s e_s + b_s, W_t e_t + b_t).
+
+    Both embeddings (the classifiers' inputs) go through a learned linear map to feat_dim, without normalisation.
+    As RepDistiller (train_student.py --distill correlation: LinearEmbed of models/util.py to feat_dim 128 on
+    feat[-1]; distiller_zoo/CC.py; scripts/run_cifar_distill.sh weight (beta) 0.02).
+    """
+
+    term = "loss_cc"
+
+    def __init__(self, weight: float = 0.02, feat_dim: int = 128, student_layers: Optional[Sequence[str]] = None,
+                 teacher_layers: Optional[Sequence[str]] = None):
+        super().__init__(weight, student_layers, teacher_layers)
+        if feat_dim < 1:
+            raise ValueError(f"CC: feat_dim={feat_dim} must be >= 1.")
+        self.feat_dim = feat_dim
+        self.embed_student: Optional[nn.Module] = None
+        self.embed_teacher: Optional[nn.Module] = None
+
+    def pick(self, layers: dict) -> list[str]:
+        return [layers["embedding"]]
+
+    def build(self, student_shapes, teacher_shapes, images, train_labels) -> None:
+        self.embed_student = nn.Linear(math.prod(student_shapes[0][1:]), self.feat_dim).to(images.device)
+        self.embed_teacher = nn.Linear(math.prod(teacher_shapes[0][1:]), self.feat_dim).to(images.device)
+
+    def forward(self, step: Step) -> dict[str, Tensor]:
+        (student,), (teacher,) = self.features(step)
+        embedded_student = full_precision(self.embed_student(student.flatten(1)))  # the linear maps may autocast
+        embedded_teacher = full_precision(self.embed_teacher(teacher.flatten(1)))
+        with autocast_off(student):
+            return {self.term: self.weight * correlation_congruence_loss(embedded_student, embedded_teacher)}

@@ -1,4 +1,4 @@
-"""Feature distillation (FitNet, AT, SP, PKT, RKD, CRD): values against loop-by-loop computations written from the
+"""Feature distillation (FitNet, AT, SP, PKT, RKD, CRD, VID, NST, CC): values against loop-by-loop computations written from the
 papers' formulas, zero when the features match, gradients to the student and the adapters but never the teacher,
 CRD's memory, Z and negative sampling, and the conf/loss presets bound to real (tiny) models."""
 
@@ -13,9 +13,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from kd.feature_losses import (
-    ATLoss, CRDLoss, FitNetLoss, PKTLoss, RKDLoss, SPLoss, attention_loss, hint_loss, hint_regressor,
-    momentum_update, nce_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, rkd_loss, sample_negatives,
-    similarity_loss,
+    ATLoss, CCLoss, CRDLoss, FitNetLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss, VIDLoss, attention_loss,
+    correlation_congruence_loss, hint_loss, hint_regressor, momentum_update, nce_loss, nst_loss, pkt_loss,
+    rkd_angle_loss, rkd_distance_loss, rkd_loss, sample_negatives, similarity_loss, vid_loss,
 )
 from kd.features import capture
 from kd.losses import Step
@@ -130,6 +130,49 @@ def ref_nce(probabilities: torch.Tensor, num_data: int, eps: float = 1e-7) -> fl
     return -total / b
 
 
+def ref_pool_to(f: torch.Tensor, size: int) -> torch.Tensor:
+    return f if f.shape[2] == size else ref_average_pool(f, f.shape[2] // size)
+
+
+def ref_vid(mean: torch.Tensor, target: torch.Tensor, variance: list[float]) -> float:
+    """Ahn et al.: -log N(t | mu, var_c) per element without 0.5 log(2 pi), averaged over all elements."""
+    n, c, h, w = target.shape
+    total = 0.0
+    for i in range(n):
+        for k in range(c):
+            for y in range(h):
+                for x in range(w):
+                    total += 0.5 * (math.log(variance[k]) + (float(target[i, k, y, x] - mean[i, k, y, x])) ** 2
+                                    / variance[k])
+    return total / (n * c * h * w)
+
+
+def ref_nst(fs: torch.Tensor, ft: torch.Tensor) -> float:
+    """Huang & Wang: per sample MMD^2 of the channel sets under k(x, y) = (x.y)^2, x the unit-norm channel maps."""
+    size = min(fs.shape[2], ft.shape[2])
+    fs, ft = ref_pool_to(fs, size), ref_pool_to(ft, size)
+
+    def channels(f, i):
+        rows = [[float(v) for v in f[i, k].flatten()] for k in range(f.shape[1])]
+        return [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in rows]
+
+    def mean_kernel(a, b):
+        return sum(sum(x * y for x, y in zip(u, v)) ** 2 for u in a for v in b) / (len(a) * len(b))
+
+    total = 0.0
+    for i in range(fs.shape[0]):
+        s, t = channels(fs, i), channels(ft, i)
+        total += mean_kernel(t, t) + mean_kernel(s, s) - 2 * mean_kernel(s, t)
+    return total / fs.shape[0]
+
+
+def ref_cc(es: torch.Tensor, et: torch.Tensor) -> float:
+    """RepDistiller's CC: (1 / (b - 1)) sum_i sum_d |es_id - et_id| |es_(i+1)d - et_(i+1)d|."""
+    b, d = es.shape
+    delta = [[abs(float(es[i, k] - et[i, k])) for k in range(d)] for i in range(b)]
+    return sum(delta[i][k] * delta[i + 1][k] for i in range(b - 1) for k in range(d)) / (b - 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the tensor functions against them
 
@@ -170,10 +213,30 @@ def test_rkd_losses_match_the_formula():
     assert rkd_loss(fs, ft, 2.0, 3.0).item() == pytest.approx(2 * distance + 3 * angle, rel=1e-9)
 
 
-@pytest.mark.parametrize("loss", [similarity_loss, pkt_loss, rkd_loss], ids=["sp", "pkt", "rkd"])
+def test_vid_loss_matches_the_gaussian_negative_log_likelihood():
+    mean, target = randn(2, 3, 2, 2, seed=1), randn(2, 3, 2, 2, seed=2)
+    variance = [0.5, 2.0, 5.0]
+    value = vid_loss(mean, target, torch.tensor(variance, dtype=F64))
+    assert value.item() == pytest.approx(ref_vid(mean, target, variance), rel=1e-12)
+
+
+@pytest.mark.parametrize("student_size, teacher_size", [(4, 4), (8, 4), (4, 8)])
+def test_nst_loss_matches_the_mmd_formula(student_size, teacher_size):
+    fs, ft = randn(2, 3, student_size, student_size, seed=1), randn(2, 5, teacher_size, teacher_size, seed=2)
+    assert nst_loss(fs, ft).item() == pytest.approx(ref_nst(fs, ft), rel=1e-10)
+
+
+def test_cc_loss_matches_repdistillers_formula():
+    es, et = randn(5, 4, seed=1), randn(5, 4, seed=2)
+    assert correlation_congruence_loss(es, et).item() == pytest.approx(ref_cc(es, et), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "loss", [similarity_loss, pkt_loss, rkd_loss, correlation_congruence_loss], ids=["sp", "pkt", "rkd", "cc"]
+)
 def test_batch_losses_are_finite_on_a_batch_of_one(loss):
     student = randn(1, 5, seed=1).requires_grad_()
-    value = loss(student, randn(1, 7, seed=2))
+    value = loss(student, randn(1, 5 if loss is correlation_congruence_loss else 7, seed=2))
     assert value.item() == pytest.approx(0.0, abs=1e-12)
     value.backward()
     assert torch.isfinite(student.grad).all()
@@ -185,7 +248,8 @@ def test_nce_loss_matches_the_formula():
 
 
 @pytest.mark.parametrize(
-    "loss", [attention_loss, similarity_loss, pkt_loss, rkd_loss], ids=["at", "sp", "pkt", "rkd"]
+    "loss", [attention_loss, similarity_loss, pkt_loss, rkd_loss, nst_loss, correlation_congruence_loss],
+    ids=["at", "sp", "pkt", "rkd", "nst", "cc"],
 )
 def test_zero_when_the_student_features_are_the_teachers(loss):
     f = randn(4, 3, 4, 4, seed=3)
@@ -264,13 +328,18 @@ def test_layers_default_to_repdistillers_features():
     assert FitNetLoss().pick(stages) == ["s2"]  # hint_layer=2 with the stem as feature 0
     assert ATLoss().pick(stages) == ["s1", "s2", "s3", "s4"]
     assert SPLoss().pick(stages) == ["s4"]
-    for criterion in (PKTLoss(), RKDLoss(), CRDLoss()):
+    for criterion in (PKTLoss(), RKDLoss(), CRDLoss(), CCLoss()):
         assert criterion.pick(stages) == ["e:in"]
+    for criterion in (VIDLoss(), NSTLoss()):  # helper/loops.py feat[1:-1]
+        assert criterion.pick(stages) == ["s1", "s2", "s3", "s4"]
     expected_layers = {
         FitNetLoss: (["layer2"], ["layer2"]),
         ATLoss: (["layer1", "layer2", "layer3"],) * 2,
         SPLoss: (["layer3"], ["layer3"]),
         PKTLoss: (["fc:in"], ["fc:in"]),
+        VIDLoss: (["layer1", "layer2", "layer3"],) * 2,
+        NSTLoss: (["layer1", "layer2", "layer3"],) * 2,
+        CCLoss: (["fc:in"], ["fc:in"]),
     }
     student, teacher = tiny_models()
     for cls, expected in expected_layers.items():
@@ -297,8 +366,9 @@ def test_layer_errors_are_clear():
         bind(SPLoss(teacher_layers=["layer7"]))
     with pytest.raises(ValueError, match="needs a teacher"):
         SPLoss().bind(resnet8(4, 0.25), None, probe_images(), LABELS)
-    with pytest.raises(ValueError, match="spatial maps"):
-        bind(ATLoss(student_layers=["fc:in"], teacher_layers=["fc:in"]))
+    for cls in (ATLoss, VIDLoss, NSTLoss):
+        with pytest.raises(ValueError, match="spatial maps"):
+            bind(cls(student_layers=["fc:in"], teacher_layers=["fc:in"]))
     criterion = SPLoss()
     bind(criterion)
     step = Step(torch.zeros(4, 4), LABELS[:4], torch.zeros(4, 4), {}, {})
@@ -323,8 +393,9 @@ def test_bind_leaves_the_models_as_they_were():
         (SPLoss(weight=3.0), lambda s, t: similarity_loss(s[0], t[0])),
         (PKTLoss(weight=3.0), lambda s, t: pkt_loss(s[0], t[0])),
         (RKDLoss(weight=3.0), lambda s, t: rkd_loss(s[0], t[0])),
+        (NSTLoss(weight=3.0), lambda s, t: sum(nst_loss(a, b) for a, b in zip(s, t))),
     ],
-    ids=["at", "sp", "pkt", "rkd"],
+    ids=["at", "sp", "pkt", "rkd", "nst"],
 )
 def test_criterion_returns_its_weighted_term(criterion, function):
     student, teacher = bind(criterion)
@@ -353,10 +424,11 @@ def test_fitnet_with_an_identity_regressor_is_zero_on_equal_features():
     assert terms["loss_fitnet"].item() == 0.0
 
 
-ALL = [FitNetLoss, ATLoss, SPLoss, PKTLoss, RKDLoss, lambda: CRDLoss(num_negatives=6, feat_dim=8)]
+ALL = [FitNetLoss, ATLoss, SPLoss, PKTLoss, RKDLoss, lambda: CRDLoss(num_negatives=6, feat_dim=8), VIDLoss, NSTLoss,
+       CCLoss]
 
 
-@pytest.mark.parametrize("make", ALL, ids=["fitnet", "at", "sp", "pkt", "rkd", "crd"])
+@pytest.mark.parametrize("make", ALL, ids=["fitnet", "at", "sp", "pkt", "rkd", "crd", "vid", "nst", "cc"])
 def test_gradients_reach_the_student_and_adapters_but_never_the_teacher(make):
     criterion = make()
     student, teacher = bind(criterion)
@@ -369,9 +441,69 @@ def test_gradients_reach_the_student_and_adapters_but_never_the_teacher(make):
     term.backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in student_features.values())
     assert all(f.grad is None for f in teacher_features.values())
-    for name, parameter in criterion.named_parameters():  # the regressor, CRD's two embeddings
+    for name, parameter in criterion.named_parameters():  # regressors, VID's variances, CRD's and CC's embeddings
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-    assert len(list(criterion.parameters())) == {FitNetLoss: 4, CRDLoss: 4}.get(type(criterion), 0)
+    expected = {FitNetLoss: 4, CRDLoss: 4, CCLoss: 4, VIDLoss: 3 * (3 + 1)}  # VID: 3 convs + variances per stage
+    assert len(list(criterion.parameters())) == expected.get(type(criterion), 0)
+
+
+def ref_conv1x1(weights: list[torch.Tensor], f: torch.Tensor) -> torch.Tensor:
+    """VID's regressor position by position: W3 relu(W2 relu(W1 x)) on each pixel's channel vector."""
+    n, _, h, w = f.shape
+    out = torch.zeros(n, weights[-1].shape[0], h, w, dtype=f.dtype)
+    for i in range(n):
+        for y in range(h):
+            for x in range(w):
+                v = f[i, :, y, x]
+                for k, weight in enumerate(weights):
+                    v = weight[:, :, 0, 0] @ v
+                    v = v.clamp(min=0) if k < len(weights) - 1 else v
+                out[i, :, y, x] = v
+    return out
+
+
+def test_vid_criterion_matches_its_definition_and_starts_at_the_initial_variance():
+    criterion = VIDLoss(weight=2.0, student_layers=["layer1"], teacher_layers=["layer2"])  # 8x8 student, 4x4 teacher
+    bind(criterion)
+    criterion.double()
+    (alpha,) = criterion.log_scales
+    variance = torch.log1p(torch.exp(alpha.detach())) + 1e-5
+    assert_close(variance, torch.full_like(variance, 5.0))  # RepDistiller's init_pred_var
+    with torch.no_grad():
+        alpha.copy_(randn(len(alpha), seed=3))
+    student, teacher = randn(2, 4, 8, 8, seed=1), randn(2, 16, 4, 4, seed=2)
+    step = Step(torch.zeros(2, 4, dtype=F64), LABELS[:2], None, {"layer1": student}, {"layer2": teacher})
+    value = criterion(step)["loss_vid"].item()
+    weights = [m.weight.detach() for m in criterion.regressors[0] if isinstance(m, nn.Conv2d)]
+    assert [tuple(w.shape[:2]) for w in weights] == [(16, 4), (16, 16), (16, 16)]  # VIDLoss(s, t, t)
+    mean = ref_conv1x1(weights, ref_average_pool(student, 2))  # the larger map pooled before the regressor
+    variances = [math.log(1 + math.exp(float(a))) + 1e-5 for a in alpha.detach()]
+    assert value == pytest.approx(2.0 * ref_vid(mean, teacher, variances), rel=1e-10)
+
+
+def test_vid_with_an_identity_regressor_on_equal_features_is_half_the_mean_log_variance():
+    criterion = VIDLoss(student_layers=["layer2"], teacher_layers=["layer2"])
+    student, _ = tiny_models()
+    bind(criterion, student, student)
+    criterion.regressors[0] = nn.Identity()
+    features = {"layer2": randn(2, 8, 4, 4).float()}
+    terms = criterion(Step(torch.zeros(2, 4), LABELS[:2], None, features, {"layer2": features["layer2"].clone()}))
+    assert terms["loss_vid"].item() == pytest.approx(0.5 * math.log(5.0), rel=1e-6)
+
+
+def test_cc_criterion_embeds_both_networks_linearly():
+    criterion = CCLoss(weight=0.5, feat_dim=3)
+    bind(criterion)
+    criterion.double()
+    s_dim, t_dim = criterion.embed_student.in_features, criterion.embed_teacher.in_features
+    student, teacher = randn(4, s_dim, seed=1), randn(4, t_dim, seed=2)
+    value = criterion(Step(torch.zeros(4, 4, dtype=F64), LABELS[:4], None, {"fc:in": student}, {"fc:in": teacher}))
+
+    def embed(linear, x):
+        return torch.stack([linear.weight.detach() @ row + linear.bias.detach() for row in x])
+
+    expected = ref_cc(embed(criterion.embed_student, student), embed(criterion.embed_teacher, teacher))
+    assert value["loss_cc"].item() == pytest.approx(0.5 * expected, rel=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -533,6 +665,9 @@ PRESETS = {
     "pkt": ("PKTLoss", 30000.0),
     "rkd": ("RKDLoss", 1.0),
     "crd": ("CRDLoss", 0.8),
+    "vid": ("VIDLoss", 1.0),
+    "nst": ("NSTLoss", 50.0),
+    "cc": ("CCLoss", 0.02),
 }
 
 
@@ -566,6 +701,12 @@ def test_preset_is_ce_plus_the_method_with_repdistillers_beta(name):
 def test_rkd_preset_weights():
     method = preset("rkd").terms["rkd"]
     assert (method.distance_weight, method.angle_weight) == (25.0, 50.0)
+
+
+def test_vid_and_cc_preset_settings():
+    vid = preset("vid").terms["vid"]
+    assert (vid.init_variance, vid.eps) == (5.0, 1e-5)  # distiller_zoo/VID.py init_pred_var, eps
+    assert preset("cc").terms["cc"].feat_dim == 128  # train_student.py --feat_dim
 
 
 def test_crd_kd_preset_is_repdistillers_crd_plus_kd():
