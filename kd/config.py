@@ -90,7 +90,8 @@ class Config:
     teacher_cache_dtype: str = "float32"  # float32 is exact; bfloat16/float16 halve the disk use
     teacher_cache_max_gb: float = 20.0  # least recently used entries are deleted beyond this
     # Per-pair hyperparameters a method's paper tuned, set by the pair presets (conf/experiment/crd_*.yaml) and
-    # read by the loss options through ${oc.select:pair_hparams.<name>,<default>}: dkd_beta.
+    # read by the loss options through ${oc.select:pair_hparams.<name>,<default>}: dkd_beta (dkd), kd_ls_temperature,
+    # kd_ls_weight (kd_ls), dkd_ls_temperature, dkd_ls_weight, dkd_ls_beta (dkd_ls).
     pair_hparams: dict[str, float] = field(default_factory=dict)
     dataset: DatasetConfig = MISSING
     teacher: ModelConfig = MISSING

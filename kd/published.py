@@ -1,0 +1,127 @@
+"""Published CIFAR-100 results to set beside this repository's tables: `load("crd")`, `load("dkd")`.
+
+The figures live in kd/published/cifar100.yaml, each with its paper, table, source (repository@commit path line)
+and convention ("last" epoch or "best" epoch, the keys of kd.report.METRICS). Cells are keyed by (method, pair)
+as kd.report names them: method "KD", "DKD", "KD+CRD", ... plus "teacher" and "student" (the student trained
+alone); pair "<teacher> -> <student>" with the model factory names. Where sources disagree a cell holds several
+figures, the first from the paper's own repository.
+
+    crd = load("crd")
+    fig = figure(crd, "KD", "resnet56 -> resnet20")  # Figure(top1=70.66, convention="last", source=..., ...)
+    cite(fig)  # "70.66 (Tian et al., ICLR 2020 (CRD), Table 1 (same architecture), last epoch)"
+"""
+import functools
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Optional
+
+import yaml
+
+DATA_FILE = "cifar100.yaml"
+TEACHER, STUDENT = "teacher", "student"
+# kd.report's method names for the rows the papers call Teacher and Student.
+REPORT_NAMES = {"teacher (CE)": TEACHER, "CE": STUDENT}
+CONVENTIONS = ("last", "best")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One published top-1 accuracy (%) and where it was read."""
+
+    top1: float
+    method: str
+    pair: str
+    paper: str
+    table: str
+    source: str  # repository@commit path, line
+    convention: str  # "last" or "best"
+    secondary: bool = False  # read from another repository's copy of the paper's table
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Paper:
+    """A paper's CIFAR-100 figures by (method, pair), with its citation and its reporting convention."""
+
+    name: str
+    citation: str
+    short: str
+    convention: str
+    convention_evidence: str
+    statistic: str
+    figures: dict[tuple[str, str], tuple[Figure, ...]]
+
+
+def names() -> list[str]:
+    """The papers the data file holds."""
+    return sorted(_raw())
+
+
+def load(name: str) -> Paper:
+    """The figures of one paper; an unknown name raises ValueError listing the known ones."""
+    raw = _raw()
+    if name not in raw:
+        raise ValueError(f"no published results named {name!r}: known are {', '.join(sorted(raw))}")
+    entry = raw[name]
+    cells: dict[tuple[str, str], list[Figure]] = {}
+    for table in entry["tables"]:
+        for figure_ in _table_figures(name, entry, table):
+            cells.setdefault((figure_.method, figure_.pair), []).append(figure_)
+    return Paper(name, entry["citation"], entry["short"], _convention(entry, name), entry["convention_evidence"],
+                 entry["statistic"], {key: tuple(figs) for key, figs in cells.items()})
+
+
+def figures(paper: Paper, method: str, pair: str) -> tuple[Figure, ...]:
+    """Every figure of a cell (several where sources disagree); method may be a kd.report name ("CE")."""
+    return paper.figures.get((REPORT_NAMES.get(method, method), pair), ())
+
+
+def figure(paper: Paper, method: str, pair: str) -> Optional[Figure]:
+    """The cell's first figure (from the paper's own repository when it has one), or None."""
+    found = figures(paper, method, pair)
+    return found[0] if found else None
+
+
+def methods(paper: Paper) -> list[str]:
+    """The paper's methods (rows), in the data file's order."""
+    return list(dict.fromkeys(method for method, _ in paper.figures))
+
+
+def pairs(paper: Paper) -> list[str]:
+    """The paper's teacher -> student pairs (columns), in the data file's order."""
+    return list(dict.fromkeys(pair for _, pair in paper.figures))
+
+
+def cite(figure_: Figure) -> str:
+    """The figure with its paper, table and convention, for a table's footnote."""
+    paper = load(figure_.paper)
+    return f"{figure_.top1:.2f} ({paper.short}, {figure_.table}, {figure_.convention} epoch)"
+
+
+@functools.lru_cache(maxsize=None)
+def _raw() -> dict[str, Any]:
+    path = resources.files("kd").joinpath("published", DATA_FILE)
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _convention(node: dict[str, Any], where: str) -> str:
+    convention = node["convention"]
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{where}: convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+    return convention
+
+
+def _table_figures(name: str, entry: dict[str, Any], table: dict[str, Any]) -> list[Figure]:
+    """The non-empty cells of one table block, each with its row's source line and convention."""
+    columns = table["columns"]
+    found = []
+    for method, row in table["rows"].items():
+        if len(row["top1"]) != len(columns):
+            raise ValueError(f"{name} {table['table']} {method}: {len(row['top1'])} values for {len(columns)} pairs")
+        convention = _convention(row, f"{name} {method}") if "convention" in row else _convention(entry, name)
+        source = f"{table['source']} line {row['line']}"
+        for pair, top1 in zip(columns, row["top1"]):
+            if top1 is not None:  # the source leaves this cell empty (e.g. N/A)
+                found.append(Figure(float(top1), str(method), pair, name, table["table"], source, convention,
+                                    bool(table.get("secondary", False)), row.get("note", "")))
+    return found
