@@ -402,7 +402,7 @@ def test_loss_options_without_a_pair_keep_their_papers_defaults():
 def test_seed_cifar10_preset():
     cfg = compose("experiment=seed_cifar10")
     assert cfg.dataset.name == "cifar10" and cfg.dataset.num_classes == 10
-    assert target_name(cfg.teacher) == target_name(cfg.student) == "resnet18"
+    assert target_name(cfg.teacher) == target_name(cfg.student) == "tv_resnet18"
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert (cfg.optimizer.lr, cfg.optimizer.momentum) == pytest.approx((0.001, 0.9))
     assert cfg.optimizer.weight_decay == 0.0

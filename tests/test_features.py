@@ -17,7 +17,7 @@ from kd.models.cifar_resnet import resnet8
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_OPTIONS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 # Stage outputs RepDistiller's is_feat=True returns between the stem and the embedding, per model family.
-STAGE_COUNTS = {"vgg": 4, "mobilenetv2": 4, "resnet18": 4, "ResNet": 4}
+STAGE_COUNTS = {"vgg": 4, "mobilenetv2": 4, "tv_resnet18": 4, "ResNet": 4}
 
 
 # Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.

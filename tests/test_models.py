@@ -26,7 +26,7 @@ MODULES = {
     "vgg": ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"],
     "mobilenetv2": ["mobilenetv2"],
     "shufflenet": ["shufflenetv1", "shufflenetv2"],
-    "torchvision_resnet": ["resnet18"],
+    "torchvision_resnet": ["tv_resnet18"],
     "resnetv2": ["ResNet18", "ResNet50"],
     "simple_cnn": ["simple_cnn"],
 }
@@ -61,7 +61,7 @@ EXPECTED_PARAMS = {
     "mobilenetv2": 812_836,
     "shufflenetv1": 949_258,
     "shufflenetv2": 1_355_528,
-    "resnet18": 11_220_132,
+    "tv_resnet18": 11_220_132,
     "ResNet18": 11_220_132,
     "ResNet50": 23_705_252,
     "simple_cnn": 106_372,
@@ -265,9 +265,9 @@ def torchvision_resnet18_cifar(num_classes: int) -> nn.Module:
 
 
 def test_resnet18_matches_torchvision_with_cifar_stem():
-    ours = factory("resnet18")(num_classes=100)
+    ours = factory("tv_resnet18")(num_classes=100)
     reference = torchvision_resnet18_cifar(100)
-    assert num_params(ours) == num_params(reference) == EXPECTED_PARAMS["resnet18"]
+    assert num_params(ours) == num_params(reference) == EXPECTED_PARAMS["tv_resnet18"]
     ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert ours_shapes == {k: v.shape for k, v in reference.state_dict().items()}
     assert isinstance(ours, torchvision.models.ResNet)

@@ -36,6 +36,6 @@ class CifarResNet18(ResNet):
                 nn.init.zeros_(module.bias)
 
 
-def resnet18(num_classes: int = 100, width: float = 1.0) -> nn.Module:
+def tv_resnet18(num_classes: int = 100, width: float = 1.0) -> nn.Module:
     """torchvision ResNet-18 for 32x32 inputs; `width` scales the 64/128/256/512 stage widths."""
     return CifarResNet18(num_classes, width)
