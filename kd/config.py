@@ -60,6 +60,9 @@ class Config:
     device: str = "auto"
     # "auto" looks the teacher up in `teacher_store`; a path loads that checkpoint; "none" runs without one.
     teacher_checkpoint: str = "auto"
+    # With teacher_checkpoint=auto: a folder of published teachers in RepDistiller's / mdistiller's layout
+    # (<model>_vanilla/ckpt_epoch_240.pth) to take the teacher from, instead of the store.
+    teachers_dir: Optional[str] = None
     # Student runs of every seed share the teacher trained with this seed (one teacher per table).
     teacher_seed: int = 0
     teacher_store: str = "outputs/teachers"
@@ -99,6 +102,8 @@ class Config:
     loss: Any = MISSING
     optimizer: Any = MISSING
     scheduler: Any = MISSING
+    # The teacher phase's epochs, batch_size, optimizer and scheduler (the top-level ones are the student's).
+    teacher_recipe: Any = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 

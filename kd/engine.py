@@ -7,6 +7,7 @@ the teacher -> load data, build the models -> only now write run.json and start 
 changes nothing on disk) -> train epoch by epoch, evaluating after each -> (teacher) file it in the store ->
 run_info.json, then result.json (the commit point).
 """
+import copy
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd import distributed, records, teachers, tracking
+from kd.checkpoints import TeacherFile
 from kd.config import Phase
 from kd.data import hold_out
 from kd.loop import Data, Job, predict, run_epoch, score, training_forward
@@ -46,6 +48,8 @@ def run(
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    check_recipe_overrides(cfg, overrides)
+    cfg = phase_config(cfg)
     check_config(cfg)
     with run_folder(out_dir), run_log(out_dir) as commit_log:
         finished, checkpoint, record = previous_run(cfg, out_dir)
@@ -78,6 +82,32 @@ def run(
         records.write_json(out_dir / "run_info.json", info)
         records.write_json(out_dir / "result.json", result)  # the commit point: the run is finished
         return result
+
+
+def phase_config(cfg: DictConfig) -> DictConfig:
+    """The config as the phase runs it: the teacher phase trains with teacher_recipe, which replaces the top-level
+    recipe (the student's), so a teacher run's records show the recipe that trained it."""
+    if Phase(cfg.phase) is not Phase.teacher:
+        return cfg
+    recipe = OmegaConf.to_container(cfg.teacher_recipe, resolve=True)
+    cfg = copy.deepcopy(cfg)
+    for key in teachers.RECIPE_KEYS:
+        cfg[key] = recipe[key]
+    return cfg
+
+
+def check_recipe_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a teacher-phase command line that sets the student's recipe, which that phase would ignore."""
+    if Phase(cfg.phase) is not Phase.teacher or teachers.shared_recipe(cfg):
+        return
+    ignored = [o for o in overrides if teachers.override_head(o) in teachers.RECIPE_KEYS]
+    if ignored:
+        raise ValueError(
+            f"phase=teacher trains with teacher_recipe, and {' '.join(ignored)} set the student's recipe (the "
+            "top-level epochs, batch_size, optimizer, scheduler). Set the teacher's as teacher_recipe.epochs=..., "
+            "teacher_recipe.optimizer.lr=..., optimizer@teacher_recipe.optimizer=adamw, or add teacher_recipe=student "
+            "to train both phases with the top-level recipe."
+        )
 
 
 def train(
@@ -165,16 +195,16 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    teacher_path, teacher_payload = None, None
+    teacher_path, teacher_file = None, None
     if phase is Phase.student:
-        teacher_path = find_or_train_teacher(cfg, criterion.needs_teacher, overrides)
+        teacher_path = find_or_train_teacher(cfg, wants_teacher(cfg, criterion.needs_teacher), overrides)
     if teacher_path is not None:  # read and checked before any data is decoded
-        teacher_payload = teachers.read(teacher_path, cfg.teacher)
+        teacher_file = teachers.read(teacher_path, cfg.teacher)
     # gloo DDP with NHWC gradients and several CPU threads corrupts the heap (torch 2.14, reproduced with
     # torchrun and OMP_NUM_THREADS=2): data-parallel CPU runs keep NCHW.
     channels_last = cfg.channels_last and not (distributed.world_size() > 1 and device.type == "cpu")
     data = load_data(cfg.dataset, device, channels_last)
-    teacher = frozen_teacher(teacher_payload, cfg.teacher, data) if teacher_payload is not None else None
+    teacher = frozen_teacher(teacher_file, cfg.teacher, data) if teacher_file is not None else None
     job = build_job(cfg, phase, criterion, data, device, teacher)
     facts = {"phase": phase.value, "params": records.count_parameters(job.model)}
     facts["adapter_params"] = records.count_parameters(job.criterion)
@@ -182,15 +212,15 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     facts["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
     info = records.profile_model(job.model, image_shape, cfg.batch_size, device) if cfg.profile else {}
     if teacher is not None:
-        facts.update(check_teacher(job, cfg, teacher_path, teacher_payload))
+        facts.update(check_teacher(job, cfg, teacher_path, teacher_file))
         job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
     return job, facts, info
 
 
-def frozen_teacher(payload: dict[str, Any], model_cfg: DictConfig, data: Data) -> nn.Module:
+def frozen_teacher(teacher_file: TeacherFile, model_cfg: DictConfig, data: Data) -> nn.Module:
     """The teacher as the student phase runs it: eval mode, no gradients, the data's memory format, and each
     BatchNorm after a convolution folded into it (in eval mode it is an affine map)."""
-    teacher = teachers.build(payload, model_cfg, data.mean.device).to(memory_format=data.memory_format)
+    teacher = teachers.build(teacher_file, model_cfg, data.mean.device).to(memory_format=data.memory_format)
     teachers.fold_batchnorm(teacher)
     return teacher
 
@@ -280,6 +310,12 @@ def configure_determinism(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=False)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic  # autotuning picks the fastest kernels, not the same ones
+
+
+def wants_teacher(cfg: DictConfig, loss_needs_it: bool) -> bool:
+    """Whether a student run must have its teacher: when its loss reads it, and with train_missing_teacher=true also
+    when it does not (a baseline), so that every row of a table records its pair's teacher and agreement with it."""
+    return loss_needs_it or (cfg.train_missing_teacher and cfg.teacher_checkpoint == "auto")
 
 
 def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[str]) -> Optional[Path]:
@@ -414,29 +450,40 @@ def build_job(
     return job
 
 
-def check_teacher(job: Job, cfg: DictConfig, path: Path, payload: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a teacher of other classes, measure it on this data and refuse it when that disagrees with its record;
-    returns the facts a student's records cite it by (accuracy, path, sha256, source)."""
-    check_classes(payload.get("classes"), job.data.classes, path)
-    recorded = payload["metrics"]
+def check_teacher(job: Job, cfg: DictConfig, path: Path, teacher: TeacherFile) -> dict[str, Any]:
+    """Refuse a teacher of other classes, measure it on this data, and compare with the accuracy its file states:
+    a checkpoint of this repository that disagrees is refused, a published one is warned about. Returns the facts a
+    student's records cite it by (measured accuracy, path, sha256, source, format)."""
+    check_classes(teacher.classes, job.data.classes, path)
     measured = {}
     for name, split in (("test", job.data.test), ("val", job.data.val)):
         if split is not None:
             logits = predict(job.teacher, split, job.data, job.eval_batch_size, job.amp_dtype)
             measured[name] = score(logits, split.labels, None)
             job.teacher_predictions[name] = logits.argmax(1)
-    gap = abs(measured["test"]["acc1"] - recorded["test/acc1"])
-    if gap > cfg.teacher_acc_tolerance:
-        raise ValueError(
-            f"teacher {path} scores {measured['test']['acc1']:.2f}% test top-1 here but {recorded['test/acc1']:.2f}% "
-            f"when it was trained (more than teacher_acc_tolerance={cfg.teacher_acc_tolerance}): wrong checkpoint, "
-            "dataset or normalization."
-        )
-    log.info("teacher %s: test top-1 %.2f (recorded %.2f)", path, measured["test"]["acc1"], recorded["test/acc1"])
+    accuracy, recorded = measured["test"]["acc1"], teacher.recorded_acc1
+    if recorded is not None and abs(accuracy - recorded) > cfg.teacher_acc_tolerance:
+        message = (f"teacher {path} scores {accuracy:.2f}% test top-1 here but {recorded:.2f}% "
+                   f"{'when it was trained' if teacher.format == 'kd' else 'in its file'} (more than "
+                   f"teacher_acc_tolerance={cfg.teacher_acc_tolerance}): wrong checkpoint, dataset or normalization.")
+        if teacher.format == "kd":
+            raise ValueError(message)
+        log.warning("%s Going on: a published file's own figure may have been measured elsewhere.", message)
+    log.info("teacher %s (%s): test top-1 %.2f (its file: %s)", path, teacher.format, accuracy,
+             "none" if recorded is None else f"{recorded:.2f}")
     facts = {f"teacher/{name}/{key}": value for name, m in measured.items() for key, value in m.items()}
-    source = "store" if (path.parent / "manifest.json").is_file() else "file"
-    return {**facts, "teacher/acc1": measured["test"]["acc1"], "teacher_checkpoint": str(path),
-            "teacher/sha256": records.sha256_file(path), "teacher/source": source}
+    facts.update({"teacher/acc1": accuracy, "teacher_checkpoint": str(path), "teacher/format": teacher.format,
+                  "teacher/sha256": records.sha256_file(path), "teacher/source": teacher_source(cfg, path)})
+    if recorded is not None:
+        facts["teacher/recorded_acc1"] = recorded
+    return facts
+
+
+def teacher_source(cfg: DictConfig, path: Path) -> str:
+    """Where a student's teacher came from: the store, a teachers_dir of published teachers, or a file by path."""
+    if (path.parent / "manifest.json").is_file():
+        return "store"
+    return "teachers_dir" if cfg.teacher_checkpoint == "auto" and cfg.teachers_dir is not None else "file"
 
 
 def check_classes(teacher_classes: Optional[list[str]], classes: list[str], path: Path) -> None:

@@ -20,7 +20,7 @@ import yaml
 DATA_FILE = "cifar100.yaml"
 TEACHER, STUDENT = "teacher", "student"
 # kd.report's method names for the rows the papers call Teacher and Student.
-REPORT_NAMES = {"teacher (CE)": TEACHER, "CE": STUDENT}
+REPORT_NAMES = {"teacher (CE)": TEACHER, "CE (no teacher)": STUDENT}
 CONVENTIONS = ("last", "best")
 
 
@@ -72,7 +72,7 @@ def load(name: str) -> Paper:
 
 
 def figures(paper: Paper, method: str, pair: str) -> tuple[Figure, ...]:
-    """Every figure of a cell (several where sources disagree); method may be a kd.report name ("CE")."""
+    """Every figure of a cell (several where sources disagree); method may be a kd.report name ("CE (no teacher)")."""
     return paper.figures.get((REPORT_NAMES.get(method, method), pair), ())
 
 

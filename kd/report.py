@@ -18,13 +18,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from kd import plots, records
+from kd import plots, published, records
 from kd.records import RESULT_NEUTRAL, is_under
 
 # Config keys (and their subtrees) that do not change the experiment: runs differing only here are one group.
 # What a resumed run may change, plus the teacher's path: a teacher is identified by its weights (TEACHER_SHA, from
 # result.json), so the same teacher found by `auto` on one machine and given by path on another is one experiment.
-IGNORED_KEYS = RESULT_NEUTRAL + ("teacher_checkpoint",)
+IGNORED_KEYS = RESULT_NEUTRAL + ("teacher_checkpoint", "teachers_dir")
 TEACHER_SHA = "teacher/sha256"  # a group key from result.json: runs with other teacher weights are other groups
 # What a phase never reads: a teacher run trains with cross-entropy and has no student or teacher_seed.
 UNUSED_BY_PHASE = {"teacher": ("student", "loss", "teacher_seed")}
@@ -191,17 +191,22 @@ def model_label(node: dict[str, Any]) -> str:
 CRITERION_NAMES = {"SoftTargets": "KD", "Combined": ""}
 
 
+BASELINE = "CE (no teacher)"  # the papers' "Student" row: the student trained on the labels alone
+
+
 def method_name(config: dict[str, Any]) -> str:
-    """The loss as the papers' tables name it: the criterion class without "Loss" (KD, CE, DKD), "-LS" with logit
-    standardisation, and for a combination its terms but CE joined by "+" (FitNet, KD+CRD); the teacher phase
-    always trains with cross-entropy."""
+    """The loss as the papers' tables name it: the criterion class without "Loss" (KD, DKD), "-LS" with logit
+    standardisation, and for a combination its terms but CE joined by "+" (FitNet, KD+CRD); the baseline (CE alone,
+    or KD with alpha 0, which is the same training) is BASELINE; the teacher phase always trains with cross-entropy."""
     if config.get("phase") == "teacher":
         return "teacher (CE)"
     loss = config.get("loss", {})
     if str(loss.get("_target_", "")).endswith(".Combined"):
         terms = [criterion_name(term) for term in loss.values() if isinstance(term, dict)]
-        return "+".join(name for name in terms if name != "CE") or "CE"
-    return criterion_name(loss)
+        name = "+".join(name for name in terms if name != "CE") or "CE"
+    else:
+        name = criterion_name(loss)
+    return BASELINE if name == "CE" or (name == "KD" and loss.get("alpha") == 0) else name
 
 
 def criterion_name(node: dict[str, Any]) -> str:
@@ -340,7 +345,7 @@ def sort_value(value: Any) -> tuple:
 
 def is_baseline(key: dict[str, Any]) -> bool:
     """A student trained without the teacher's soft targets: CE, or KD with alpha = 0."""
-    return key.get("phase") == "student" and (key[METHOD] == "CE" or key.get("loss.alpha") == 0)
+    return key.get("phase") == "student" and key[METHOD] == BASELINE
 
 
 # Keys a baseline may differ in, most to least specific: alpha alone (same T), any loss setting of the
@@ -526,8 +531,14 @@ def pivot_panels(rows: Sequence[Row], row_key: str, col_key: str) -> list[Panel]
         panels.setdefault(tuple(fmt_value(row.group.key.get(k, MISSING)) for k in others), []).append(row)
     result = []
     for values, members in panels.items():
-        cells = {(fmt_value(m.group.key.get(row_key, MISSING)), fmt_value(m.group.key.get(col_key, MISSING))): m
-                 for m in members}
+        cells: dict[tuple[str, str], Row] = {}
+        for m in members:
+            cell = (fmt_value(m.group.key.get(row_key, MISSING)), fmt_value(m.group.key.get(col_key, MISSING)))
+            if cell in cells:
+                raise ValueError(f"--pivot {row_key} {col_key}: rows #{cells[cell].index} and #{m.index} fall in one "
+                                 f"cell ({row_key}={cell[0]}, {col_key}={cell[1]}): pivot on keys that tell them "
+                                 "apart.")
+            cells[cell] = m
         title = ", ".join(f"{k}={v}" for k, v in zip(others, values))
         result.append(Panel(title, distinct_values(members, row_key), distinct_values(members, col_key), cells))
     return result
@@ -722,6 +733,63 @@ def teacher_warnings(rows: Sequence[Row]) -> list[str]:
     return lines + [""] if lines else []
 
 
+def paper_section(rows: Sequence[Row], name: str, out_dir: Path) -> list[str]:
+    """"Ours beside the paper": a method × pair table whose cells hold our mean ± std at the paper's convention
+    (its last or best epoch), the published figure and our difference; the teachers' row compares their accuracy.
+    Also paper_<name>.csv. Figures and their sources: kd.published."""
+    paper = published.load(name)
+    student_rows = [row for row in rows if PAIR in row.group.key]
+    if not student_rows:
+        return [f"## Beside {paper.short}\n", "No student runs: nothing to compare.", ""]
+    lines = [f"## Beside {paper.short}: ours / paper (ours − paper), test top-1 %\n"]
+    records, conventions = [], set()
+    for panel in pivot_panels(student_rows, METHOD, PAIR):
+        header = [f"{METHOD} \\ {PAIR}", *[fmt_value(c) for c in panel.col_values]]
+        cells = [["teacher", *[paper_cell(panel_teacher(panel, pair), paper, "teacher", pair, records, conventions)
+                               for pair in panel.col_values]]]
+        for method in panel.row_values:
+            cells.append([fmt_value(method)] + [
+                paper_cell(panel.cells.get((fmt_value(method), fmt_value(pair))), paper, method, pair, records,
+                           conventions) for pair in panel.col_values])
+        lines += [f"{panel.title}:\n" if panel.title else "", markdown_table(header, cells)]
+    write_csv(out_dir / f"paper_{name}.csv", records)
+    sides = "; ".join(f"`{c}` = {'the final epoch (test/acc1)' if c == 'last' else 'the best epoch (test/acc1_best)'}"
+                      for c in sorted(conventions))
+    sources = sorted({record["paper_source"] for record in records if record["paper_source"]})
+    return lines + [
+        f"{paper.citation}. The paper reports the **{paper.convention}** epoch ({paper.convention_evidence}) Each of "
+        f"our cells is taken at the convention of the figure beside it ({sides}; marked when it is not the paper's). "
+        f"{paper.statistic}", "", "Sources: " + "; ".join(sources) + ".", ""]
+
+
+def panel_teacher(panel: "Panel", pair: Any) -> Optional[tuple[float, float]]:
+    """The mean and spread of the teachers' measured accuracy over a pair's rows in a panel (None without one)."""
+    values = [run.result["teacher/acc1"] for (_, c), row in panel.cells.items() if c == fmt_value(pair)
+              for run in row.group.runs if isinstance(run.result.get("teacher/acc1"), (int, float))]
+    return mean_std(values) if values else None
+
+
+def paper_cell(ours: Any, paper: "published.Paper", method: Any, pair: Any, records: list, conventions: set) -> str:
+    """One cell: ours at the figure's convention, the figure, and the difference; ours alone without a figure."""
+    figure = published.figure(paper, str(method), str(pair))
+    convention = figure.convention if figure else paper.convention
+    stat = ours.stats[convention] if isinstance(ours, Row) else ours  # a Row, or the teacher's (mean, std)
+    if stat is None and figure is None:
+        return ""
+    text = "–" if stat is None else fmt_stat(stat)
+    mark = "" if convention == paper.convention else f" ({convention} epoch)"
+    if figure is not None:
+        delta = "" if stat is None or math.isnan(stat[0]) else f" ({stat[0] - figure.top1:+.2f})"
+        text = f"{text}{mark} / {figure.top1:.2f}{delta}"
+        conventions.add(convention)
+    records.append({"method": method, "pair": pair, "ours_mean": _num(stat[0]) if stat else "",
+                    "ours_std": _num(stat[1]) if stat else "", "ours_epoch": convention,
+                    "n": ours.n if isinstance(ours, Row) else "", "paper": figure.top1 if figure else "",
+                    "paper_source": f"{figure.table}: {figure.source}" if figure else "",
+                    "delta": _num(stat[0] - figure.top1) if figure and stat else ""})
+    return text
+
+
 def problem_section(problems: Sequence[Problem], rows: Sequence[Row], sweep_dirs: Sequence[Path]) -> list[str]:
     """The "Missing or failed runs" section: each job, then the table rows and settings they affect."""
     lines = ["## Missing or failed runs", ""]
@@ -764,9 +832,10 @@ def check_pivots(rows: Sequence[Row], pivots: Sequence[tuple[str, str]]) -> None
 
 def write_report(
     sweep_dirs: Sequence[Path], out_dir: Optional[Path] = None, pivots: Sequence[tuple[str, str]] = (),
-    latex: bool = False, metric: str = "both",
+    latex: bool = False, metric: str = "both", paper: Optional[str] = None,
 ) -> Path:
-    """Write report.md, report.csv (and report.tex, pivot CSVs, PNGs) into out_dir; return report.md's path."""
+    """Write report.md, report.csv (and report.tex, pivot CSVs, the paper comparison, PNGs) into out_dir; return
+    report.md's path."""
     sweep_dirs = [Path(d) for d in sweep_dirs]
     out_dir = Path(out_dir or sweep_dirs[0])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -779,6 +848,7 @@ def write_report(
     header, cells = table(rows, metrics)
     write_csv(out_dir / "report.csv", csv_records(rows))
     pivot_md, pivot_tex = pivot_sections(rows, pivots, primary, out_dir)
+    pivot_md += paper_section(rows, paper, out_dir) if paper else []
     plot_lines = write_plots(rows, out_dir, primary)
     markdown = [*intro(sweep_dirs, runs, rows), *teacher_warnings(rows), markdown_table(header, cells), *pivot_md,
                 *problem_section(problems, rows, sweep_dirs), "## Plots", "", *[f"{line}\n" for line in plot_lines]]
@@ -802,6 +872,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--metric", choices=("last", "best", "both"), default="both",
                         help="which test top-1 the tables show: last epoch, best epoch, or both")
     parser.add_argument("--out", type=Path, help="output folder (default: the first sweep folder)")
+    parser.add_argument("--paper", choices=published.names(),
+                        help="also a method x pair table of ours beside that paper's published figures")
     return parser.parse_args(argv)
 
 
@@ -816,7 +888,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("kd.report: no job folders (with a run.json) found", file=sys.stderr)
         return 1
     try:
-        path = write_report(args.sweep_dirs, args.out, [tuple(p) for p in args.pivot], args.latex, args.metric)
+        path = write_report(args.sweep_dirs, args.out, [tuple(p) for p in args.pivot], args.latex, args.metric,
+                            args.paper)
     except ValueError as err:
         print(f"kd.report: {err}", file=sys.stderr)
         return 1

@@ -81,8 +81,7 @@ def check_sweep_folder(sweep_dir: Path, new: dict[str, Any]) -> Optional[str]:
 def sweep_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """How `new` differs from `old` beyond resuming it or adding values to its swept keys."""
     problems = [] if old.get("sweeper") == new["sweeper"] else [f"sweeper: {old.get('sweeper')} -> {new['sweeper']}"]
-    relevant = lambda fixed: {k: v for k, v in fixed.items() if not records.is_under(k.lstrip("+~"), records.RESULT_NEUTRAL)}  # noqa: E731
-    was, now = relevant(old.get("fixed", {})), relevant(new["fixed"])
+    was, now = _relevant(old.get("fixed", {})), _relevant(new["fixed"])
     for key in sorted(was.keys() | now.keys()):
         if was.get(key) != now.get(key):
             problems.append(f"{key}: {was.get(key, 'not set')} -> {now.get(key, 'not set')}")
@@ -97,6 +96,11 @@ def sweep_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _relevant(fixed: dict[str, str]) -> dict[str, str]:
+    """The constant overrides that change a result (logger, device, threads, store paths ... may change)."""
+    return {k: v for k, v in fixed.items() if not records.is_under(k.lstrip("+~"), records.RESULT_NEUTRAL)}
+
+
 def name_jobs_by_swept_keys(config: DictConfig, record: dict[str, Any]) -> None:
     """Leave the constant overrides out of every job's folder name (hydra.job.override_dirname).
 
@@ -104,7 +108,8 @@ def name_jobs_by_swept_keys(config: DictConfig, record: dict[str, Any]) -> None:
     (ConfigLoaderImpl.load_sweep_config), so one more Hydra override added here reaches every job, in any launcher.
     """
     parser = OverridesParser.create()
-    constant = sorted({o.key_or_group for o in parser.parse_overrides([f"{k}={v}" for k, v in record["fixed"].items()])})
+    fixed = parser.parse_overrides([f"{k}={v}" for k, v in record["fixed"].items()])
+    constant = sorted({o.key_or_group for o in fixed})
     quoted = ",".join("'" + key.replace("\\", "\\\\").replace("'", "\\'") + "'" for key in constant)
     with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
         config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]")
@@ -116,6 +121,7 @@ def teacher_preflight(config: DictConfig) -> Optional[str]:
         return None
     swept, fixed = split_overrides(config)
     heads = TEACHER_HEADS | ({"seed"} if OmegaConf.is_interpolation(config, "teacher_seed") else set())
+    heads |= set(teachers.RECIPE_KEYS) if teachers.shared_recipe(config) else set()
     if any(_head(key) in heads for key in swept):
         return None  # several teachers: each job finds (or trains, under a lock) its own
     cfg = config.copy()
@@ -123,9 +129,9 @@ def teacher_preflight(config: DictConfig) -> Optional[str]:
         cfg.pop("hydra")
     needs_teacher = instantiate(cfg.loss).needs_teacher or any(_head(k) == "loss" for k in swept)
     try:
-        engine.find_or_train_teacher(cfg, needs_teacher, fixed)
-    except teachers.MissingTeacher as missing:
-        return str(missing)
+        engine.find_or_train_teacher(cfg, engine.wants_teacher(cfg, needs_teacher), fixed)
+    except (FileNotFoundError, ValueError) as error:  # a missing teacher, a teachers_dir without the pair's file
+        return str(error)
     return None
 
 

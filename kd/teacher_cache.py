@@ -92,7 +92,8 @@ class TeacherCache:
         except Exception as error:  # truncated, garbage, or not a dict
             problem = f"unreadable ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]})"
         if problem:
-            log.warning("teacher cache file %s rejected (%s): deleted, the teacher recomputes this epoch", path, problem)
+            log.warning("teacher cache file %s rejected (%s): deleted, the teacher recomputes this epoch", path,
+                        problem)
             path.unlink(missing_ok=True)
             self.rejected += 1
             self.misses += 1

@@ -29,14 +29,18 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kd import records
+from kd.checkpoints import TeacherFile, read_teacher_file
 from kd.records import (
     SOURCE_NEUTRAL, load_checkpoint, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
 )
 
 log = logging.getLogger(__name__)
 
-# Keys of the config that change what a teacher learns; everything else (device, logging, ...) does not.
-IDENTITY_KEYS = ("dataset", "teacher", "optimizer", "scheduler", "epochs", "batch_size")
+# Keys of the config that change what a teacher learns; everything else (device, logging, the student's recipe, ...)
+# does not.
+IDENTITY_KEYS = ("dataset", "teacher", "teacher_recipe")
+# The training recipe's keys: at the top level the student's, under teacher_recipe the teacher's.
+RECIPE_KEYS = ("epochs", "batch_size", "optimizer", "scheduler")
 
 
 def dataset_identity(dataset_cfg: DictConfig) -> dict[str, Any]:
@@ -48,11 +52,14 @@ def dataset_identity(dataset_cfg: DictConfig) -> dict[str, Any]:
 
 
 def identity(cfg: DictConfig, seed: int) -> dict[str, Any]:
-    """What defines a teacher: data, architecture, training recipe and seed."""
-    ident = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(IDENTITY_KEYS)), resolve=True)
-    ident["dataset"] = dataset_identity(cfg.dataset)
-    ident["seed"] = seed
-    return ident
+    """What defines a teacher: data, architecture, its own training recipe (teacher_recipe) and seed."""
+    return {"dataset": dataset_identity(cfg.dataset), "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+            "teacher_recipe": OmegaConf.to_container(cfg.teacher_recipe, resolve=True), "seed": seed}
+
+
+def shared_recipe(cfg: DictConfig) -> bool:
+    """Whether the teacher trains with the student's (top-level) recipe: teacher_recipe=student."""
+    return OmegaConf.is_interpolation(cfg.teacher_recipe, "epochs")
 
 
 def entry_dir(cfg: DictConfig, seed: int) -> Path:
@@ -157,6 +164,8 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | Non
         if not path.is_file():
             raise FileNotFoundError(f"teacher_checkpoint={choice}: no such file.")
         return path
+    if cfg.teachers_dir is not None:
+        return published_teacher(Path(cfg.teachers_dir), model_name(cfg.teacher))
     entry = entry_dir(cfg, cfg.teacher_seed)
     version = newest_complete(entry)
     if version is not None:
@@ -169,6 +178,24 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | Non
         f"no trained teacher for this config in {entry}. Train it first:\n  {teacher_command(cfg, overrides)}\n"
         "or pass teacher_checkpoint=PATH, or train_missing_teacher=true to train it on demand.",
     )
+
+
+# Where RepDistiller (scripts/fetch_pretrained_teachers.sh) and mdistiller (cifar_teachers.tar) keep each teacher.
+PUBLISHED_LAYOUT = "{model}_vanilla/ckpt_epoch_240.pth"
+
+
+def published_teacher(folder: Path, model: str) -> Path:
+    """The published teacher for `model` (our factory names are theirs: resnet56, wrn_40_2, vgg13, ResNet50) in a
+    folder of RepDistiller's / mdistiller's layout."""
+    path = folder / PUBLISHED_LAYOUT.format(model=model)
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("*_vanilla")) if folder.is_dir() else []
+        raise FileNotFoundError(
+            f"teachers_dir={folder} has no teacher for model@teacher={model}: expected {path} (the "
+            f"{PUBLISHED_LAYOUT} layout of RepDistiller's and mdistiller's published teachers; "
+            f"{'found: ' + ', '.join(found) if found else 'no <model>_vanilla folder there'})."
+        )
+    return path
 
 
 class MissingTeacher(FileNotFoundError):
@@ -231,31 +258,34 @@ _HELD: set[tuple[int, str]] = set()
 
 
 # Overrides (by their first key) that concern only the student run.
-STUDENT_ONLY = {"phase", "seed", "loss", "student", "model@student", "teacher_checkpoint", "teacher_seed", "logger"}
+STUDENT_ONLY = {"phase", "seed", "loss", "student", "model@student", "teacher_checkpoint", "teacher_seed", "logger",
+                "pair_hparams"}
+
+
+def override_head(override: str) -> str:
+    """An override's first key: `optimizer.lr=0.1` -> optimizer, `+model@teacher=x` -> model@teacher."""
+    return override.lstrip("+~").split("=", 1)[0].split(".", 1)[0]
 
 
 def teacher_command(cfg: DictConfig, overrides: list[str]) -> str:
-    """The command that trains the teacher a student run needs: its overrides minus the student-only ones."""
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in STUDENT_ONLY]
+    """The command that trains the teacher a student run needs: its overrides minus the student-only ones (and minus
+    the student's recipe, unless the teacher shares it)."""
+    dropped = STUDENT_ONLY | (set() if shared_recipe(cfg) else set(RECIPE_KEYS))
+    kept = [o for o in overrides if override_head(o) not in dropped]
     args = ["python", "train.py", "phase=teacher", f"seed={cfg.teacher_seed}", *kept]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def read(path: Path, model_cfg: DictConfig) -> dict[str, Any]:
-    """Load a teacher checkpoint (tensors and plain values only) and check it fits the teacher config node."""
-    payload = load_checkpoint(path, ("model", "arch", "metrics"))
-    expected = OmegaConf.to_container(model_cfg, resolve=True)
-    stored = payload["arch"]
-    mismatched = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
-    if mismatched:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
-        raise ValueError(f"teacher checkpoint {path} does not match the teacher config ({details}).")
+def read(path: Path, model_cfg: DictConfig) -> TeacherFile:
+    """Load a teacher checkpoint of any accepted format (kd.checkpoints) and check it fits the teacher config node;
+    a stored teacher must also still match the sha256 its manifest recorded."""
+    teacher = read_teacher_file(path, model_cfg)
     if path.name == "teacher.pt" and (path.parent / "manifest.json").is_file():
         recorded = read_manifest(path.parent).get("sha256")
         if sha256_file(path) != recorded:
             raise ValueError(f"{path} does not match the sha256 in {path.parent / 'manifest.json'}: the file changed "
                              f"after it was filed. Delete {path.parent} to train that teacher again.")
-    return payload
+    return teacher
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -286,8 +316,8 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def build(payload: dict[str, Any], model_cfg: DictConfig, device: torch.device) -> nn.Module:
-    """The frozen teacher: built from its config node, weights from a checked payload, eval mode, no gradients."""
+def build(teacher_file: TeacherFile, model_cfg: DictConfig, device: torch.device) -> nn.Module:
+    """The frozen teacher: built from its config node, weights from a checked file, eval mode, no gradients."""
     teacher = instantiate(model_cfg)
-    teacher.load_state_dict(payload["model"])
+    teacher.load_state_dict(teacher_file.state_dict)
     return teacher.to(device).eval().requires_grad_(False)

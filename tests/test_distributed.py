@@ -17,7 +17,8 @@ from kd import distributed, engine, loop, teachers
 from kd.feature_losses import CRDLoss
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["experiment=quickstart", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2", "profile=false"]
+TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2",
+        "profile=false"]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
@@ -70,7 +71,8 @@ def test_killed_ddp_student_resumes_to_the_same_bits(ddp_teacher):
     student = ["phase=student", "logger.mode=disabled"]
     whole = torchrun(ddp_teacher, "whole", *student)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = torchrun(ddp_teacher, "resumed", *student, runner="tests/kill_runner.py", env={"KD_KILL_AT": "after:last.pt:1"})
+    killed = torchrun(ddp_teacher, "resumed", *student, runner="tests/kill_runner.py",
+                      env={"KD_KILL_AT": "after:last.pt:1"})
     assert killed.returncode != 0
     assert not (ddp_teacher / "resumed" / "result.json").exists()
     resumed = torchrun(ddp_teacher, "resumed", *student)

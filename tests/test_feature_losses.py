@@ -1,4 +1,5 @@
-"""Feature distillation (FitNet, AT, SP, PKT, RKD, CRD, VID, NST, CC): values against loop-by-loop computations written from the
+"""Feature distillation (FitNet, AT, SP, PKT, RKD, CRD, VID, NST, CC): values against loop-by-loop computations written
+from the
 papers' formulas, zero when the features match, gradients to the student and the adapters but never the teacher,
 CRD's memory, Z and negative sampling, and the conf/loss presets bound to real (tiny) models."""
 

@@ -124,7 +124,8 @@ def test_row_conventions_override_the_papers():
 
 def test_report_names_of_teacher_and_baseline_find_their_rows():
     crd = published.load("crd")
-    assert published.figure(crd, "CE", "resnet56 -> resnet20") == published.figure(crd, "student", "resnet56 -> resnet20")
+    pair = "resnet56 -> resnet20"
+    assert published.figure(crd, "CE (no teacher)", pair) == published.figure(crd, "student", pair)
     assert published.figure(crd, "teacher (CE)", "resnet56 -> resnet20").top1 == 72.34  # README line 79
     assert published.figure(crd, "KD", "resnet56 -> resnet20 x0.5") is None  # no published figure at another width
 

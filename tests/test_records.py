@@ -100,10 +100,12 @@ def test_2_tampered_cache_entries_are_deleted_recomputed_and_never_used(tmp_path
     torch.save(forged, files[1])
     reader = engine.run(compose_cfg(tmp_path, *student), tmp_path / "reader")
     assert trained(reader) == trained(live)
-    assert (info(tmp_path / "reader")["teacher_cache/rejected"], info(tmp_path / "reader")["teacher_cache/hits"]) == (3, 0)
+    assert (info(tmp_path / "reader")["teacher_cache/rejected"], info(tmp_path / "reader")["teacher_cache/hits"]) == (
+        3, 0)
     warnings = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
     assert [w.split("rejected (")[1].split(")")[0] for w in warnings] == [
-        "not an epoch file of this cache", "its checksum does not match its rows", f"written for entry {entry.name} epoch 1"]
+        "not an epoch file of this cache", "its checksum does not match its rows",
+        f"written for entry {entry.name} epoch 1"]
     again = engine.run(compose_cfg(tmp_path, *student), tmp_path / "again")  # recomputed, stored, verified
     assert trained(again) == trained(live) and info(tmp_path / "again")["teacher_cache/hits"] == 3
 
@@ -152,7 +154,8 @@ def test_3_refused_reruns_of_a_job_and_of_a_sweep_leave_every_record_as_it_was(f
     assert "loss.alpha: 0.9 -> 0.5" in rerun.stdout
     other_teacher = launch(sweep, "phase=student", "epochs=1", "loss.alpha=0,0.9", "train_missing_teacher=true",
                            f"teacher_checkpoint={tmp_path / 'elsewhere.pt'}", multirun=True)
-    assert other_teacher.returncode != 0 and "holds another sweep (teacher_checkpoint: not set ->" in other_teacher.stdout
+    assert other_teacher.returncode != 0
+    assert "holds another sweep (teacher_checkpoint: not set ->" in other_teacher.stdout
     assert snapshot(sweep) == before  # run.json, result.json, train.log, multirun.yaml, sweep.json: all as they were
     markdown = report_text(sweep, tmp_path / "r1")
     assert "None: every expected job has a result.json." in markdown and "2 jobs in sweep.json's grid" in markdown
@@ -246,7 +249,8 @@ def test_6_a_stored_teacher_is_returned_not_retrained_and_retraining_files_a_new
         raise AssertionError("the stored teacher was trained again")
 
     monkeypatch.setattr(engine, "fit", no_training)
-    again = engine.run(compose_cfg(tmp_path, "phase=teacher", "epochs=2", "logger.mode=offline"), tmp_path / "teacher_2")
+    again = engine.run(compose_cfg(tmp_path, "phase=teacher", "epochs=2", "logger.mode=offline"),
+                       tmp_path / "teacher_2")
     assert again["teacher_checkpoint"] == str(v1) and trained(again) == trained(first)
     assert json.loads((tmp_path / "teacher_2" / "result.json").read_text())["teacher_checkpoint"] == str(v1)
     with pytest.raises(ValueError, match=r"manifest\.json was written by another config \(recorded -> now: "
@@ -419,11 +423,12 @@ def test_data_dependent_settings_are_refused_before_training(tmp_path, overrides
 # kind of record is written in one command. Relative paths, run from a folder of its own: the records are the same
 # bytes in every folder, so runs can be compared file for file (and run two at a time).
 STUDENT_RUN = [*FOLDER, "dataset.source.root=images", "dataset.source.cache_dir=decode_cache", "experiment=quickstart",
+               "teacher_recipe=student",
                "model@teacher=simple_cnn", "teacher.width=0.25", "model@student=simple_cnn", "student.width=0.25",
                "epochs=2", "batch_size=16", "threads=1", "profile=false", "logger.mode=offline",
                "teacher_store=teachers", "phase=student", "train_missing_teacher=true", "hydra.run.dir=student"]
-TEACHER_RUN = [o for o in STUDENT_RUN if o not in ("phase=student", "train_missing_teacher=true",
-                                                   "hydra.run.dir=student")] + ["phase=teacher", "hydra.run.dir=teacher"]
+STUDENT_ONLY = ("phase=student", "train_missing_teacher=true", "hydra.run.dir=student")
+TEACHER_RUN = [o for o in STUDENT_RUN if o not in STUDENT_ONLY] + ["phase=teacher", "hydra.run.dir=teacher"]
 # Process epochs 1-2 train the teacher, 3-4 the student; three steps an epoch; N counts a file name's writes.
 STUDENT_FAULTS = [
     "decode:10", "write:images_*.pt:1", "after:images_*.pt:1",  # data loading: decoding, the decode cache

@@ -26,10 +26,12 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, records, teachers
 
 REPO = Path(__file__).resolve().parents[1]
-# Tiny and fast: 16x16 digits, quarter-width CNNs, one thread (the 2 cores are shared), no profiling, no W&B.
+# Tiny and fast: 16x16 digits, quarter-width CNNs, one thread (the 2 cores are shared), no profiling, no W&B; the
+# teacher trains with the student's recipe (epochs=N sets both).
 TINY = [
-    "experiment=quickstart", "model@teacher=simple_cnn", "teacher.width=0.25", "model@student=simple_cnn",
-    "student.width=0.25", "++dataset.source.image_size=16", "threads=1", "profile=false", "logger.mode=disabled",
+    "experiment=quickstart", "teacher_recipe=student", "model@teacher=simple_cnn", "teacher.width=0.25",
+    "model@student=simple_cnn", "student.width=0.25", "++dataset.source.image_size=16", "threads=1", "profile=false",
+    "logger.mode=disabled",
 ]
 # A student trained on the labels alone needs no teacher: the cheapest complete run.
 PLAIN = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=3"]
@@ -43,7 +45,8 @@ def compose_cfg(tmp: Path, *overrides: str):
 def command(out: Path, *overrides: str, multirun: bool = False, kill_at: str | None = None) -> list[str]:
     """train.py (or tests/kill_runner.py when kill_at is set) into run folder `out` (or sweep folder, multirun)."""
     script = "tests/kill_runner.py" if kill_at else "train.py"
-    where = ["-m", f"hydra.sweep.dir='{out}'"] if multirun else [f"hydra.run.dir='{out}'"]  # quoted: job folders hold = and ,
+    # Quoted: job folder names hold = and , (loss.alpha=0.9,seed=1).
+    where = ["-m", f"hydra.sweep.dir='{out}'"] if multirun else [f"hydra.run.dir='{out}'"]
     return [sys.executable, script, *where, *TINY, f"teacher_store={out.parent / 'teachers'}", *overrides]
 
 

@@ -15,7 +15,8 @@ from kd import report
 
 REPO = Path(__file__).resolve().parents[1]
 # 16x16 digits and batch 128 keep 9 trainings within seconds; the pipeline is the same as at 32x32.
-TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25",
+TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
+        "student.width=0.25",
         "epochs=1", "batch_size=128", "++dataset.source.image_size=16", "logger.mode=disabled"]
 SWEEP = ["loss.alpha=0,0.9", "loss.temperature=1,4", "seed=0,1"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -220,10 +221,11 @@ def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
     assert report.main([str(ce_and_kd_sweep), "--metric", "last"]) == 0
     with (ce_and_kd_sweep / "report.csv").open() as f:
         rows = {(r["method"], r["student.width"]): r for r in csv.DictReader(f)}
-    assert set(rows) == {(m, w) for m in ("CE", "KD") for w in ("0.5", "1.0")}  # device differs: still one group
+    ce = report.BASELINE
+    assert set(rows) == {(m, w) for m in (ce, "KD") for w in ("0.5", "1.0")}  # device differs: still one group
     assert float(rows[("KD", "0.5")]["delta_last"]) == pytest.approx(60.5 - 55.5)
     assert float(rows[("KD", "1.0")]["delta_last"]) == pytest.approx(65 - 60.5)
-    assert rows[("KD", "1.0")]["baseline_row"] == rows[("CE", "1.0")]["row"]
+    assert rows[("KD", "1.0")]["baseline_row"] == rows[(ce, "1.0")]["row"]
     markdown = (ce_and_kd_sweep / "report.md").read_text()
     kd_line = next(l for l in markdown.splitlines() if l.startswith(f"| {rows[('KD', '1.0')]['row']} |"))
     assert "| 65.00 |" in kd_line and "±" not in kd_line and "best" not in markdown.split("| # |")[1].split("\n")[0]
@@ -274,10 +276,12 @@ def test_method_names_follow_the_papers_tables():
         "FitNet": {"_target_": "kd.losses.Combined", "ce": ce, "fitnet": feature},
         "KD+CRD": {"_target_": "kd.losses.Combined", "ce": ce, "kd": {**soft, "standardize": False}, "crd": crd},
         "KD-LS": {"_target_": "kd.losses.Combined", "ce": ce, "kd": soft},
-        "CE": {"_target_": "kd.losses.Combined", "ce": ce},
+        "CE (no teacher)": {"_target_": "kd.losses.Combined", "ce": ce},
     }
     for name, loss in names.items():
         assert report.method_name({"phase": "student", "loss": loss}) == name
+    for baseline in ({"_target_": "kd.losses.CELoss"}, {"_target_": "kd.losses.KDLoss", "alpha": 0}):
+        assert report.method_name({"phase": "student", "loss": baseline}) == "CE (no teacher)"
 
 
 def test_method_by_pair_pivot_is_one_table(tmp_path):
@@ -314,3 +318,24 @@ def test_method_by_pair_pivot_is_one_table(tmp_path):
     # DKD's beta varies with the pair and the method together: it stays a column; nothing else of loss or pair.
     assert "| method | pair | loss.beta | test top-1" in header and "teacher." not in header
     assert "Fixed: phase=student, epochs=2." in markdown
+
+
+def test_paper_figures_beside_ours(tmp_path):
+    """--paper crd: every cell with a published figure shows ours at the paper's convention, the figure, the
+    difference; the teacher row compares the measured teachers; the CSV holds the full-precision numbers."""
+    kd_loss = {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4}
+    for number, (alpha, seed, last) in enumerate(((0.9, 0, 69.0), (0.9, 1, 71.0), (0.0, 0, 68.5), (0.0, 1, 69.5))):
+        config = fake_config({**kd_loss, "alpha": alpha}, 1.0, seed, teacher={"_target_": "kd.models.zoo.resnet56"})
+        config["student"]["_target_"] = "kd.models.zoo.resnet20"
+        fake_job(tmp_path / f"job{number}", [f"loss.alpha={alpha}", f"seed={seed}"], config,
+                 **{"test/acc1": last, "test/acc1_best": last + 1, "teacher/acc1": 72.0 + seed})
+    assert report.main([str(tmp_path), "--pivot", "method", "pair", "--paper", "crd"]) == 0
+    section_text = section((tmp_path / "report.md").read_text(), "Beside Tian et al., ICLR 2020 (CRD)")
+    assert "| teacher | 72.50 ± 0.58 / 72.34 (+0.16) |" in section_text  # RepDistiller README line 79
+    assert "| KD | 70.00 ± 1.41 / 70.66 (-0.66) |" in section_text  # line 80: the last epoch, as CRD reports
+    assert "| CE (no teacher) | 69.00 ± 0.71 / 69.06 (-0.06) |" in section_text
+    assert "reports the **last** epoch" in section_text and "README.md line 80" in section_text
+    assert "line 81" not in section_text  # only the sources of the figures shown
+    with (tmp_path / "paper_crd.csv").open() as f:
+        cells = {(r["method"], r["pair"]): r for r in csv.DictReader(f)}
+    assert float(cells[("KD", "resnet56 -> resnet20")]["delta"]) == pytest.approx(70.0 - 70.66)

@@ -14,7 +14,8 @@ from kd import bench, data, engine, loop
 from kd.teacher_cache import TeacherCache
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25"]
+TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
+        "student.width=0.25"]
 TINY += ["epochs=2", "logger.mode=disabled", "profile=false", "threads=1"]
 
 

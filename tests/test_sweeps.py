@@ -12,7 +12,8 @@ import kd.config  # noqa: F401  (registers the schema)
 from train import threads_per_job
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25"]
+TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
+        "student.width=0.25"]
 TINY += ["epochs=1", "logger.mode=disabled", "profile=false"]
 
 pytestmark = pytest.mark.slow

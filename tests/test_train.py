@@ -17,7 +17,8 @@ from kd import engine, loop, records, teachers
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 # Small models keep the suite fast; the pipeline is the same for every pair.
-TINY = ["experiment=quickstart", "model@teacher=resnet8", "model@student=simple_cnn", "student.width=0.25"]
+TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
+        "student.width=0.25"]
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):

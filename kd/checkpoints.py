@@ -1,0 +1,140 @@
+"""Teacher checkpoints in the forms the field publishes them, read without running any pickled code and matched
+strictly against the teacher config.
+
+Accepted: this repository's checkpoints (`model`, `arch`, `metrics`: teacher.pt, last.pt, best.pt); the
+RepDistiller / mdistiller dict (`model` = the state_dict, with `epoch`, `accuracy` or `best_acc`, `optimizer`: their
+published `<model>_vanilla/ckpt_epoch_240.pth`); a bare state_dict; a `.safetensors` file. A state_dict saved from
+nn.DataParallel (every key `module.`-prefixed) is read without the prefix. The architecture always comes from
+model@teacher, never from the file: a file that does not load strictly is refused, naming its missing, unexpected and
+mis-shaped keys and the model options that would fit it.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from kd import records
+
+MODEL_OPTIONS = records.REPO_ROOT / "conf" / "model"  # the registry of model@teacher options
+
+
+@dataclass
+class TeacherFile:
+    """A teacher checkpoint as read: its weights, its format and what it records about itself."""
+
+    state_dict: dict[str, Tensor]
+    format: str  # "kd" (this repository), "repdistiller", "state_dict", "safetensors"
+    metrics: Optional[dict[str, Any]] = None  # this repository's record of the run (test/acc1, ...)
+    recorded_acc1: Optional[float] = None  # the accuracy the file states (ours: test/acc1; theirs: accuracy/best_acc)
+    classes: Optional[list[str]] = None  # the class names it was trained on (this repository's files)
+    arch: Optional[dict[str, Any]] = None  # the model node it was built from (this repository's files)
+
+
+def read_teacher_file(path: Path, model_cfg: DictConfig) -> TeacherFile:
+    """Read a teacher checkpoint of any accepted format and check that it fits model_cfg exactly."""
+    teacher = _read(Path(path))
+    if teacher.format == "kd":
+        check_arch(teacher, model_cfg, path)
+    problem = mismatch(teacher.state_dict, _meta_model(model_cfg))
+    if problem:
+        fits = fitting_options(teacher.state_dict, model_cfg)
+        hint = f" It fits: {'; '.join(fits)}." if fits else " No model option fits it."
+        raise ValueError(f"teacher checkpoint {path} ({teacher.format} format) does not fit model@teacher="
+                         f"{records.model_name(model_cfg)} (num_classes={model_cfg.num_classes}, width="
+                         f"{model_cfg.width:g}): {problem}.{hint}")
+    return teacher
+
+
+def _read(path: Path) -> TeacherFile:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return TeacherFile(_unwrapped(load_file(str(path))), "safetensors")
+        except Exception as error:
+            raise records.UnusableCheckpoint(f"{path} is not a readable safetensors file ({error}).") from None
+    payload = records.load_checkpoint(path, ())  # weights_only: a pickle holding objects is refused unrun
+    if isinstance(payload, dict) and "arch" in payload and isinstance(payload.get("model"), dict):
+        metrics = payload.get("metrics") or {}
+        return TeacherFile(payload["model"], "kd", metrics, metrics.get("test/acc1"), payload.get("classes"),
+                           payload["arch"])
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        accuracy = payload.get("accuracy", payload.get("best_acc"))
+        accuracy = float(accuracy) if isinstance(accuracy, (int, float, Tensor)) else None
+        return TeacherFile(_unwrapped(payload["model"]), "repdistiller", recorded_acc1=accuracy)
+    if isinstance(payload, dict) and payload and all(isinstance(v, Tensor) for v in payload.values()):
+        return TeacherFile(_unwrapped(payload), "state_dict")
+    raise records.UnusableCheckpoint(
+        f"{path} holds neither a state_dict nor a checkpoint dict with one under 'model' "
+        f"(top-level keys: {sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__})."
+    )
+
+
+def _unwrapped(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state_dict without nn.DataParallel's `module.` prefix (when every key has it)."""
+    if state and all(key.startswith("module.") for key in state):
+        return {key[len("module."):]: value for key, value in state.items()}
+    return state
+
+
+def check_arch(teacher: TeacherFile, model_cfg: DictConfig, path: Path) -> None:
+    """This repository's checkpoints name their model node: it must be the teacher config's."""
+    expected = OmegaConf.to_container(model_cfg, resolve=True)
+    mismatched = {k: (teacher.arch.get(k), v) for k, v in expected.items() if teacher.arch.get(k) != v}
+    if mismatched:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in mismatched.items())
+        raise ValueError(f"teacher checkpoint {path} does not match the teacher config ({details}).")
+
+
+def mismatch(state: dict[str, Tensor], model: nn.Module, shown: int = 5) -> str:
+    """How a state_dict fails to load strictly into model ("" when it loads): missing, unexpected, mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+                 for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{name} ({len(keys)}): {', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''}"
+             for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    return "; ".join(parts)
+
+
+def fitting_options(state: dict[str, Tensor], model_cfg: DictConfig) -> list[str]:
+    """The model@teacher options (and width, class count) whose state_dict the file matches key for key."""
+    fits = []
+    for option in sorted(MODEL_OPTIONS.glob("*.yaml")):
+        node = OmegaConf.load(option)
+        classes = _classifier_outputs(state, node) or model_cfg.num_classes
+        for width in dict.fromkeys([float(model_cfg.width), 1.0, *_width_ratios(state, node)]):
+            candidate = OmegaConf.merge(node, {"num_classes": classes, "width": width})
+            try:
+                if not mismatch(state, _meta_model(candidate)):
+                    fits.append(f"model@teacher={option.stem} teacher.width={width:g} ({classes} classes)")
+            except Exception:  # a width this family cannot take
+                continue
+    return fits
+
+
+def _meta_model(model_cfg: DictConfig) -> nn.Module:
+    """The model built on the meta device: its state_dict's keys and shapes, without memory or initialisation."""
+    with torch.device("meta"):
+        return instantiate(model_cfg)
+
+
+def _classifier_outputs(state: dict[str, Tensor], node: DictConfig) -> Optional[int]:
+    """The number of classes the file's classifier has, read at the key where this model option keeps its own."""
+    probe = _meta_model(OmegaConf.merge(node, {"num_classes": 7, "width": 1.0}))
+    heads = [k for k, v in probe.state_dict().items() if v.ndim == 2 and v.shape[0] == 7]
+    return int(state[heads[-1]].shape[0]) if heads and heads[-1] in state else None
+
+
+def _width_ratios(state: dict[str, Tensor], node: DictConfig) -> list[float]:
+    """The width at which this option's first convolution has the file's channel count (a file of another width)."""
+    reference = _meta_model(OmegaConf.merge(node, {"num_classes": 10, "width": 1.0})).state_dict()
+    first = next((k for k, v in reference.items() if v.ndim == 4), None)
+    if first is None or first not in state:
+        return []
+    return [round(state[first].shape[0] / reference[first].shape[0], 4)]
