@@ -433,6 +433,19 @@ def key_columns(rows: Sequence[Row]) -> list[str]:
     return [METHOD] + [k for k in varying if k not in named]
 
 
+def method_settings(rows: Sequence[Row]) -> list[str]:
+    """The loss settings the table leaves out because its method determines them, per method: `KD: loss.alpha=0.9`."""
+    shown = set(key_columns(rows))
+    varying = varying_keys([row.group.key for row in rows])
+    hidden = [k for k in varying if is_under(k, NAMED_BY[METHOD]) and k not in shown]
+    settings: dict[str, str] = {}
+    for row in rows:
+        values = [f"{k}={fmt_value(row.group.key[k], k)}" for k in hidden if k in row.group.key]
+        if values:
+            settings.setdefault(str(row.group.key[METHOD]), ", ".join(values))
+    return [f"Method settings: {'; '.join(f'{m}: {v}' for m, v in settings.items())}.", ""] if settings else []
+
+
 def table(rows: Sequence[Row], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     """The main table as header and text cells."""
     keys = key_columns(rows)
@@ -479,8 +492,9 @@ def latex_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
 
 
 def csv_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    """The table with full-precision numbers, one dict per row (std empty for n=1, Δ empty without baseline)."""
-    keys = key_columns(rows)
+    """The table with full-precision numbers and every varying key (the Markdown table leaves out those a method or a
+    pair determines), one dict per row (std empty for n=1, Δ empty without baseline)."""
+    keys = [METHOD] + [k for k in varying_keys([row.group.key for row in rows]) if k != METHOD]
     records = []
     for row in rows:
         record = {"row": row.index, **{k: row.group.key.get(k, MISSING) for k in keys}}
@@ -850,7 +864,8 @@ def write_report(
     pivot_md, pivot_tex = pivot_sections(rows, pivots, primary, out_dir)
     pivot_md += paper_section(rows, paper, out_dir) if paper else []
     plot_lines = write_plots(rows, out_dir, primary)
-    markdown = [*intro(sweep_dirs, runs, rows), *teacher_warnings(rows), markdown_table(header, cells), *pivot_md,
+    markdown = [*intro(sweep_dirs, runs, rows), *teacher_warnings(rows), *method_settings(rows),
+                markdown_table(header, cells), *pivot_md,
                 *problem_section(problems, rows, sweep_dirs), "## Plots", "", *[f"{line}\n" for line in plot_lines]]
     (out_dir / "report.md").write_text("\n".join(markdown))
     if latex:

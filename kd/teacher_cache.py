@@ -44,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
                "kd.loop.Data.inputs", "kd.loop.autocast", "kd.data.augment", "kd.data.normalize", "kd.data.batches",
                "kd.data.epoch_generator")
-OUTPUT_CODE_VERSIONS = {1: "e6abe2cdde2cc5d154f91df611f4596ceafe9ab162d75c48c0eada33cbef36d4"}
+OUTPUT_CODE_VERSIONS = {1: "a9ebe76a3eb4abd935fafa7229234336e393d55d80ad16a013036a935824cb27"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 

@@ -51,6 +51,7 @@ def start(cfg: DictConfig, out_dir: Path, run_id: str, extra: Optional[dict[str,
             "is just slow). Upload later with `wandb sync %s/wandb/offline-run-*`.",
             type(error).__name__, reason, cfg.logger.init_timeout_s, out_dir,
         )
+        wandb.teardown()  # the failed start keeps the run id registered in W&B's service process: end it first
         return _init(cfg, out_dir, "offline", run_id, extra)
 
 

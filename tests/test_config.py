@@ -358,7 +358,7 @@ def test_pair_hparams_keys_are_read_by_a_loss_option():
     read = {key for path in (CONF / "loss").glob("*.yaml")
             for key in re.findall(r"pair_hparams\.(\w+)", path.read_text())}
     assert read == {"dkd_beta", "kd_ls_temperature", "kd_ls_weight", "dkd_ls_temperature", "dkd_ls_weight",
-                    "dkd_ls_beta"}
+                    "dkd_ls_beta", "reviewkd_weight"}
     for path in (CONF / "experiment").glob("*.yaml"):
         assert set(OmegaConf.load(path).get("pair_hparams", {})) <= read, path.name
 
@@ -516,12 +516,13 @@ def test_entry_dir_is_stable_and_under_the_store():
         (["teacher.width=2"], 0),
         (["dataset=cifar10"], 0),
         ([], 1),
-        (["epochs=200"], 0),
-        (["optimizer.lr=0.1"], 0),
+        (["teacher_recipe.epochs=200"], 0),
+        (["teacher_recipe.optimizer.lr=0.1"], 0),
         (["model@teacher=resnet110"], 0),
-        (["batch_size=128"], 0),
-        (["scheduler=cosine"], 0),
+        (["teacher_recipe.batch_size=128"], 0),
+        (["scheduler@teacher_recipe.scheduler=cosine"], 0),
         (["dataset.val_fraction=0.1"], 0),
+        (["teacher_recipe=student", "epochs=200"], 0),
     ],
 )
 def test_entry_dir_changes_with_what_defines_the_teacher(overrides, seed):
@@ -536,6 +537,7 @@ def test_entry_dir_changes_with_what_defines_the_teacher(overrides, seed):
         ["logger.mode=online"],
         ["device=cpu"],
         ["dataset.source.download=false"],
+        ["epochs=200", "optimizer.lr=0.1", "batch_size=128", "scheduler=cosine"],  # the student's recipe
         ["phase=student", "seed=3", "teacher_seed=4", "loss=ce", "model@student=resnet8", "teacher_checkpoint=none"],
     ],
 )
@@ -558,6 +560,7 @@ STUDENT_RUN = [
     "logger.mode=online",
     "logger.tags=[a,b]",
     "scheduler.milestones=[2,4]",
+    "teacher_recipe.epochs=7",
 ]
 
 
@@ -566,9 +569,8 @@ def test_teacher_command_keeps_only_what_the_teacher_needs():
     args = shlex.split(teachers.teacher_command(cfg, STUDENT_RUN))
     assert args == [
         "python", "train.py", "phase=teacher", "seed=2",
-        "experiment=crd_resnet56_resnet20", "epochs=5", "dataset=digits", "teacher.width=2",
-        "scheduler.milestones=[2,4]",
-    ]
+        "experiment=crd_resnet56_resnet20", "dataset=digits", "teacher.width=2", "teacher_recipe.epochs=7",
+    ]  # the student's recipe (epochs, scheduler) is not the teacher's
 
 
 def test_teacher_command_trains_the_teacher_the_student_looks_up():

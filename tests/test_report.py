@@ -107,11 +107,13 @@ def test_table_matches_an_independent_computation(sweep, out):
 def test_markdown_table_columns_and_cells(sweep, out):
     markdown = (out / "report.md").read_text()
     header = next(line for line in markdown.splitlines() if line.startswith("| # |"))
-    assert "loss.alpha" in header and "loss.temperature" in header and "method" in header
+    # alpha 0 is the baseline's, alpha 0.9 KD's: the method names them, and the settings line says alpha's value.
+    assert "| method | loss.temperature |" in header and "loss.alpha" not in header
     assert "student.width" not in header and "seed" not in header and "logger" not in header
+    assert "Method settings: CE (no teacher): loss.alpha=0; KD: loss.alpha=0.9." in markdown
     values = [r["test/acc1"] for r in results_by_setting(sweep)[(0.9, 4.0)]]
     cell = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-    assert any(line.startswith("| ") and "| 0.9 | 4 |" in line and cell in line for line in markdown.splitlines())
+    assert any(line.startswith("| ") and "| KD | 4 |" in line and cell in line for line in markdown.splitlines())
     assert "selected by test/acc1" in markdown
     assert "None: every expected job has a result.json." in section(markdown, "Missing or failed runs")
 
@@ -160,7 +162,7 @@ def test_deleted_result_is_listed_and_its_group_is_short(sweep, tmp_path, capsys
     assert (row["n"], row["n_expected"], row["test_acc1_last_std"]) == ("1", "2", "")
     other_seed = job_folder(copy, loss__alpha="0.9", loss__temperature="4", seed="0")
     assert float(row["test_acc1_last_mean"]) == json.loads((other_seed / "result.json").read_text())["test/acc1"]
-    table_line = next(l for l in (copy / "report.md").read_text().splitlines() if "| 0.9 | 4 |" in l)
+    table_line = next(l for l in (copy / "report.md").read_text().splitlines() if "| KD | 4 |" in l)
     assert "| 1 of 2 |" in table_line
 
 

@@ -155,7 +155,8 @@ def test_sweep_of_two_students_with_the_cache_matches_the_sweep_without(teacher,
                 f"hydra.sweep.dir={tmp_path / cache}"]
         proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr
-        results[cache] = [json.loads(p.read_text()) for p in sorted((tmp_path / cache).glob("*/result.json"))]
+        results[cache] = [{**json.loads(p.read_text()), **json.loads((p.parent / "run_info.json").read_text())}
+                          for p in sorted((tmp_path / cache).glob("*/result.json"))]
     with_cache, without = results["true"], results["false"]
     assert len(with_cache) == len(without) == 2
     # The second job of the cached sweep reads the first job's teacher outputs.
