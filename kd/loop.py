@@ -143,7 +143,8 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
                 logits = job.forward(images)
                 teacher_logits, teacher_features = teacher(images, rows, share)
                 terms = job.criterion(Step(
-                    logits, labels, teacher_logits, dict(student_features), teacher_features, batch.index[share], epoch
+                    logits, labels, teacher_logits, dict(student_features), teacher_features, batch.index[share], epoch,
+                    step, job.seed,
                 ))
                 loss = sum(terms.values())
             optimize(job, loss)

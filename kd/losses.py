@@ -23,6 +23,8 @@ class Step:
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     index: Optional[Tensor] = None  # the samples' positions in the training split (CRD's memory bank)
     epoch: int = 1  # 1-based (DKD's warm-up)
+    step: int = 0  # the batch's position in its epoch, 0-based
+    seed: int = 0  # the run's seed: with epoch and step, the key of a criterion's random draws (CRD's negatives)
 
 
 class Criterion(nn.Module):
