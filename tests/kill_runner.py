@@ -39,16 +39,15 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def counting_generator(seed: int, epoch: int, _real=kd.loop.epoch_generator):
+def counting_epoch(job, epoch: int, _real=kd.loop.train_one_epoch):
     counts["epochs"] += 1
-    return _real(seed, epoch)
+    return _real(job, epoch)
 
 
-def killing_batches(split, batch_size, generator=None, _real=kd.loop.batches):
-    for step, batch in enumerate(_real(split, batch_size, generator)):
-        if kind in ("step", "pause") and generator is not None and (counts["epochs"], step) == tuple(map(int, spec)):
-            pause() if kind == "pause" else die()
-        yield batch
+def killing_step(job, context, batch, rows, _real=kd.loop.train_step):
+    if kind in ("step", "pause") and (counts["epochs"], context.step) == tuple(map(int, spec)):
+        pause() if kind == "pause" else die()
+    return _real(job, context, batch, rows)
 
 
 def pause() -> None:
@@ -89,8 +88,8 @@ def killing_atomic_write(path: Path, data: bytes, _real=kd.records.atomic_write_
     write_hook(path, lambda: data, lambda: _real(path, data))
 
 
-kd.loop.epoch_generator = counting_generator
-kd.loop.batches = killing_batches
+kd.loop.train_one_epoch = counting_epoch
+kd.loop.train_step = killing_step
 kd.data.read_image = killing_read_image
 kd.records.atomic_write_bytes = killing_atomic_write
 
