@@ -182,7 +182,8 @@ def dkd_divergence(
     with logsumexp instead of the log of summed probabilities: equal in value, finite when p_gt rounds to 1.
     """
     scaled_student, scaled_teacher = student_logits / temperature, teacher_logits / temperature
-    is_target = F.one_hot(targets, student_logits.shape[1]).bool()
+    # A comparison, not F.one_hot: one_hot reads the labels' min and max back to the host (a GPU sync every step).
+    is_target = targets[:, None] == torch.arange(student_logits.shape[1], device=targets.device)
 
     def binary_log_probs(scaled: Tensor) -> Tensor:  # [log p_gt, log (1 - p_gt)] per sample
         log_total = scaled.logsumexp(dim=1)

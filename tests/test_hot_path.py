@@ -1,0 +1,70 @@
+"""The training step never makes the host wait for the device: no value read back, no data-dependent shape, no copy
+from host memory, for every method, with the teacher live or read from the cache (tests/syncs.py counts them)."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import kd.config  # noqa: F401  (registers the schema)
+from kd import engine, loop, teachers
+from kd.config import Phase
+from kd.teacher_cache import TeacherCache
+from syncs import SyncCounter
+from test_reliability import compose_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+LOSSES = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml"))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def job_for(tmp_path: Path, loss: str, *overrides: str) -> loop.Job:
+    """A student job on 16x16 digits (a few hundred training images, batch 64) with an untrained resnet8 teacher."""
+    cfg = compose_cfg(tmp_path, "phase=student", f"loss={loss}", "model@teacher=resnet8", "batch_size=64", *overrides)
+    device = torch.device("cpu")
+    data = engine.load_data(cfg.dataset, device, channels_last=True)
+    data.train = data.train.subset(torch.arange(200))  # 4 steps: 3 full batches and a short last one
+    teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
+    teachers.fold_batchnorm(teacher)
+    return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
+
+
+def syncs_per_step(job: loop.Job, epoch: int, monkeypatch) -> list:
+    """Run one epoch and return, for each of its training steps, the syncing operations it ran."""
+    found, real_step = [], loop.train_step
+
+    def counted(*args, **kwargs):
+        with SyncCounter() as syncs:
+            real_step(*args, **kwargs)
+        found.append(dict(syncs.found))
+
+    monkeypatch.setattr(loop, "train_step", counted)
+    loop.train_one_epoch(job, epoch)
+    monkeypatch.setattr(loop, "train_step", real_step)
+    return found
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_training_step_never_waits_for_the_device(loss, tmp_path, monkeypatch):
+    job = job_for(tmp_path, loss)
+    steps = syncs_per_step(job, 1, monkeypatch)
+    assert len(steps) == 4 and steps == [{}] * 4, steps
+    if job.criterion.needs_teacher and not job.criterion.layers()[1]:  # the teacher's logits from the cache
+        job.cache = TeacherCache(tmp_path / "cache", {"loss": loss}, (len(job.data.train), 10), "float32", 1e9)
+        loop.train_one_epoch(job, 2)  # stores epoch 2
+        cached = syncs_per_step(job, 2, monkeypatch)
+        assert job.cache.hits == 1 and cached == [{}] * 4, cached
+
+
+def test_the_counter_sees_what_would_sync(monkeypatch, tmp_path):
+    """The test above cannot pass by counting nothing: an .item() put back into the step is found."""
+    job = job_for(tmp_path, "kd")
+    real_optimize = loop.optimize
+
+    def optimize_and_read(job, loss):
+        real_optimize(job, loss)
+        loss.item()
+
+    monkeypatch.setattr(loop, "optimize", optimize_and_read)
+    assert syncs_per_step(job, 1, monkeypatch) == [{"aten._local_scalar_dense": 1}] * 4
