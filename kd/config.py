@@ -84,8 +84,11 @@ class Config:
     precision: str = "auto"
     # NHWC activations: faster convolutions on tensor cores and on the CPU (+17% here); same results up to rounding.
     channels_last: bool = True
-    # torch.compile the student's training forward (its first step compiles: about a minute on a CPU).
+    # torch.compile the student's training forward (its first step compiles: about a minute on a CPU), with static
+    # shapes (the last, shorter batch gets a graph of its own). compile_mode=reduce-overhead also captures the
+    # compiled forward and backward as CUDA graphs (CUDA only): what makes small CIFAR students fast on a GPU.
     compile: bool = False
+    compile_mode: str = "default"
     # Teacher-output cache: student jobs sharing a teacher and a data seed (a sweep over alpha, T, width) read
     # the teacher's logits for each augmented view from disk instead of running the teacher again.
     teacher_cache: bool = True

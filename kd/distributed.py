@@ -26,8 +26,9 @@ def init_from_env() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.cuda.set_device(local_device_index())
+    # Both backends when there is a GPU: NCCL for CUDA tensors, gloo for the CPU ones (broadcast_object, ...).
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if rank() != 0:  # one copy of the log: the other ranks only warn
         logging.getLogger().setLevel(logging.WARNING)
 
@@ -51,6 +52,12 @@ def rank() -> int:
 
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_device_index() -> int:
+    """This process's GPU: its local rank modulo the visible GPUs (SLURM's one-GPU-per-task binding shows each task
+    one GPU, numbered 0, whatever its local rank)."""
+    return local_rank() % max(1, torch.cuda.device_count())
 
 
 def is_main() -> bool:

@@ -26,7 +26,7 @@ from kd import distributed, records, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase
 from kd.data import hold_out
-from kd.loop import Data, Job, predict, run_epoch, score, training_forward
+from kd.loop import COMPILE_MODES, Data, Job, predict, run_epoch, score, training_forward
 from kd.losses import CELoss, Criterion
 from kd.teacher_cache import DTYPES, TeacherCache
 
@@ -64,7 +64,7 @@ def run(
                 return stored
         if Phase(cfg.phase) is Phase.teacher and distributed.is_main():
             teachers.check_writable(Path(cfg.teacher_store))
-        job, facts, info = set_up(cfg, overrides)
+        job, facts, info = set_up(cfg, overrides, checkpoint.get("precision") if checkpoint else None)
         # Every check has passed: from here on the run writes into its folder.
         record = distributed.broadcast_object(record or start_record(cfg, out_dir, overrides))
         commit_log()
@@ -186,7 +186,9 @@ def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> di
     return record
 
 
-def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, Any], dict[str, Any]]:
+def set_up(
+    cfg: DictConfig, overrides: Sequence[str], resumed_precision: Optional[str] = None
+) -> tuple[Job, dict[str, Any], dict[str, Any]]:
     """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; returns the job,
     the run's facts (part of result.json) and what varies between executions (speed: run_info.json)."""
     phase = Phase(cfg.phase)
@@ -205,12 +207,12 @@ def set_up(cfg: DictConfig, overrides: Sequence[str]) -> tuple[Job, dict[str, An
     channels_last = cfg.channels_last and not (distributed.world_size() > 1 and device.type == "cpu")
     data = load_data(cfg.dataset, device, channels_last)
     teacher = frozen_teacher(teacher_file, cfg.teacher, data) if teacher_file is not None else None
-    job = build_job(cfg, phase, criterion, data, device, teacher)
+    job = build_job(cfg, phase, criterion, data, device, teacher, resumed_precision)
     facts = {"phase": phase.value, "params": records.count_parameters(job.model)}
     facts["adapter_params"] = records.count_parameters(job.criterion)
     image_shape = tuple(data.test.images.shape[1:])
     facts["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
-    info = records.profile_model(job.model, image_shape, cfg.batch_size, device) if cfg.profile else {}
+    info = records.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
     if teacher is not None:
         facts.update(check_teacher(job, cfg, teacher_path, teacher_file))
         job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
@@ -360,6 +362,8 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"teacher_cache_dtype={cfg.teacher_cache_dtype}: must be one of {', '.join(DTYPES)}")
     if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
         problems.append(f"precision={cfg.precision}: must be auto, {', '.join(PRECISIONS)}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        problems.append(f"compile_mode={cfg.compile_mode}: must be one of {', '.join(COMPILE_MODES)}")
     if not cfg.logger.init_timeout_s > 0:
         problems.append(f"logger.init_timeout_s={cfg.logger.init_timeout_s}: must be > 0 (seconds)")
     if problems:
@@ -384,7 +388,7 @@ def dataset_problems(dataset: DictConfig) -> list[str]:
 def resolve_device(name: str) -> torch.device:
     """device=auto picks CUDA when present (this rank's GPU under torchrun), else the CPU; a named one must exist."""
     if name == "auto":
-        return torch.device(f"cuda:{distributed.local_rank()}" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{distributed.local_device_index()}" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} but no CUDA device is visible: use device=auto or device=cpu.")
@@ -394,10 +398,32 @@ def resolve_device(name: str) -> torch.device:
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype: precision=auto is bf16 on CUDA (fast, no loss scaling) and fp32 on the CPU."""
+def precision_name(dtype: Optional[torch.dtype]) -> str:
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
+
+
+def job_precision(name: str, device: torch.device, resumed: Optional[str]) -> Optional[torch.dtype]:
+    """The run's autocast dtype. A resumed run keeps the precision its last.pt was trained in: with precision=auto
+    (which may resolve otherwise on another device) it takes that one; an explicit other precision is refused."""
+    resolved = resolve_precision(name, device)
+    if resumed is None or precision_name(resolved) == resumed:
+        return resolved
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        log.info("resuming in %s, the precision last.pt was trained in (precision=auto is %s on %s)", resumed,
+                 precision_name(resolved), device)
+        return PRECISIONS[resumed]
+    raise ValueError(f"last.pt was trained in {resumed}, and precision={name} would go on in another precision: "
+                     f"resume with precision={resumed} (or auto), or start over in another run folder.")
+
+
+def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype: precision=auto is bf16 on GPUs of compute capability 8.0 and up (A100, H100: native bf16,
+    no loss scaling), fp16 with loss scaling below (V100, T4: bf16 there is emulated, slow, and cuDNN may lack bf16
+    convolutions), fp32 on the CPU."""
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if name not in PRECISIONS:
         raise ValueError(f"precision={name}: must be auto, {', '.join(PRECISIONS)}.")
     return PRECISIONS[name]
@@ -428,10 +454,10 @@ def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool
 
 def build_job(
     cfg: DictConfig, phase: Phase, criterion: Criterion, data: Data, device: torch.device,
-    teacher: Optional[nn.Module] = None,
+    teacher: Optional[nn.Module] = None, resumed_precision: Optional[str] = None,
 ) -> Job:
     """Seed, build the trained model, bind the criterion to both models (its adapters), optimizer, schedule,
-    precision and the forward the training step calls."""
+    precision (a resumed run's: the one its last.pt was trained in) and the forward the training step calls."""
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.student if phase is Phase.student else cfg.teacher)
     model = model.to(device, memory_format=data.memory_format)
@@ -441,12 +467,12 @@ def build_job(
     optimizer = instantiate(cfg.optimizer)([*model.parameters(), *criterion.parameters()])
     scheduler = instantiate(cfg.scheduler)(optimizer)
     progress = cfg.progress_bar if cfg.progress_bar is not None else _stderr_is_terminal()
-    amp_dtype = resolve_precision(cfg.precision, device)
+    amp_dtype = job_precision(cfg.precision, device, resumed_precision)
     job = Job(
         model, teacher, criterion, optimizer, scheduler, data, cfg.seed, cfg.batch_size, cfg.eval_batch_size,
         progress, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
     )
-    job.forward = training_forward(job, cfg.compile)
+    job.forward = training_forward(job, cfg.compile_mode if cfg.compile else None)
     return job
 
 
@@ -555,6 +581,7 @@ def save_checkpoints(job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str
     model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
     payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
     payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
+    payload["precision"] = precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
     payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=metrics["epoch"])
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng})

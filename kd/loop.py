@@ -110,17 +110,31 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManag
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def training_forward(job: Job, compile_model: bool) -> Callable[[Tensor], Tensor]:
-    """The model as the training step calls it: DDP-wrapped under torchrun, torch.compile'd when asked."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
+def training_forward(job: Job, compile_mode: Optional[str]) -> Callable[[Tensor], Tensor]:
+    """The model as the training step calls it: DDP-wrapped under torchrun, torch.compile'd in `compile_mode` (None:
+    eager). Static shapes: a dynamic-shape graph, made when the last batch is shorter, would serve every later step."""
+    device = job.data.mean.device
     forward: Callable[[Tensor], Tensor] = job.model
     if distributed.world_size() > 1:
-        device = job.data.mean.device
-        forward = nn.parallel.DistributedDataParallel(job.model, device_ids=[device] if device.type == "cuda" else None)
-    if compile_model:
+        # No buffer broadcast before each forward: rank 0's buffers are given to all ranks once per epoch, before
+        # evaluation (distributed.broadcast_buffers), which is what the evaluated and saved model needs.
+        forward = nn.parallel.DistributedDataParallel(job.model, device_ids=[device] if device.type == "cuda" else None,
+                                                      broadcast_buffers=False)
+    if compile_mode is not None:
         if job.criterion.layers() != ([], []):
             raise ValueError("compile=true with a loss that reads features (forward hooks) is not supported: "
                              "set compile=false.")
-        forward = torch.compile(forward)
+        if compile_mode in CUDA_GRAPH_MODES and device.type != "cuda":
+            raise ValueError(f"compile_mode={compile_mode} captures CUDA graphs, which need a CUDA device: use "
+                             "compile_mode=default (or max-autotune-no-cudagraphs) here.")
+        if compile_mode in CUDA_GRAPH_MODES and distributed.world_size() > 1:
+            raise ValueError(f"compile_mode={compile_mode} (CUDA graphs) is not supported under torchrun: use "
+                             "compile_mode=default.")
+        forward = torch.compile(forward, dynamic=False, mode=compile_mode)
     return forward
 
 

@@ -285,13 +285,18 @@ def forward_flops(model: nn.Module, image_shape: tuple[int, ...], device: torch.
     return counter.get_total_flops()
 
 
-def profile_model(model: nn.Module, image_shape: tuple[int, ...], batch_size: int, device: torch.device) -> dict:
-    """Eval-mode forward speed on this device: median batch-1 latency and throughput at batch_size."""
+def profile_model(
+    model: nn.Module, image_shape: tuple[int, ...], batch_size: int, device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
+    """Eval-mode forward speed on this device in the run's precision: median batch-1 latency and throughput at
+    batch_size."""
     was_training = model.training
     model.eval()
     profile = {}
     for batch, name in ((1, "latency_ms"), (batch_size, "throughput_img_s")):
-        seconds = _median_forward_seconds(model, torch.zeros(batch, *image_shape, device=device))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            seconds = _median_forward_seconds(model, torch.zeros(batch, *image_shape, device=device))
         profile[name] = seconds * 1e3 if batch == 1 else batch / seconds
     model.train(was_training)
     return profile

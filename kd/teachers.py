@@ -31,7 +31,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from kd import records
 from kd.checkpoints import TeacherFile, read_teacher_file
 from kd.records import (
-    SOURCE_NEUTRAL, load_checkpoint, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
+    SOURCE_NEUTRAL, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
 )
 
 log = logging.getLogger(__name__)

@@ -168,13 +168,93 @@ def test_sweep_of_two_students_with_the_cache_matches_the_sweep_without(teacher,
 # precision, memory format, compile
 
 
-def test_precision_resolution():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert engine.resolve_precision("auto", cpu) is None
-    assert engine.resolve_precision("auto", cuda) is torch.bfloat16
-    assert engine.resolve_precision("fp16", cpu) is torch.float16
+@pytest.mark.parametrize("capability, expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                                  ((7, 5), torch.float16), ((7, 0), torch.float16)])
+def test_auto_precision_is_bf16_from_capability_8_and_fp16_below(capability, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # H100/A100, T4/V100
+    assert engine.resolve_precision("auto", torch.device("cuda")) is expected
+    assert engine.resolve_precision("auto", torch.device("cpu")) is None
+    assert engine.resolve_precision("fp16", torch.device("cpu")) is torch.float16
     with pytest.raises(ValueError, match="precision=fp8"):
-        engine.resolve_precision("fp8", cpu)
+        engine.resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_a_resume_keeps_the_precision_its_checkpoint_was_trained_in(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    assert engine.job_precision("auto", cpu, None) is None
+    assert engine.job_precision("auto", cpu, "bf16") is torch.bfloat16  # trained in bf16 on a GPU, resumed here
+    assert engine.job_precision("bf16", cpu, "bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match=r"last\.pt was trained in bf16, and precision=fp32 would go on in another "
+                                         r"precision: resume with precision=bf16 \(or auto\)"):
+        engine.job_precision("fp32", cpu, "bf16")
+    # End to end: a bf16 run interrupted after its first epoch resumes in bf16 under precision=auto on this CPU.
+    real_run_epoch = engine.run_epoch
+
+    def stop_at_epoch_two(job, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_run_epoch(job, epoch)
+
+    student = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=2", "profile=false"]
+    monkeypatch.setattr(engine, "run_epoch", stop_at_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(compose_cfg(tmp_path, *student, "precision=bf16"), tmp_path / "run")
+    monkeypatch.setattr(engine, "run_epoch", real_run_epoch)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["precision"] == "bf16"
+    with pytest.raises(ValueError, match="run.json was written by another config"):  # the config says bf16
+        engine.run(compose_cfg(tmp_path, *student, "precision=fp32"), tmp_path / "run")
+    seen = []
+    monkeypatch.setattr(engine, "run_epoch",
+                        lambda job, epoch: seen.append(job.amp_dtype) or real_run_epoch(job, epoch))
+    engine.run(compose_cfg(tmp_path, *student, "precision=bf16"), tmp_path / "run")
+    assert seen == [torch.bfloat16]
+
+
+def test_compile_uses_static_shapes_and_cuda_graph_modes_need_a_gpu(teacher, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}", "compile=true")
+    engine.set_up(cfg, [])
+    assert calls == [{"dynamic": False, "mode": "default"}]  # the shorter last batch gets a graph of its own
+    for mode in ("reduce-overhead", "max-autotune"):
+        cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}", "compile=true",
+                          f"compile_mode={mode}")
+        with pytest.raises(ValueError, match=f"compile_mode={mode} captures CUDA graphs, which need a CUDA device"):
+            engine.set_up(cfg, [])
+    with pytest.raises(ValueError, match="compile_mode=fast: must be one of default, reduce-overhead"):
+        engine.run(compose_cfg(tmp_path, "compile_mode=fast"), tmp_path / "run")
+
+
+def test_each_rank_takes_its_gpu_modulo_the_visible_ones_and_both_backends(monkeypatch):
+    from kd import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM shows each task its one GPU
+    assert distributed.local_device_index() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.local_device_index() == 3
+    calls = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("device", index))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: calls.setdefault("backend", backend))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    distributed.init_from_env()
+    assert calls == {"device": 3, "backend": "cpu:gloo,cuda:nccl"}
+
+
+def test_ddp_does_not_broadcast_buffers_every_forward(teacher, tmp_path, monkeypatch):
+    from kd import distributed, loop
+
+    made = []
+    cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}")
+    job, _, _ = engine.set_up(cfg, [])
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, **kwargs: made.append(kwargs) or model)
+    loop.training_forward(job, None)
+    assert made and all(kwargs["broadcast_buffers"] is False for kwargs in made)
 
 
 def test_bf16_and_nchw_runs_train_and_channels_last_matches_nchw_closely(teacher, tmp_path):
