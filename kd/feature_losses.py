@@ -85,17 +85,26 @@ def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
 
 
 def pool_to_common_size(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
-    """Both maps at the smaller one's height and width: the larger is adaptive-average-pooled down.
+    """Both maps at the smaller one's height and width: the larger is average-pooled down.
 
     What RepDistiller's AT, VID and NST do when the student's and the teacher's maps differ in size
     (distiller_zoo/AT.py, VID.py, NST.py; they pool to (H, H), the same for the square maps of this zoo).
     """
     size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
-    if tuple(student.shape[2:]) != size:
-        student = F.adaptive_avg_pool2d(student, size)
-    if tuple(teacher.shape[2:]) != size:
-        teacher = F.adaptive_avg_pool2d(teacher, size)
-    return student, teacher
+    return average_pool_to(student, size), average_pool_to(teacher, size)
+
+
+def average_pool_to(feature: Tensor, size: tuple[int, int]) -> Tensor:
+    """feature (N, C, H, W) average-pooled to `size`: adaptive pooling, as a plain kernel = stride pool when H and W
+    are multiples of the size (the same bins, so the same values). adaptive_avg_pool2d has no deterministic CUDA
+    backward; avg_pool2d has, so deterministic runs of the usual 2x / 4x cases do not fail."""
+    height, width = feature.shape[2:]
+    if (height, width) == size:
+        return feature
+    if height % size[0] == 0 and width % size[1] == 0:
+        factor = (height // size[0], width // size[1])
+        return F.avg_pool2d(feature, kernel_size=factor, stride=factor)
+    return F.adaptive_avg_pool2d(feature, size)
 
 
 def similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:

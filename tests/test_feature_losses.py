@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from kd.feature_losses import (
     ATLoss, CCLoss, CRDLoss, FitNetLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss, VIDLoss, attention_loss,
     correlation_congruence_loss, hint_loss, hint_regressor, momentum_update, nce_loss, nst_loss, pkt_loss,
-    rkd_angle_loss, rkd_distance_loss, rkd_loss, sample_negatives, similarity_loss, vid_loss,
+    average_pool_to, rkd_angle_loss, rkd_distance_loss, rkd_loss, sample_negatives, similarity_loss, vid_loss,
 )
 from kd.features import capture
 from kd.losses import Step
@@ -193,6 +193,16 @@ def test_attention_loss_matches_the_formula(student_size, teacher_size):
 def test_attention_loss_with_p_4():
     fs, ft = randn(2, 3, 4, 4, seed=1), randn(2, 6, 4, 4, seed=2)
     assert attention_loss(fs, ft, p=4.0).item() == pytest.approx(ref_attention_loss(fs, ft, p=4.0), rel=1e-10)
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 8, 8), (4, 4)), ((2, 3, 32, 32), (8, 8)), ((1, 2, 8, 4), (2, 2)),
+                                         ((2, 3, 6, 6), (4, 4))])
+def test_average_pool_to_is_adaptive_pooling(shape, size):
+    """Integer factors take avg_pool2d (a deterministic CUDA backward): the same values as adaptive pooling; the
+    6 -> 4 case (overlapping bins) stays adaptive."""
+    feature = randn(*shape, seed=3)
+    assert_close(average_pool_to(feature, size), torch.nn.functional.adaptive_avg_pool2d(feature, size))
+    assert_close(average_pool_to(feature.float(), size), torch.nn.functional.adaptive_avg_pool2d(feature.float(), size))
 
 
 def test_similarity_loss_matches_the_formula():
