@@ -304,10 +304,10 @@ def _distinct_negatives(pool: NegativePool, anchor_labels: Tensor, generator: to
                         rows: slice) -> Tensor:
     """Without replacement: the k largest of i.i.d. uniform keys over the allowed samples (an exponential race with
     equal weights) are a uniformly random k-subset; -1 keys keep the anchor's class out. float64 keys: ties, which
-    topk would break by position, are ~1e-7 likely per row at N = 50000 (float32: ~75 tied pairs per row)."""
+    topk would break by position, are ~1e-7 likely per row at N = 50000 (float32 keys: ~75 tied pairs)."""
     keys = torch.rand(batch_size, len(pool.labels), dtype=torch.float64, device=anchor_labels.device,
                       generator=generator)[rows]
-    keys = keys.masked_fill(pool.labels[None, :] == anchor_labels[:, None], -1.0)
+    keys.masked_fill_(pool.labels[None, :] == anchor_labels[:, None], -1.0)  # in place: one (B, N) buffer at most
     return keys.topk(pool.k, dim=1).indices  # sorted: the same order whatever the number of rows
 
 
