@@ -5,7 +5,7 @@ set; without torchrun every function here is the single-process identity.
 """
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,12 @@ def shard(n: int) -> slice:
     return slice(n * r // size, n * (r + 1) // size)
 
 
+def shard_sizes(n: int) -> list[int]:
+    """The length of every rank's share of n items, in rank order: known on every rank without asking the others."""
+    size = world_size()
+    return [n * (r + 1) // size - n * r // size for r in range(size)]
+
+
 def sum_(tensor: Tensor) -> Tensor:
     """Sum over ranks (in place); the identity on one process."""
     if dist.is_initialized():
@@ -93,13 +99,17 @@ def mean_(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def gather_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Each tensor's rows from every rank, concatenated in rank order (shares may differ in length by one)."""
+def gather_rows(*tensors: Tensor, sizes: Sequence[int]) -> tuple[Tensor, ...]:
+    """Each tensor's rows from every rank, concatenated in rank order; sizes[r] is rank r's row count (shard_sizes).
+
+    The sizes are passed, not exchanged: reading another rank's count would make the host wait for the device.
+    Shares may differ in length, so each is padded to the longest for all_gather and cut back after.
+    """
     if not dist.is_initialized():
         return tensors
-    sizes = [torch.zeros((), dtype=torch.long, device=tensors[0].device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor(len(tensors[0]), device=tensors[0].device))
-    longest = int(max(sizes))
+    if len(sizes) != dist.get_world_size() or len(tensors[0]) != sizes[dist.get_rank()]:
+        raise ValueError(f"gather_rows: this rank holds {len(tensors[0])} rows; sizes {list(sizes)} say otherwise.")
+    longest = max(sizes)
     gathered = []
     for tensor in tensors:
         padded = tensor.new_zeros((longest, *tensor.shape[1:]))

@@ -197,7 +197,7 @@ def train_step(job: Job, context: StepContext, batch: Batch, rows: slice) -> Non
         logits = job.forward(images)
         teacher_logits, teacher_features = context.teacher(images, rows, share)
         terms = job.criterion(Step(logits, labels, teacher_logits, dict(context.student_features), teacher_features,
-                                   batch.index[share], context.epoch, context.step, job.seed))
+                                   batch.index[share], context.epoch, context.step, job.seed, len(batch)))
         loss = sum(terms.values())
     optimize(job, loss)
     context.sums.add(context.step, loss, terms, logits, labels)

@@ -25,6 +25,9 @@ class Step:
     epoch: int = 1  # 1-based (DKD's warm-up)
     step: int = 0  # the batch's position in its epoch, 0-based
     seed: int = 0  # the run's seed: with epoch and step, the key of a criterion's random draws (CRD's negatives)
+    # The global batch's size over all ranks; this rank holds its rows distributed.shard(batch_size). None: the
+    # rows here are the whole batch (one process). Keyed draws are made for the global batch, then sliced.
+    batch_size: Optional[int] = None
 
 
 class Criterion(nn.Module):

@@ -14,7 +14,8 @@ from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import distributed, engine, loop, teachers
-from kd.feature_losses import CRDLoss
+from kd.feature_losses import CRDLoss, negative_pool, sample_negatives, step_generator
+from kd.losses import Step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2",
@@ -28,7 +29,9 @@ def test_shards_of_all_ranks_cover_every_item_once(monkeypatch, world, n):
     for rank in range(world):
         monkeypatch.setattr(distributed, "world_size", lambda: world)
         monkeypatch.setattr(distributed, "rank", lambda: rank)
-        covered += list(range(n))[distributed.shard(n)]
+        share = list(range(n))[distributed.shard(n)]
+        assert distributed.shard_sizes(n)[rank] == len(share)  # every rank knows every rank's share size
+        covered += share
     assert covered == list(range(n))
 
 
@@ -67,18 +70,21 @@ def test_ddp_run_counts_the_test_set_once_and_rank0_alone_writes(ddp_teacher):
 
 
 @pytest.mark.slow
-def test_killed_ddp_student_resumes_to_the_same_bits(ddp_teacher):
-    student = ["phase=student", "logger.mode=disabled"]
-    whole = torchrun(ddp_teacher, "whole", *student)
+@pytest.mark.parametrize("loss", ["kd", "crd_kd"])
+def test_killed_ddp_student_resumes_to_the_same_bits(ddp_teacher, loss):
+    """Killed after its first checkpoint, a 2-rank student resumes to the uninterrupted run's bits; with CRD too,
+    whose negatives come from the (seed, epoch, step) key, not from a global RNG only rank 0's state of is saved."""
+    student = ["phase=student", "logger.mode=disabled", f"loss={loss}"]
+    whole = torchrun(ddp_teacher, f"whole_{loss}", *student)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = torchrun(ddp_teacher, "resumed", *student, runner="tests/kill_runner.py",
+    killed = torchrun(ddp_teacher, f"resumed_{loss}", *student, runner="tests/kill_runner.py",
                       env={"KD_KILL_AT": "after:last.pt:1"})
     assert killed.returncode != 0
-    assert not (ddp_teacher / "resumed" / "result.json").exists()
-    resumed = torchrun(ddp_teacher, "resumed", *student)
+    assert not (ddp_teacher / f"resumed_{loss}" / "result.json").exists()
+    resumed = torchrun(ddp_teacher, f"resumed_{loss}", *student)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((ddp_teacher / "resumed" / "run_info.json").read_text())["resumed_from_epoch"] == 1
-    whole, resumed = ((ddp_teacher / d / "result.json").read_bytes() for d in ("whole", "resumed"))
+    assert json.loads((ddp_teacher / f"resumed_{loss}" / "run_info.json").read_text())["resumed_from_epoch"] == 1
+    whole, resumed = ((ddp_teacher / f"{d}_{loss}" / "result.json").read_bytes() for d in ("whole", "resumed"))
     assert whole == resumed
 
 
@@ -114,30 +120,61 @@ def test_submitit_job_with_two_tasks_trains_data_parallel(tmp_path):
 
 
 def crd_after_one_step(rank: int, world: int, out: Path) -> None:
-    """One CRD training step on rank `rank`'s share of a batch of 6 (all of it when world == 1)."""
+    """One CRD training step on rank `rank`'s share of a batch of 7 (all of it when world == 1), through the
+    criterion as the loop calls it, and sample_negatives alone on a pool with both draw modes."""
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same embeddings and initial banks on every rank
     crd = CRDLoss(feat_dim=4, num_negatives=5)
-    crd.build([torch.Size([1, 3])], [torch.Size([1, 5])], torch.zeros(1), torch.arange(20) % 4)
+    train_labels = torch.arange(20) % 4
+    crd.build([torch.Size([1, 3])], [torch.Size([1, 5])], torch.zeros(1), train_labels)
+    crd.bound_layers = (["s"], ["t"])
     generator = torch.Generator().manual_seed(1)
-    index = torch.randperm(20, generator=generator)[:6]
-    anchors = [torch.nn.functional.normalize(torch.randn(6, 4, generator=generator), dim=1) for _ in range(2)]
-    share = slice(6 * rank // world, 6 * (rank + 1) // world)
-    crd.contrast(anchors[0][share], anchors[1][share], index[share])
-    torch.save({k: v for k, v in crd.state_dict().items() if "memory" in k or "normalizers" in k},
-               out / f"rank{rank}_of{world}.pt")
+    index = torch.randperm(20, generator=generator)[:7]
+    student, teacher = torch.randn(7, 3, generator=generator), torch.randn(7, 5, generator=generator)
+    share = distributed.shard(7)  # 3 rows on rank 0, 4 on rank 1
+    step = Step(torch.zeros(7, 4)[share], train_labels[index][share], None, {"s": student[share]},
+                {"t": teacher[share]}, index[share], epoch=2, step=3, seed=4, batch_size=7)
+    crd(step)
+    # Classes 1 and 2 have 16 other-class samples (k = 10 drawn without replacement), class 0 has 8 (with).
+    labels = torch.tensor([0] * 12 + [1] * 4 + [2] * 4)
+    anchors = labels[torch.randperm(20, generator=generator)[:7]]
+    key = step_generator(step, "crd", torch.device("cpu"))
+    negatives = sample_negatives(negative_pool(labels, 10), anchors[share], key, 7, share)
+    state = {k: v for k, v in crd.state_dict().items() if "memory" in k or "normalizers" in k}
+    torch.save({**state, "negatives": negatives}, out / f"rank{rank}_of{world}.pt")
     if world > 1:
         dist.destroy_process_group()
 
 
-def test_crd_memory_banks_stay_identical_across_ranks(tmp_path):
-    """Every rank applies the whole batch's rows to CRD's banks: the same banks as one process on the full batch,
-    and one normaliser Z for all ranks."""
-    torch.multiprocessing.spawn(crd_after_one_step, args=(2, tmp_path), nprocs=2)
-    crd_after_one_step(0, 1, tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}_of2.pt", weights_only=True) for r in range(2)]
-    single = torch.load(tmp_path / "rank0_of1.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def crd_runs(tmp_path_factory) -> tuple[list[dict], dict]:
+    """crd_after_one_step on 2 gloo ranks, and on one process: (the ranks' results, the single one's). Spawned,
+    not torchrun: the two tests below need only the criterion, no training run."""
+    out = tmp_path_factory.mktemp("crd")
+    torch.multiprocessing.spawn(crd_after_one_step, args=(2, out), nprocs=2)
+    crd_after_one_step(0, 1, out)
+    ranks = [torch.load(out / f"rank{r}_of2.pt", weights_only=True) for r in range(2)]
+    return ranks, torch.load(out / "rank0_of1.pt", weights_only=True)
+
+
+@pytest.mark.slow  # two spawned processes: ~10 s on 2 CPU cores
+def test_crd_memory_banks_stay_identical_across_ranks(crd_runs):
+    """Every rank applies the whole batch's rows to CRD's banks: the same banks on all ranks, those of one process
+    on the full batch, and one normaliser Z for all ranks, the one-process Z (up to rounding: the embeddings of 3 or
+    4 rows and the sums of the ranks' scores are not computed in the one process's order)."""
+    ranks, single = crd_runs
     for key in ("memory_student", "memory_teacher"):
-        assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], single[key])
+        assert torch.equal(ranks[0][key], ranks[1][key])
+        torch.testing.assert_close(ranks[0][key], single[key])
     assert torch.equal(ranks[0]["normalizers"], ranks[1]["normalizers"]) and (ranks[0]["normalizers"] > 0).all()
+    torch.testing.assert_close(ranks[0]["normalizers"], single["normalizers"])
+
+
+@pytest.mark.slow  # two spawned processes: ~10 s on 2 CPU cores
+def test_crd_negatives_of_two_ranks_are_the_one_process_draw(crd_runs):
+    """Each rank draws the global batch's random numbers from the (seed, epoch, step) key and keeps its rows: the
+    ranks' negatives, concatenated, are exactly those one process draws for the whole batch."""
+    ranks, single = crd_runs
+    assert [len(r["negatives"]) for r in ranks] == [3, 4]
+    assert torch.equal(torch.cat([r["negatives"] for r in ranks]), single["negatives"])

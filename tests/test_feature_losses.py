@@ -16,11 +16,13 @@ from torch.testing import assert_close
 from kd.feature_losses import (
     ATLoss, CCLoss, CRDLoss, FitNetLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss, VIDLoss, attention_loss,
     correlation_congruence_loss, hint_loss, hint_regressor, momentum_update, nce_loss, nst_loss, pkt_loss,
-    rkd_angle_loss, rkd_distance_loss, rkd_loss, sample_negatives, similarity_loss, vid_loss,
+    average_pool_to, negative_pool, rkd_angle_loss, rkd_distance_loss, rkd_loss, sample_negatives, similarity_loss,
+    step_generator, vid_loss,
 )
 from kd.features import capture
 from kd.losses import Step
 from kd.models.cifar_resnet import resnet8
+from syncs import SyncCounter
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 F64 = torch.float64
@@ -193,6 +195,16 @@ def test_attention_loss_matches_the_formula(student_size, teacher_size):
 def test_attention_loss_with_p_4():
     fs, ft = randn(2, 3, 4, 4, seed=1), randn(2, 6, 4, 4, seed=2)
     assert attention_loss(fs, ft, p=4.0).item() == pytest.approx(ref_attention_loss(fs, ft, p=4.0), rel=1e-10)
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 8, 8), (4, 4)), ((2, 3, 32, 32), (8, 8)), ((1, 2, 8, 4), (2, 2)),
+                                         ((2, 3, 6, 6), (4, 4))])
+def test_average_pool_to_is_adaptive_pooling(shape, size):
+    """Integer factors take avg_pool2d (a deterministic CUDA backward): the same values as adaptive pooling; the
+    6 -> 4 case (overlapping bins) stays adaptive."""
+    feature = randn(*shape, seed=3)
+    assert_close(average_pool_to(feature, size), torch.nn.functional.adaptive_avg_pool2d(feature, size))
+    assert_close(average_pool_to(feature.float(), size), torch.nn.functional.adaptive_avg_pool2d(feature.float(), size))
 
 
 def test_similarity_loss_matches_the_formula():
@@ -511,23 +523,99 @@ def test_cc_criterion_embeds_both_networks_linearly():
 # CRD
 
 
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def test_negatives_come_from_other_classes_without_replacement_when_possible():
     labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
     anchors = torch.tensor([0, 1, 2, 2, 0])
-    torch.manual_seed(0)
-    negatives = sample_negatives(labels, anchors, k=8)
+    negatives = sample_negatives(negative_pool(labels, 8), anchors, generator(0))
     assert negatives.shape == (5, 8) and negatives.dtype == torch.long
     assert (labels[negatives] != anchors[:, None]).all()
     assert all(len(set(row.tolist())) == 8 for row in negatives)  # distinct: 13 or 20 other-class samples
-    negatives = sample_negatives(labels, anchors, k=15)  # classes 0 and 1 have 13 negatives: drawn with replacement
-    assert (labels[negatives] != anchors[:, None]).all()
-    assert all(len(set(row.tolist())) == 15 for row, a in zip(negatives, anchors) if a == 2)
-    torch.manual_seed(1)
-    first = sample_negatives(labels, anchors, k=5)
-    torch.manual_seed(1)
-    assert torch.equal(sample_negatives(labels, anchors, k=5), first)  # the global RNG decides
+    pool = negative_pool(labels, 15)  # classes 0 and 1 have 13 negatives: drawn with replacement
+    assert pool.distinct.tolist() == [False, False, True] and pool.draws == (True, True)
+    for seed in range(20):
+        negatives = sample_negatives(pool, anchors, generator(seed))
+        assert (labels[negatives] != anchors[:, None]).all()
+        assert all(len(set(row.tolist())) == 15 for row, a in zip(negatives, anchors) if a == 2)
+    assert negative_pool(labels, 21).draws == (False, True) and negative_pool(labels, 3).draws == (True, False)
+    first = sample_negatives(pool, anchors, generator(1))
+    assert torch.equal(sample_negatives(pool, anchors, generator(1)), first)  # the generator decides
+    assert not torch.equal(sample_negatives(pool, anchors, generator(2)), first)
     with pytest.raises(ValueError, match="one class"):
-        sample_negatives(torch.zeros(5, dtype=torch.long), torch.zeros(2, dtype=torch.long), 3)
+        negative_pool(torch.zeros(5, dtype=torch.long), 3)
+
+
+CHI2_999 = {5: 20.52, 6: 22.46, 34: 65.25}  # the chi-square distribution's 0.999 quantiles, by degrees of freedom
+
+
+def chi_square(counts: torch.Tensor) -> float:
+    """Pearson's statistic of counts against equal expected counts."""
+    expected = counts.sum() / len(counts)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_distinct_negatives_are_a_uniform_subset_of_the_other_classes():
+    """Without replacement: k distinct positions, every allowed one equally likely; over 4000 draws of 3 of the 7
+    other-class samples, the 35 subsets are equally frequent too (chi-square below its 0.999 quantile)."""
+    labels = torch.tensor([0] * 3 + [1] * 4 + [2] * 3)  # anchor class 0: the 7 samples 3..9 are allowed
+    pool, draws = negative_pool(labels, 3), 4000
+    anchors = torch.zeros(draws, dtype=torch.long)
+    negatives = sample_negatives(pool, anchors, generator(0))
+    assert (negatives >= 3).all() and all(len(set(row)) == 3 for row in negatives.tolist())
+    positions = torch.bincount(negatives.flatten(), minlength=10)[3:].double()
+    assert chi_square(positions) < CHI2_999[6]
+    subsets = torch.tensor([sum(1 << p for p in row) for row in negatives.tolist()])
+    frequencies = torch.unique(subsets, return_counts=True)[1].double()
+    assert len(frequencies) == 35 and chi_square(frequencies) < CHI2_999[34]
+
+
+def test_repeated_negatives_are_uniform_over_the_other_classes():
+    """With replacement (k above the other-class count): each draw uniform over the other classes' samples,
+    whichever block of the class-ordered layout the anchor's class occupies."""
+    labels = torch.tensor([1, 0, 2, 1, 0, 2, 2, 1, 0, 2])  # classes 0 and 1 have 7 others, class 2 has 6
+    pool = negative_pool(labels, 8)
+    assert pool.draws == (False, True)
+    for anchor in range(3):
+        negatives = sample_negatives(pool, torch.full((500,), anchor), generator(anchor))
+        allowed = (labels != anchor).nonzero().flatten()
+        counts = torch.bincount(negatives.flatten(), minlength=10).double()
+        assert counts[labels == anchor].sum() == 0
+        assert chi_square(counts[allowed]) < CHI2_999[len(allowed) - 1]
+
+
+def test_a_share_of_a_batch_gets_its_rows_of_the_whole_batch_draw():
+    """The draws are made for the global batch and sliced: rows [2:5] of a batch of 7, drawn alone, are rows 2..4 of
+    the draw for all 7, in both modes (tests/test_distributed.py checks it with 2 real ranks)."""
+    labels = torch.arange(30) % 3
+    anchors = torch.tensor([0, 1, 2, 2, 0, 1, 1])
+    for k in (5, 25):  # without and with replacement
+        pool = negative_pool(labels, k)
+        whole = sample_negatives(pool, anchors, generator(3))
+        assert torch.equal(sample_negatives(pool, anchors[2:5], generator(3), 7, slice(2, 5)), whole[2:5])
+
+
+def test_sampling_reads_nothing_back_to_the_host():
+    """Both modes in one batch: no sync (no .item(), no boolean mask, no multinomial), and the global RNG untouched."""
+    labels = torch.tensor([0] * 10 + [1] * 10 + [2] * 3)
+    pool = negative_pool(labels, 15)
+    state = torch.get_rng_state()
+    with SyncCounter() as syncs:
+        sample_negatives(pool, torch.tensor([0, 1, 2, 2, 0]), generator(0))
+    assert dict(syncs.found) == {} and torch.equal(torch.get_rng_state(), state)
+
+
+def test_step_generator_is_keyed_by_seed_epoch_step_and_stream():
+    def draw(stream: str = "crd", **key) -> torch.Tensor:
+        step = Step(torch.zeros(1, 1), torch.zeros(1, dtype=torch.long), **{"seed": 1, "epoch": 2, "step": 3, **key})
+        return torch.rand(4, generator=step_generator(step, stream, torch.device("cpu")))
+
+    base = draw()
+    assert torch.equal(draw(), base)
+    for other in (draw(seed=2), draw(epoch=3), draw(step=4), draw("another")):
+        assert not torch.equal(other, base)
 
 
 def test_momentum_update_mixes_and_renormalises_only_the_batch_rows():
@@ -549,11 +637,17 @@ def bound_crd(k: int = 5) -> CRDLoss:
     return criterion.double()
 
 
-def crd_step(student_dim: int, teacher_dim: int, index: torch.Tensor, seed: int = 0) -> Step:
+def crd_step(student_dim: int, teacher_dim: int, index: torch.Tensor, seed: int = 0, step: int = 0) -> Step:
     b = len(index)
     features_s = {"fc:in": randn(b, student_dim, seed=seed)}
     features_t = {"fc:in": randn(b, teacher_dim, seed=seed + 1)}
-    return Step(torch.zeros(b, 4, dtype=F64), LABELS[index], None, features_s, features_t, index=index)
+    return Step(torch.zeros(b, 4, dtype=F64), LABELS[index], None, features_s, features_t, index=index, step=step)
+
+
+def crd_negatives(step: Step, k: int = 5) -> torch.Tensor:
+    """The negatives CRDLoss draws for this step: keyed by (seed, epoch, step), independent of the global RNG."""
+    generator = step_generator(step, "crd", torch.device("cpu"))
+    return sample_negatives(negative_pool(LABELS, k), LABELS[step.index], generator)
 
 
 def ref_crd(criterion: CRDLoss, step: Step, negatives: torch.Tensor, fixed_z=None) -> tuple[float, list[float]]:
@@ -585,21 +679,17 @@ def test_crd_matches_its_definition_and_fixes_z_after_the_first_batch():
     criterion = bound_crd()
     index = torch.tensor([3, 8, 13, 22])
     step = crd_step(criterion.embed_student.in_features, criterion.embed_teacher.in_features, index)
-    torch.manual_seed(7)
-    negatives = sample_negatives(LABELS, LABELS[index], 5)
+    negatives = crd_negatives(step)
     expected, normalizers = ref_crd(criterion, step, negatives)  # before the call updates the memory
-    torch.manual_seed(7)
     terms = criterion(step)
     assert list(terms) == ["loss_crd"]
     assert terms["loss_crd"].item() == pytest.approx(expected, rel=1e-9)
     assert criterion.normalizers.tolist() == pytest.approx(normalizers, rel=1e-12)
     # The second batch is normalised by the first batch's Z.
-    step = crd_step(criterion.embed_student.in_features, criterion.embed_teacher.in_features, index, seed=4)
-    torch.manual_seed(8)
-    negatives = sample_negatives(LABELS, LABELS[index], 5)
+    step = crd_step(criterion.embed_student.in_features, criterion.embed_teacher.in_features, index, seed=4, step=1)
+    negatives = crd_negatives(step)
     expected_second, _ = ref_crd(criterion, step, negatives, fixed_z=normalizers)
     re_estimated, second_normalizers = ref_crd(criterion, step, negatives)
-    torch.manual_seed(8)
     value = criterion(step)["loss_crd"].item()
     assert criterion.normalizers.tolist() == pytest.approx(normalizers, rel=1e-12)
     assert value == pytest.approx(expected_second, rel=1e-9)
@@ -642,10 +732,32 @@ def test_crd_state_is_in_its_state_dict_and_restores():
     assert "train_labels" not in state  # the data's, passed to bind again on resume
     restored = bound_crd()
     restored.load_state_dict(state)
-    torch.manual_seed(3)
+    torch.manual_seed(3)  # the global RNG plays no part: the step's key draws the negatives
     expected = criterion(step)["loss_crd"]
-    torch.manual_seed(3)
-    assert_close(restored(step)["loss_crd"], expected)
+    torch.manual_seed(4)
+    assert torch.equal(restored(step)["loss_crd"], expected)
+
+
+def test_crd_leaves_the_global_rng_alone_and_draws_by_the_step_key():
+    criterion = bound_crd()
+    index = torch.tensor([2, 7, 11])
+    step = crd_step(criterion.embed_student.in_features, criterion.embed_teacher.in_features, index)
+    state = torch.get_rng_state()
+    first = criterion.eval()(step)["loss_crd"]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(criterion(step)["loss_crd"], first)  # eval: the banks are as they were
+    step.step = 1
+    assert not torch.equal(criterion(step)["loss_crd"], first)  # another step, other negatives
+
+
+def test_crd_checks_the_rows_against_the_global_batch():
+    criterion = bound_crd()
+    step = crd_step(criterion.embed_student.in_features, criterion.embed_teacher.in_features, torch.tensor([1, 2]))
+    step.batch_size = 3  # one process holds the whole batch: 3 rows, not 2
+    with pytest.raises(ValueError, match="share of a batch of 3"):
+        criterion(step)
+    step.batch_size = 2
+    assert torch.isfinite(criterion(step)["loss_crd"])
 
 
 def test_crd_needs_the_sample_index():

@@ -68,3 +68,12 @@ def test_the_counter_sees_what_would_sync(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loop, "optimize", optimize_and_read)
     assert syncs_per_step(job, 1, monkeypatch) == [{"aten._local_scalar_dense": 1}] * 4
+
+
+def test_a_crd_training_epoch_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """CRD's negatives come from a generator keyed by (seed, epoch, step) and no model of the zoo has dropout: the
+    global RNG, of which a checkpoint restores only rank 0's CUDA state, plays no part in a training step."""
+    job = job_for(tmp_path, "crd_kd")
+    state = torch.get_rng_state()
+    loop.train_one_epoch(job, 1)
+    assert torch.equal(torch.get_rng_state(), state)

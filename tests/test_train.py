@@ -253,8 +253,8 @@ def test_every_method_trains_a_student_end_to_end(teacher_ckpt, tmp_path, loss):
 
 @pytest.mark.parametrize("loss", ["fitnet", "crd_kd", "reviewkd"])
 def test_interrupted_feature_method_resumes_to_the_same_bits(teacher_ckpt, tmp_path, monkeypatch, loss):
-    """Adapters (with ReviewKD's BatchNorm statistics), their optimizer state, CRD's memory banks and its sampling RNG
-    all come back from last.pt."""
+    """Adapters (with ReviewKD's BatchNorm statistics), their optimizer state and CRD's memory banks come back from
+    last.pt; CRD's negatives are keyed by (seed, epoch, step), so the resumed epochs draw the same ones."""
     overrides = ["phase=student", f"teacher_checkpoint={teacher_ckpt}", f"loss={loss}", "epochs=2",
                  "model@student=resnet8", "student.width=0.25", "profile=false", "threads=1"]
     engine.run(compose_cfg(tmp_path, *overrides), tmp_path / "whole")
