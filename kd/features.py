@@ -160,14 +160,16 @@ def _feature_info_layers(model: nn.Module) -> dict | None:
     # leave the stem out and torchvision's layer1..layer4 start at stride 4, so timm models pair stage by stage
     # with torchvision ResNets, mdistiller's ImageNet models and each other.
     stages = [entry.get("module") for entry in info if isinstance(entry, dict) and entry.get("reduction", 0) >= 4]
+    head = get_classifier()
     names = {module: name for name, module in model.named_modules()}
-    classifier = names.get(get_classifier()) if isinstance(get_classifier(), nn.Module) else None
+    classifier = names.get(head) if isinstance(head, nn.Module) else None
     if not stages or not classifier or not all(_is_module(model, name) for name in stages):
         return None
     return {"stages": stages, "embedding": classifier + INPUT_SUFFIX}
 
 
 def _is_module(model: nn.Module, name) -> bool:
+    """Whether `name` is a dotted path to a submodule of model."""
     try:
         return isinstance(name, str) and bool(name) and isinstance(model.get_submodule(name), nn.Module)
     except AttributeError:
