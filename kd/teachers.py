@@ -158,7 +158,8 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | Non
     choice = cfg.teacher_checkpoint
     if choice == "none":
         if required:
-            raise ValueError("the loss needs a teacher but teacher_checkpoint=none: set it to auto or a path.")
+            raise ValueError("the loss needs a teacher but teacher_checkpoint=none: set it to auto, a path, or "
+                             "a library's weights (torchvision:<Weights>, timm:<name>).")
         return None
     if pretrained.library_of(choice):  # torchvision:<Weights> / timm:<name>: the library's cached file
         return pretrained.locate(choice, cfg.teacher)
