@@ -4,20 +4,22 @@ strictly against the teacher config.
 Accepted: this repository's checkpoints (`model`, `arch`, `metrics`: teacher.pt, last.pt, best.pt); the
 RepDistiller / mdistiller dict (`model` = the state_dict, with `epoch`, `accuracy` or `best_acc`, `optimizer`: their
 published `<model>_vanilla/ckpt_epoch_240.pth`); a bare state_dict; a `.safetensors` file. A state_dict saved from
-nn.DataParallel (every key `module.`-prefixed) is read without the prefix. The architecture always comes from
-model@teacher, never from the file: a file that does not load strictly is refused, naming its missing, unexpected and
-mis-shaped keys and the model options that would fit it.
+nn.DataParallel (every key `module.`-prefixed) is read without the prefix. A library's pretrained weights
+(teacher_checkpoint=torchvision:... / timm:..., kd.pretrained) are read as the library loads its cached file. The
+architecture always comes from model@teacher, never from the file: a file that does not load strictly is refused,
+naming its missing, unexpected and mis-shaped keys and the model options that would fit it.
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd import records
+from kd import pretrained, records
+from kd.pretrained import LibraryWeights
 
 MODEL_OPTIONS = records.REPO_ROOT / "conf" / "model"  # the registry of model@teacher options
 
@@ -27,7 +29,9 @@ class TeacherFile:
     """A teacher checkpoint as read: its weights, its format and what it records about itself."""
 
     state_dict: dict[str, Tensor]
-    format: str  # "kd" (this repository), "repdistiller", "state_dict", "safetensors"
+    # "kd" (this repository), "repdistiller", "state_dict", "safetensors"; a library's weights name
+    # (ResNet34_Weights.IMAGENET1K_V1, resnet50.a1_in1k) for teacher_checkpoint=torchvision:... / timm:...
+    format: str
     metrics: Optional[dict[str, Any]] = None  # this repository's record of the run (test/acc1, ...)
     recorded_acc1: Optional[float] = None  # the accuracy the file states (ours: test/acc1; theirs: accuracy/best_acc)
     classes: Optional[list[str]] = None  # the class names it was trained on (this repository's files)
@@ -36,17 +40,26 @@ class TeacherFile:
 
 def read_teacher_file(path: Path, model_cfg: DictConfig) -> TeacherFile:
     """Read a teacher checkpoint of any accepted format and check that it fits model_cfg exactly."""
-    teacher = _read(Path(path))
+    library = isinstance(path, LibraryWeights)
+    teacher = _read_library(path) if library else _read(Path(path))
     if teacher.format == "kd":
         check_arch(teacher, model_cfg, path)
     problem = mismatch(teacher.state_dict, _meta_model(model_cfg))
     if problem:
         fits = fitting_options(teacher.state_dict, model_cfg)
         hint = f" It fits: {'; '.join(fits)}." if fits else " No model option fits it."
-        raise ValueError(f"teacher checkpoint {path} ({teacher.format} format) does not fit model@teacher="
+        what = f"{path.library} weights {path.weights}" if library else f"{teacher.format} format"
+        raise ValueError(f"teacher checkpoint {path} ({what}) does not fit model@teacher="
                          f"{records.model_name(model_cfg)} (num_classes={model_cfg.num_classes}, width="
                          f"{model_cfg.width:g}): {problem}.{hint}")
     return teacher
+
+
+def _read_library(weights: LibraryWeights) -> TeacherFile:
+    """A library's pretrained weights as the library loads them; their recorded accuracy is the library's (ImageNet-1k
+    top-1 for torchvision), so a measurement far from it is warned about."""
+    state, accuracy = pretrained.read(weights)
+    return TeacherFile(state, weights.weights, recorded_acc1=accuracy)
 
 
 def _read(path: Path) -> TeacherFile:
@@ -105,17 +118,31 @@ def mismatch(state: dict[str, Tensor], model: nn.Module, shown: int = 5) -> str:
 def fitting_options(state: dict[str, Tensor], model_cfg: DictConfig) -> list[str]:
     """The model@teacher options (and width, class count) whose state_dict the file matches key for key."""
     fits = []
-    for option in sorted(MODEL_OPTIONS.glob("*.yaml")):
-        node = OmegaConf.load(option)
+    for option, node in _option_nodes(model_cfg):
         classes = _classifier_outputs(state, node) or model_cfg.num_classes
+        named = f" teacher.name={node.name}" if "name" in node else ""
         for width in dict.fromkeys([float(model_cfg.width), 1.0, *_width_ratios(state, node)]):
             candidate = OmegaConf.merge(node, {"num_classes": classes, "width": width})
             try:
                 if not mismatch(state, _meta_model(candidate)):
-                    fits.append(f"model@teacher={option.stem} teacher.width={width:g} ({classes} classes)")
+                    fits.append(f"model@teacher={option}{named} teacher.width={width:g} ({classes} classes)")
             except Exception:  # a width this family cannot take
                 continue
     return fits
+
+
+def _option_nodes(model_cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """The model options' nodes (name, node) to try a file against."""
+    for option in sorted(MODEL_OPTIONS.glob("*.yaml")):
+        node = OmegaConf.load(option)
+        node.pop("defaults", None)  # a schema for composition (conf/model/timm.yaml), not an argument
+        if "name" in node:
+            # An option that builds any model of a library by name: only the configured model is tried (trying its
+            # whole library would take minutes).
+            if model_cfg._target_ != node._target_:
+                continue
+            node.name = model_cfg.name
+        yield option.stem, node
 
 
 def _meta_model(model_cfg: DictConfig) -> nn.Module:

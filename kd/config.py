@@ -25,6 +25,13 @@ class ModelConfig:
 
 
 @dataclass
+class LibraryModelConfig(ModelConfig):
+    # The model's name in its library (torchvision.models.list_models, timm.list_models): the model options that
+    # build any model of a library (conf/model/torchvision.yaml, timm.yaml) take their schema from this node.
+    name: str = MISSING
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     num_classes: int = MISSING
@@ -58,7 +65,9 @@ class Config:
     batch_size: int = 64
     eval_batch_size: int = 512
     device: str = "auto"
-    # "auto" looks the teacher up in `teacher_store`; a path loads that checkpoint; "none" runs without one.
+    # "auto" looks the teacher up in `teacher_store`; a path loads that checkpoint; "none" runs without one;
+    # torchvision:<Weights> (torchvision:ResNet34_Weights.IMAGENET1K_V1) / timm:<name> (timm:resnet50.a1_in1k) take
+    # the library's pretrained weights from its cache (model@teacher=torchvision / timm must be their model).
     teacher_checkpoint: str = "auto"
     # With teacher_checkpoint=auto: a folder of published teachers in RepDistiller's / mdistiller's layout
     # (<model>_vanilla/ckpt_epoch_240.pth) to take the teacher from, instead of the store.
@@ -111,6 +120,8 @@ class Config:
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
+# Used by a model option's defaults list (`/schema/library_model@_here_`), so its node is typed with `name`.
+ConfigStore.instance().store(group="schema", name="library_model", node=LibraryModelConfig)
 
 
 def job_dir_name(overrides: str, number: int) -> str:

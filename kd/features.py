@@ -126,11 +126,15 @@ def default_layers(model: nn.Module) -> dict:
     """{"stages": stage output names in order, "embedding": the classifier's input} for a model of the zoo.
 
     Zoo models declare `feature_layers` (the features RepDistiller's `is_feat=True` returns, stem and logits left
-    out); other models fall back to torchvision's ResNet names (layer1..layer4, `fc`), else this raises.
+    out); timm models list their stages in `feature_info`; other models fall back to torchvision's ResNet names
+    (layer1..layer4, `fc`), else this raises.
     """
     declared = getattr(model, "feature_layers", None)
     if declared is not None:
         return {"stages": list(declared["stages"]), "embedding": declared["embedding"]}
+    listed = _feature_info_layers(model)
+    if listed is not None:
+        return listed
     children = dict(model.named_children())
     stages = []
     for name in TORCHVISION_STAGES:
@@ -140,7 +144,33 @@ def default_layers(model: nn.Module) -> dict:
     if stages and isinstance(children.get("fc"), nn.Linear):
         return {"stages": stages, "embedding": "fc:in"}
     raise ValueError(
-        f"no default feature layers for {type(model).__name__}: it declares no `feature_layers` and has no "
-        f"torchvision-style layer1.. stages with an `fc` classifier (top-level modules: {top_level_modules(model)}). "
-        f"{_HINT}"
+        f"no default feature layers for {type(model).__name__}: it declares no `feature_layers`, lists no timm "
+        f"`feature_info` and has no torchvision-style layer1.. stages with an `fc` classifier (top-level modules: "
+        f"{top_level_modules(model)}). {_HINT}"
     )
+
+
+def _feature_info_layers(model: nn.Module) -> dict | None:
+    """A timm model's stages (its `feature_info` entries at stride 4 and beyond) and its classifier's input, or None
+    when the model lists no usable stages or classifier."""
+    info, get_classifier = getattr(model, "feature_info", None), getattr(model, "get_classifier", None)
+    if not isinstance(info, list) or get_classifier is None:
+        return None
+    # The stride-2 entry is the stem's output (or a first block at the stem's resolution): RepDistiller's features
+    # leave the stem out and torchvision's layer1..layer4 start at stride 4, so timm models pair stage by stage
+    # with torchvision ResNets, mdistiller's ImageNet models and each other.
+    stages = [entry.get("module") for entry in info if isinstance(entry, dict) and entry.get("reduction", 0) >= 4]
+    head = get_classifier()
+    names = {module: name for name, module in model.named_modules()}
+    classifier = names.get(head) if isinstance(head, nn.Module) else None
+    if not stages or not classifier or not all(_is_module(model, name) for name in stages):
+        return None
+    return {"stages": stages, "embedding": classifier + INPUT_SUFFIX}
+
+
+def _is_module(model: nn.Module, name) -> bool:
+    """Whether `name` is a dotted path to a submodule of model."""
+    try:
+        return isinstance(name, str) and bool(name) and isinstance(model.get_submodule(name), nn.Module)
+    except AttributeError:
+        return False

@@ -52,8 +52,10 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def model_name(model_cfg: DictConfig) -> str:
-    """A model node's name: the factory its `_target_` names (e.g. resnet20)."""
-    return model_cfg._target_.rsplit(".", 1)[-1]
+    """A model node's name: the factory its `_target_` names (e.g. resnet20), then the model's name for the options
+    that build any model of a library (torchvision_model-resnet34, timm_model-mobilenetv3_small_100)."""
+    factory = model_cfg._target_.rsplit(".", 1)[-1]
+    return f"{factory}-{model_cfg.name}" if model_cfg.get("name") else factory
 
 
 def _umask() -> int:

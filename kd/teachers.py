@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kd import records
+from kd import pretrained, records
 from kd.checkpoints import TeacherFile, read_teacher_file
 from kd.records import (
     SOURCE_NEUTRAL, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
@@ -153,12 +153,16 @@ def checkpoint_payload(model_cfg: DictConfig, model: nn.Module, metrics: dict[st
 
 
 def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | None:
-    """The teacher checkpoint for a student run, or None when none is configured and none is required."""
+    """The teacher checkpoint for a student run, or None when none is configured and none is required; for
+    torchvision:<Weights> / timm:<name> the library's cached file (a kd.pretrained.LibraryWeights)."""
     choice = cfg.teacher_checkpoint
     if choice == "none":
         if required:
-            raise ValueError("the loss needs a teacher but teacher_checkpoint=none: set it to auto or a path.")
+            raise ValueError("the loss needs a teacher but teacher_checkpoint=none: set it to auto, a path, or "
+                             "a library's weights (torchvision:<Weights>, timm:<name>).")
         return None
+    if pretrained.library_of(choice):  # torchvision:<Weights> / timm:<name>: the library's cached file
+        return pretrained.locate(choice, cfg.teacher)
     if choice != "auto":
         path = Path(choice)
         if not path.is_file():

@@ -433,6 +433,26 @@ def test_schema_rejects_unknown_keys(override, named):
     assert named in str(error.value)
 
 
+def test_library_model_options_take_a_name_and_the_zoo_options_refuse_one():
+    cfg = compose("model@teacher=torchvision", "teacher.name=resnet34", "model@student=timm",
+                  "student.name=mobilenetv3_small_100")
+    assert (cfg.teacher.name, cfg.student.name) == ("resnet34", "mobilenetv3_small_100")
+    assert (cfg.teacher.num_classes, cfg.teacher.width) == (100, 1.0)
+    for override, named in [("teacher.name=resnet34", "teacher.name"),  # the default teacher is the zoo's resnet56
+                            ("model@student=timm student.nmae=resnet18", "student.nmae")]:
+        with pytest.raises(CONFIG_ERRORS) as error:
+            compose(*override.split())
+        assert named in str(error.value)
+
+
+@pytest.mark.parametrize("option, name, close", [("torchvision", "resnet43", "resnet34"),
+                                                 ("timm", "mobilenetv3_smal_100", "mobilenetv3_small_100")])
+def test_an_unknown_library_model_name_composes_and_fails_at_instantiation_with_close_names(option, name, close):
+    cfg = compose("dataset=digits", f"model@student={option}", f"student.name={name}")
+    with pytest.raises(Exception, match=rf"no .*model '{name}'.*Close names: {close}"):
+        instantiate(cfg.student)
+
+
 @pytest.mark.parametrize(
     "override, key, value",
     [

@@ -1,5 +1,6 @@
 """Feature capture by module name: the tensors a manual forward gives, ":in", clear errors, no hooks left behind,
-in-place safety, probing, and default layers for every model of the zoo and for a plain torchvision ResNet."""
+in-place safety, probing, and default layers for every model of the zoo, for a plain torchvision ResNet and for timm
+models (their feature_info)."""
 
 from pathlib import Path
 
@@ -11,13 +12,18 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.testing import assert_close
 
+from kd.feature_losses import ATLoss, FitNetLoss
 from kd.features import capture, default_layers, probe_shapes
+from kd.losses import Step
 from kd.models.cifar_resnet import resnet8
+from kd.models.torchvision_models import torchvision_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODEL_OPTIONS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 # Stage outputs RepDistiller's is_feat=True returns between the stem and the embedding, per model family.
-STAGE_COUNTS = {"vgg": 4, "mobilenetv2": 4, "tv_resnet18": 4, "ResNet": 4}
+STAGE_COUNTS = {"vgg": 4, "mobilenetv2": 4, "tv_resnet18": 4, "ResNet": 4, "mobilenetv1": 4,
+                # The library options' default models: torchvision's resnet18, timm's mobilenetv3_small_100.
+                "torchvision": 4, "timm": 4}
 
 
 # Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.
@@ -179,6 +185,8 @@ def test_probe_shapes_leaves_modes_and_batch_norm_statistics_alone():
 
 def build_option(name: str) -> nn.Module:
     node = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    if "name" in node:  # torchvision / timm by name: their widths are in their names
+        return get_method(node._target_)(node.name, num_classes=10)
     # Narrow widths keep the whole zoo fast; module names do not depend on the width.
     return get_method(node._target_)(num_classes=10, width=0.25)
 
@@ -217,7 +225,46 @@ def test_default_layers_of_a_plain_torchvision_resnet():
     assert shapes["layer4"] == (2, 512, 1, 1) and shapes["fc:in"] == (2, 512)
 
 
+def test_default_layers_of_a_timm_model_are_its_feature_info_from_stride_4_and_its_classifier_input():
+    from kd.models.timm_models import timm_model  # here: importing timm takes seconds
+
+    model = timm_model("mobilenetv3_small_100", num_classes=10)
+    layers = default_layers(model)
+    # feature_info lists bn1 (the stem, stride 2), blocks.0, blocks.1, blocks.3, blocks.5 (strides 4..32).
+    assert [entry["module"] for entry in model.feature_info][0] == "bn1"
+    assert layers == {"stages": ["blocks.0", "blocks.1", "blocks.3", "blocks.5"], "embedding": "classifier:in"}
+    shapes = probe_shapes(model, layers["stages"] + ["classifier:in"], images(size=64))
+    assert [tuple(shapes[s])[1:] for s in layers["stages"]] == [(16, 16, 16), (24, 8, 8), (48, 4, 4), (576, 2, 2)]
+    assert shapes["classifier:in"] == (2, 1024)
+
+
 def test_default_layers_of_an_unknown_model_say_what_to_set():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(10))
     with pytest.raises(ValueError, match="no default feature layers for Sequential.*student_layers / teacher_layers"):
         default_layers(model)
+
+
+@pytest.mark.parametrize("criterion", [ATLoss(), FitNetLoss()], ids=["at", "fitnet"])
+def test_a_feature_method_binds_a_torchvision_teacher_to_a_timm_student_by_default_layers(criterion):
+    """ImageNet-style models from both libraries pair stage by stage (strides 4..32) with no layer names set."""
+    from kd.models.timm_models import timm_model  # here: importing timm takes seconds
+
+    torch.manual_seed(0)
+    teacher = torchvision_model("resnet18", num_classes=10).eval().requires_grad_(False)
+    student = timm_model("mobilenetv3_small_100", num_classes=10).train()
+    x, labels = images(batch=4, size=64), torch.arange(4)
+    criterion.bind(student, teacher, x[:2], labels)
+    student_layers, teacher_layers = criterion.layers()
+    assert teacher_layers == (["layer2"] if isinstance(criterion, FitNetLoss) else ["layer1", "layer2", "layer3", "layer4"])
+    with capture(student, student_layers) as student_features:
+        student_logits = student(x)
+    with torch.inference_mode(), capture(teacher, teacher_layers) as teacher_features:
+        teacher_logits = teacher(x)
+    step = Step(student_logits, labels, teacher_logits.clone(), dict(student_features),
+                {k: v.clone() for k, v in teacher_features.items()}, torch.arange(4))
+    (loss,) = criterion(step).values()
+    assert loss.shape == () and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    gradients = [p.grad for p in student.parameters() if p.grad is not None]
+    assert gradients and all(torch.isfinite(g).all() for g in gradients)
+    assert all(p.grad is None for p in teacher.parameters())

@@ -29,6 +29,7 @@ MODULES = {
     "torchvision_resnet": ["tv_resnet18"],
     "resnetv2": ["ResNet18", "ResNet50"],
     "simple_cnn": ["simple_cnn"],
+    "mobilenetv1": ["mobilenetv1"],
 }
 MODULE_OF = {name: module for module, names in MODULES.items() for name in names}
 NAMES = list(MODULE_OF)
@@ -65,6 +66,7 @@ EXPECTED_PARAMS = {
     "ResNet18": 11_220_132,
     "ResNet50": 23_705_252,
     "simple_cnn": 106_372,
+    "mobilenetv1": 3_309_476,  # 4_231_976 at 1000 classes, the count of mdistiller's ImageNet MobileNetV1
 }
 
 
@@ -223,6 +225,16 @@ def count_resnetv2(bottleneck: bool, blocks: list[int], classes: int) -> int:
     return total + linear(c_in, classes)
 
 
+def count_mobilenetv1(classes: int) -> int:
+    """Stem conv3x3 3->32 + BN; 13 depthwise 3x3 + BN, pointwise 1x1 + BN units (64, 128x2, 256x2, 512x6, 1024x2);
+    linear."""
+    total, c_in = conv(3, 32, 3) + bn(32), 32
+    for c in [64, 128, 128, 256, 256] + [512] * 6 + [1024, 1024]:
+        total += conv(c_in, c_in, 3, groups=c_in) + bn(c_in) + conv(c_in, c) + bn(c)
+        c_in = c
+    return total + linear(1024, classes)
+
+
 def count_simple_cnn(classes: int) -> int:
     """Three conv3x3 (no bias) + BN stages of 32/64/128 channels; linear."""
     return conv(3, 32, 3) + bn(32) + conv(32, 64, 3) + bn(64) + conv(64, 128, 3) + bn(128) + linear(128, classes)
@@ -241,6 +253,7 @@ DESCRIBED_COUNTS = {
     "ResNet18": functools.partial(count_resnetv2, False, [2, 2, 2, 2]),
     "ResNet50": functools.partial(count_resnetv2, True, [3, 4, 6, 3]),
     "simple_cnn": count_simple_cnn,
+    "mobilenetv1": count_mobilenetv1,
 }
 
 
@@ -391,3 +404,130 @@ def test_resnetv2_default_feature_layers(name, embedding):
         (2, 64 * expansion, 32, 32), (2, 128 * expansion, 16, 16), (2, 256 * expansion, 8, 8), (2, embedding, 4, 4)
     ]
     assert shapes["linear:in"] == (2, embedding)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageNet MobileNetV1: mdistiller's student of the ResNet-50 -> MobileNetV1 pair
+
+
+def mdistiller_mobilenetv1_layout(classes: int) -> dict[str, tuple[int, ...]]:
+    """Every state_dict key and shape of mdistiller's models/imagenet/mobilenetv1.py, written from its module names.
+
+    `model.0` = (conv 3x3, BN, ReLU); `model.1..13` = (depthwise conv, BN, ReLU, pointwise conv, BN, ReLU);
+    `model.14` = the pooling (no state); `fc`.
+    """
+    layout: dict[str, tuple[int, ...]] = {}
+
+    def add_bn(key: str, c: int) -> None:
+        layout.update({f"{key}.{n}": (c,) for n in ("weight", "bias", "running_mean", "running_var")})
+        layout[f"{key}.num_batches_tracked"] = ()
+
+    layout["model.0.0.weight"] = (32, 3, 3, 3)
+    add_bn("model.0.1", 32)
+    c_in = 32
+    for unit, c in enumerate([64, 128, 128, 256, 256] + [512] * 6 + [1024, 1024], start=1):
+        layout[f"model.{unit}.0.weight"] = (c_in, 1, 3, 3)
+        add_bn(f"model.{unit}.1", c_in)
+        layout[f"model.{unit}.3.weight"] = (c, c_in, 1, 1)
+        add_bn(f"model.{unit}.4", c)
+        c_in = c
+    layout["fc.weight"], layout["fc.bias"] = (classes, 1024), (classes,)
+    return layout
+
+
+def test_mobilenetv1_has_mdistillers_parameter_count_and_state_dict_at_1000_classes():
+    with torch.device("meta"):
+        model = factory("mobilenetv1")(num_classes=1000)
+    # 4_231_976: also what counting mdistiller's own MobileNetV1() gives.
+    assert num_params(model) == count_mobilenetv1(1000) == 4_231_976
+    state = model.state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == mdistiller_mobilenetv1_layout(1000)
+    assert list(state) == list(mdistiller_mobilenetv1_layout(1000))  # their order too
+
+
+def test_mobilenetv1_stages_are_mdistillers_feats_at_strides_4_to_32():
+    with torch.device("meta"):
+        model = factory("mobilenetv1")(num_classes=1000)
+        layers = default_layers(model)
+        shapes = probe_shapes(model, layers["stages"] + [layers["embedding"]], torch.empty(2, 3, 224, 224))
+    assert layers == {"stages": ["model.3", "model.5", "model.11", "model.13"], "embedding": "fc:in"}
+    assert [tuple(shapes[s]) for s in layers["stages"]] == [
+        (2, 128, 56, 56), (2, 256, 28, 28), (2, 512, 14, 14), (2, 1024, 7, 7)]
+    assert shapes["fc:in"] == (2, 1024)
+
+
+@pytest.mark.parametrize("width, channels", [(0.25, 8), (0.5, 16), (0.75, 24)])
+def test_mobilenetv1_width_is_the_papers_multiplier(width, channels):
+    with torch.device("meta"):
+        state = factory("mobilenetv1")(num_classes=1000, width=width).state_dict()
+    assert state["model.0.0.weight"].shape[0] == channels and state["fc.weight"].shape == (1000, 32 * channels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchvision and timm models by name
+
+
+@pytest.mark.parametrize("option, name", [("torchvision", "resnet18"), ("timm", "mobilenetv3_small_100")])
+def test_library_options_name_their_factory_and_a_default_model(option, name):
+    cfg = OmegaConf.load(CONF_DIR / f"{option}.yaml")
+    assert OmegaConf.to_container(cfg, resolve=False) == {
+        "defaults": ["/schema/library_model@_here_", "_self_"],
+        "_target_": f"kd.models.{option}_models.{option}_model",
+        "name": name,
+        "num_classes": "${dataset.num_classes}",
+        "width": 1.0,
+    }
+
+
+@pytest.mark.parametrize("name", ["resnet34", "mobilenet_v3_small", "efficientnet_b0"])
+def test_a_torchvision_model_by_name_is_torchvisions(name):
+    from kd.models.torchvision_models import torchvision_model
+
+    with torch.device("meta"):
+        ours = torchvision_model(name, num_classes=10)
+        reference = torchvision.models.get_model(name, num_classes=10, weights=None)
+    assert type(ours) is type(reference)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+def test_torchvision_auxiliary_heads_stay_but_the_train_forward_returns_logits():
+    from kd.models.torchvision_models import torchvision_model
+
+    with torch.device("meta"):
+        model = torchvision_model("googlenet", num_classes=10).train()
+        logits = model(torch.empty(2, 3, 64, 64))
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, 10)
+    assert any(k.startswith("aux1.") for k in model.state_dict())  # the ImageNet weights hold them
+
+
+def test_timm_model_by_name_is_timms(one_thread):
+    import timm
+
+    from kd.models.timm_models import timm_model
+
+    torch.manual_seed(0)
+    ours = timm_model("mobilenetv3_small_100", num_classes=10)
+    torch.manual_seed(0)
+    reference = timm.create_model("mobilenetv3_small_100", num_classes=10, pretrained=False)
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), reference.state_dict().values()))
+    with torch.no_grad():
+        assert ours.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("module, name, close", [
+    ("torchvision_models", "resnet35", "resnet34"),
+    ("torchvision_models", "mobilenet_v3", "mobilenet_v3_small"),
+    ("timm_models", "mobilenetv3_small", "mobilenetv3_small_100"),
+    ("timm_models", "resnet5", "resnet50"),
+])
+def test_an_unknown_library_model_lists_close_names(module, name, close):
+    factory_of = getattr(importlib.import_module(f"kd.models.{module}"), module.replace("_models", "_model"))
+    with pytest.raises(ValueError, match=rf"has no .*model '{name}'.*Close names: .*\b{close}\b"):
+        factory_of(name, num_classes=10)
+
+
+@pytest.mark.parametrize("module", ["torchvision_models", "timm_models"])
+def test_a_library_model_refuses_a_width_other_than_1(module):
+    factory_of = getattr(importlib.import_module(f"kd.models.{module}"), module.replace("_models", "_model"))
+    with pytest.raises(ValueError, match=r"width must be 1, got 0.5. Pick a narrower or wider model by name"):
+        factory_of("resnet18", num_classes=10, width=0.5)

@@ -1,4 +1,7 @@
-"""CIFAR model zoo: every factory is `name(num_classes, width) -> nn.Module` returning logits."""
+"""Model zoo (CIFAR and ImageNet families, and torchvision / timm by name): every factory is `name(num_classes, width)
+-> nn.Module` returning logits."""
+
+import difflib
 
 from torch import nn
 
@@ -32,3 +35,11 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x):
         return x.mean((2, 3), keepdim=True)
+
+
+def close_names(name: str, names: list[str], count: int = 8) -> str:
+    """The `count` entries of `names` closest to a misspelt `name`, comma-separated (for error messages)."""
+    found = difflib.get_close_matches(name, names, n=count, cutoff=0.5)
+    # A prefix ("resnet" for resnet18, resnet34, ...) is what a user often types; difflib ranks those low.
+    found += [n for n in names if n.startswith(name) and n not in found][: count - len(found)]
+    return ", ".join(found) or "none"
