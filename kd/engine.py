@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, records, teachers, tracking
+from kd import distributed, pretrained, records, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase
 from kd.data import hold_out
@@ -506,7 +506,10 @@ def check_teacher(job: Job, cfg: DictConfig, path: Path, teacher: TeacherFile) -
 
 
 def teacher_source(cfg: DictConfig, path: Path) -> str:
-    """Where a student's teacher came from: the store, a teachers_dir of published teachers, or a file by path."""
+    """Where a student's teacher came from: the store, a teachers_dir of published teachers, a library's cache
+    (torchvision, timm), or a file by path."""
+    if isinstance(path, pretrained.LibraryWeights):  # teacher_checkpoint=torchvision:<Weights> / timm:<name>
+        return path.library
     if (path.parent / "manifest.json").is_file():
         return "store"
     return "teachers_dir" if cfg.teacher_checkpoint == "auto" and cfg.teachers_dir is not None else "file"

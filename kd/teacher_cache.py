@@ -44,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
                "kd.loop.Data.inputs", "kd.loop.Data.epoch", "kd.loop.autocast", "kd.data.draw_augmentation",
                "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator")
-OUTPUT_CODE_VERSIONS = {1: "ae055b02a7874a625ad19d9aaa32517e7f090985e78186024a8014207fdcd70f"}
+OUTPUT_CODE_VERSIONS = {1: "fb4b20066b0edad30cdb79dc34fef18bdfd172eee133a5ab1dc3da66b270891e"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 

@@ -200,7 +200,6 @@ def test_a_student_distils_from_torchvision_weights_and_records_them(torch_hub, 
     assert torch_hub.requested == []
 
 
-@pytest.mark.xfail(strict=True, reason="kd/engine.py's teacher_source does not know the library sources yet")
 def test_the_record_names_the_library_as_the_teachers_source(torch_hub, tmp_path):
     cache_torchvision_file(torch_hub.checkpoints, classes=10)
     cfg = tiny_cfg(tmp_path, "phase=student", "epochs=1", "model@teacher=torchvision", "teacher.name=resnet18",
