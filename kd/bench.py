@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import engine, loop, records, teachers
+from kd import datapath, engine, loop, records, teachers
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
@@ -176,7 +176,7 @@ def reference_window(cfg, args, images, labels, device) -> Callable[[int], None]
 def engine_window(cfg, args, images, labels, device, cache_root: Path) -> Callable[[int], None]:
     """(b)/(c) The engine's training epoch (one epoch = one window) with its config's defaults; the teacher
     cache lives in cache_root, so a second call finds every epoch's teacher logits stored."""
-    data = loop.Data(Split(images.to(device), labels.to(device)), None, Split(images[:8], labels[:8]).to(device),
+    data = datapath.InMemoryData(Split(images.to(device), labels.to(device)), None, Split(images[:8], labels[:8]).to(device),
                        *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
                        crop_padding=4, hflip=True, channels_last=cfg.channels_last)
     teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)

