@@ -104,6 +104,9 @@ class Config:
     teacher_cache_dir: Optional[str] = None  # None: `teacher_cache/` beside the teacher store (outputs/teacher_cache)
     teacher_cache_dtype: str = "float32"  # float32 is exact; bfloat16/float16 halve the disk use
     teacher_cache_max_gb: float = 20.0  # least recently used entries are deleted beyond this
+    # null stores every logit (exact); k stores each view's k largest (an approximation: the teacher's distribution
+    # renormalised over its top k, as Fast Knowledge Distillation does): ImageNet's 1000 classes in 1% of the space.
+    teacher_cache_topk: Optional[int] = None
     # Per-pair hyperparameters a method's paper tuned, set by the pair presets (conf/experiment/crd_*.yaml) and
     # read by the loss options through ${oc.select:pair_hparams.<name>,<default>}: dkd_beta (dkd), kd_ls_temperature,
     # kd_ls_weight (kd_ls), dkd_ls_temperature, dkd_ls_weight, dkd_ls_beta (dkd_ls).

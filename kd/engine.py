@@ -359,6 +359,9 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"optimizer.lr={lr}: must be a finite number >= 0")
     if cfg.logger.mode not in tracking.MODES:
         problems.append(f"logger.mode={cfg.logger.mode}: must be one of {', '.join(tracking.MODES)}")
+    if cfg.teacher_cache_topk is not None and not 1 <= cfg.teacher_cache_topk <= cfg.dataset.num_classes:
+        problems.append(f"teacher_cache_topk={cfg.teacher_cache_topk}: must be between 1 and the "
+                        f"{cfg.dataset.num_classes} classes (or null: every logit, exact)")
     if cfg.teacher_cache_dtype not in DTYPES:
         problems.append(f"teacher_cache_dtype={cfg.teacher_cache_dtype}: must be one of {', '.join(DTYPES)}")
     if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
@@ -554,7 +557,8 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sh
     }
     root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else Path(cfg.teacher_store).parent / "teacher_cache"
     shape = (job.data.num_train, cfg.dataset.num_classes)
-    return TeacherCache(root, key, shape, cfg.teacher_cache_dtype, cfg.teacher_cache_max_gb * 1e9)
+    return TeacherCache(root, key, shape, cfg.teacher_cache_dtype, cfg.teacher_cache_max_gb * 1e9,
+                        cfg.teacher_cache_topk)
 
 
 def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:

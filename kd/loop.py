@@ -19,7 +19,6 @@ from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from kd import distributed
-from kd.data import to_device
 from kd.datapath import Batch, DataPath
 from kd.features import capture
 from kd.losses import Criterion, Step
@@ -203,10 +202,10 @@ class EpochTeacher:
         self.active = job.teacher is not None and job.criterion.needs_teacher
         stored = job.cache.load(epoch) if self.active and job.cache is not None else None
         # The whole epoch on the device at once: a step slices it, with no copy from the host per step.
-        self.stored = to_device(stored, job.data.device)
+        self.stored = stored.to(job.data.device) if stored is not None else None
         self.recording = None
         if self.active and job.cache is not None and self.stored is None and not job.cache.full:
-            self.recording = torch.empty(job.cache.shape, device=job.data.device)
+            self.recording = job.cache.empty(job.data.device)
         self.layers = job.criterion.layers()[1]
 
     def __call__(self, images: Tensor, rows: slice) -> tuple[Optional[Tensor], dict[str, Tensor]]:
@@ -214,7 +213,7 @@ class EpochTeacher:
         if not self.active:
             return None, {}
         if self.stored is not None:
-            return self.stored[rows], {}
+            return self.stored.rows(rows), {}
         # Eval mode (set at load) makes the targets a fixed function of the view: BN uses running statistics.
         # inference_mode: no graph or saved activations for a network that is never updated.
         hooks = capture(self.job.teacher, self.layers) if self.layers else nullcontext({})
@@ -224,11 +223,11 @@ class EpochTeacher:
         # cache hands out, so live and cached teacher logits are the same numbers under every precision.
         logits = logits.to(torch.float32, copy=True)
         if self.recording is not None:
-            self.recording[rows] = logits
+            self.recording.write(rows, logits)
         return logits, {name: value.clone() for name, value in features.items()}
 
     def finish(self) -> None:
-        if self.recording is not None and self.seen == self.recording.shape[0]:
+        if self.recording is not None and self.seen == self.job.cache.shape[0]:
             self.job.cache.save(self.epoch, self.recording)
 
 

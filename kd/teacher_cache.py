@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from kd import records
+from kd.data import to_device
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
                "kd.datapath.InMemoryData.inputs", "kd.datapath.InMemoryData.epoch", "kd.loop.autocast",
                "kd.data.draw_augmentation",
-               "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator")
-OUTPUT_CODE_VERSIONS = {1: "602236418ddb964d000ae39f349f3b8a95a2348736688dad4c54597f39816045"}
+               "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator",
+               "kd.teacher_cache.EpochOutputs")
+OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140c82f2644d2b4"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 
@@ -67,21 +70,72 @@ def output_code_digest() -> str:
     return digest.hexdigest()
 
 
-class TeacherCache:
-    """One cache entry: `load(epoch)` the stored logits or None, `save(epoch, logits)` after a live epoch."""
+# Top-k storage: the classes outside a row's k largest logits get logit (k-th largest - TOPK_GAP), so that
+# softmax(z / T) gives them probability exp(-TOPK_GAP / T), which underflows to 0 in float32 for T up to ~100: the
+# teacher's distribution is its top k renormalised (Fast Knowledge Distillation, Shen & Xing, ECCV 2022).
+TOPK_GAP = 1e4
 
-    def __init__(self, root: Path, key: dict[str, Any], shape: tuple[int, int], dtype: str, max_bytes: float):
+
+@dataclass
+class EpochOutputs:
+    """One epoch's teacher outputs, rows in the epoch's order: dense logits (N, C), or (top_k) the k largest logits
+    of each row and their classes, which `rows()` expands back to (B, C) logits on the device, per step."""
+
+    num_classes: int
+    logits: Optional[Tensor] = None  # (N, C)
+    values: Optional[Tensor] = None  # (N, k), each row descending
+    indices: Optional[Tensor] = None  # (N, k)
+
+    @classmethod
+    def empty(cls, n: int, num_classes: int, top_k: Optional[int], device: torch.device) -> "EpochOutputs":
+        if top_k is None:
+            return cls(num_classes, logits=torch.empty(n, num_classes, device=device))
+        return cls(num_classes, values=torch.empty(n, top_k, device=device),
+                   indices=torch.empty(n, top_k, dtype=torch.long, device=device))
+
+    def write(self, rows: slice, logits: Tensor) -> None:
+        if self.logits is not None:
+            self.logits[rows] = logits
+        else:
+            self.values[rows], self.indices[rows] = logits.topk(self.values.shape[1], dim=1)
+
+    def rows(self, rows: slice) -> Tensor:
+        """float32 (B, C) logits for these rows: stored ones, or the top-k ones with the rest TOPK_GAP below."""
+        if self.logits is not None:
+            return self.logits[rows]
+        values = self.values[rows]
+        dense = (values[:, -1:] - TOPK_GAP).expand(-1, self.num_classes).contiguous()
+        return dense.scatter_(1, self.indices[rows], values)
+
+    def to(self, device: torch.device) -> "EpochOutputs":
+        moved = [to_device(t, device) for t in (self.logits, self.values, self.indices)]
+        return EpochOutputs(self.num_classes, *moved)
+
+    def tensors(self) -> dict[str, Tensor]:
+        found = {"logits": self.logits, "values": self.values, "indices": self.indices}
+        return {name: tensor for name, tensor in found.items() if tensor is not None}
+
+
+class TeacherCache:
+    """One cache entry: `load(epoch)` the stored outputs or None, `save(epoch, outputs)` after a live epoch."""
+
+    def __init__(self, root: Path, key: dict[str, Any], shape: tuple[int, int], dtype: str, max_bytes: float,
+                 top_k: Optional[int] = None):
         if dtype not in DTYPES:
             raise ValueError(f"teacher_cache_dtype={dtype}: must be one of {', '.join(DTYPES)}.")
-        self.key = {**key, "dtype": dtype, "output_code_version": OUTPUT_CODE_VERSION}
+        self.key = {**key, "dtype": dtype, "top_k": top_k, "output_code_version": OUTPUT_CODE_VERSION}
         self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.root, self.dir = Path(root), Path(root) / self.digest
-        self.shape, self.dtype, self.max_bytes = shape, DTYPES[dtype], max_bytes
+        self.shape, self.dtype, self.max_bytes, self.top_k = shape, DTYPES[dtype], max_bytes, top_k
         self.hits = self.misses = self.rejected = 0
         self.full = False  # set when this entry alone would exceed max_bytes: stop writing, keep reading
 
-    def load(self, epoch: int) -> Optional[Tensor]:
-        """The epoch's teacher logits (float32, CPU), or None when not stored; a file that fails its checks is
+    def empty(self, device: torch.device) -> EpochOutputs:
+        """Where a live epoch records its outputs, for save()."""
+        return EpochOutputs.empty(self.shape[0], self.shape[1], self.top_k, device)
+
+    def load(self, epoch: int) -> Optional[EpochOutputs]:
+        """The epoch's teacher outputs (float32, CPU), or None when not stored; a file that fails its checks is
         deleted (the live teacher recomputes and stores the epoch) and counted in `rejected`."""
         path = self._file(epoch)
         if not path.is_file():
@@ -101,33 +155,47 @@ class TeacherCache:
             return None
         self.hits += 1
         os.utime(self.dir)  # recency for the least-recently-used eviction
-        return stored["logits"].float()
+        tensors = {name: stored[name] for name in self._names()}
+        return EpochOutputs(self.shape[1], **{n: t.float() if n != "indices" else t.long() for n, t in tensors.items()})
+
+    def _names(self) -> tuple[str, ...]:
+        return ("logits",) if self.top_k is None else ("values", "indices")
+
+    def _shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        n, classes = self.shape
+        if self.top_k is None:
+            return {"logits": ((n, classes), self.dtype)}
+        return {"values": ((n, self.top_k), self.dtype), "indices": ((n, self.top_k), _index_dtype(classes))}
 
     def _problem(self, stored: Any, epoch: int) -> str:
         """What is wrong with a loaded epoch file ("" when nothing is)."""
-        if not isinstance(stored, dict) or not {"logits", "sha256", "entry", "epoch"} <= stored.keys():
+        if not isinstance(stored, dict) or not {*self._names(), "sha256", "entry", "epoch"} <= stored.keys():
             return "not an epoch file of this cache"
-        logits = stored["logits"]
         if (stored["entry"], stored["epoch"]) != (self.digest, epoch):
             return f"written for entry {stored['entry']} epoch {stored['epoch']}"
-        if tuple(logits.shape) != self.shape or logits.dtype != self.dtype:
-            return f"holds {tuple(logits.shape)} {logits.dtype}, expected {self.shape} {self.dtype}"
-        if _checksum(self.digest, epoch, logits) != stored["sha256"]:
+        for name, (shape, dtype) in self._shapes().items():
+            found = stored[name]
+            if tuple(found.shape) != shape or found.dtype != dtype:
+                return f"holds {name} {tuple(found.shape)} {found.dtype}, expected {shape} {dtype}"
+        if _checksum(self.digest, epoch, *(stored[name] for name in self._names())) != stored["sha256"]:
             return "its checksum does not match its rows"
         return ""
 
-    def save(self, epoch: int, logits: Tensor) -> None:
-        """Store an epoch's logits (unless the size bound forbids it), then evict old entries beyond the bound."""
+    def save(self, epoch: int, outputs: EpochOutputs) -> None:
+        """Store an epoch's outputs (unless the size bound forbids it), then evict old entries beyond the bound."""
         if self.full:
             return
-        size = logits.numel() * self.dtype.itemsize
+        tensors = {name: tensor.to("cpu", dtype).contiguous()
+                   for (name, (_, dtype)), tensor in zip(self._shapes().items(), outputs.tensors().values())}
+        size = sum(t.numel() * t.dtype.itemsize for t in tensors.values())
         if size + self.size_bytes() > self.max_bytes:
             log.warning("teacher cache entry %s would exceed teacher_cache_max_gb=%g: not storing more epochs "
-                        "(raise it, or use teacher_cache_dtype=bfloat16)", self.dir, self.max_bytes / 1e9)
+                        "(raise it, or use teacher_cache_dtype=bfloat16, or teacher_cache_topk=10)", self.dir,
+                        self.max_bytes / 1e9)
             self.full = True
             return
-        rows = logits.to("cpu", self.dtype).contiguous()
-        payload = {"logits": rows, "sha256": _checksum(self.digest, epoch, rows), "entry": self.digest, "epoch": epoch}
+        checksum = _checksum(self.digest, epoch, *tensors.values())
+        payload = {**tensors, "sha256": checksum, "entry": self.digest, "epoch": epoch}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             records.write_json(self.dir / "key.json", self.key)
@@ -157,9 +225,14 @@ class TeacherCache:
             total -= sizes[entry]
 
 
-def _checksum(entry: str, epoch: int, logits: Tensor) -> str:
+def _checksum(entry: str, epoch: int, *tensors: Tensor) -> str:
     """sha256 binding an epoch file's rows to its entry and epoch: a file copied from elsewhere does not verify."""
-    return hashlib.sha256(f"{entry}|{epoch}|{records.sha256_tensors(logits)}".encode()).hexdigest()
+    return hashlib.sha256(f"{entry}|{epoch}|{records.sha256_tensors(*tensors)}".encode()).hexdigest()
+
+
+def _index_dtype(num_classes: int) -> torch.dtype:
+    """The smallest integer type that holds a class index (int16 up to 32767 classes: ImageNet's 1000 fit)."""
+    return torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def _folder_bytes(path: Path) -> int:

@@ -51,10 +51,12 @@ def test_a_training_step_never_waits_for_the_device(loss, tmp_path, monkeypatch)
     steps = syncs_per_step(job, 1, monkeypatch)
     assert len(steps) == 4 and steps == [{}] * 4, steps
     if job.criterion.needs_teacher and not job.criterion.layers()[1]:  # the teacher's logits from the cache
-        job.cache = TeacherCache(tmp_path / "cache", {"loss": loss}, (job.data.num_train, 10), "float32", 1e9)
-        loop.train_one_epoch(job, 2)  # stores epoch 2
-        cached = syncs_per_step(job, 2, monkeypatch)
-        assert job.cache.hits == 1 and cached == [{}] * 4, cached
+        for top_k in (None, 3):  # every logit, or each view's 3 largest (expanded per step)
+            shape = (job.data.num_train, 10)
+            job.cache = TeacherCache(tmp_path / "cache", {"loss": loss}, shape, "float32", 1e9, top_k)
+            loop.train_one_epoch(job, 2)  # stores epoch 2
+            cached = syncs_per_step(job, 2, monkeypatch)
+            assert job.cache.hits == 1 and cached == [{}] * 4, (top_k, cached)
 
 
 def test_the_counter_sees_what_would_sync(monkeypatch, tmp_path):

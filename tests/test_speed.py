@@ -11,7 +11,7 @@ from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import bench, data, engine, loop
-from kd.teacher_cache import TeacherCache
+from kd.teacher_cache import TOPK_GAP, EpochOutputs, TeacherCache
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
@@ -72,7 +72,7 @@ def test_cache_hit_equals_the_live_teachers_outputs(teacher, tmp_path):
         views = data.augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
         with torch.inference_mode():
             live.append(job.teacher(job.data.inputs(views)))
-    assert torch.equal(stored, torch.cat(live))
+    assert torch.equal(stored.logits, torch.cat(live))
 
 
 @pytest.mark.parametrize("change", ["seed=1", "batch_size=32", "dataset.hflip=true", "dataset.crop_padding=2",
@@ -120,7 +120,7 @@ def test_damaged_cache_file_is_recomputed(teacher, tmp_path):
 
 
 def test_cache_stays_within_its_bound(tmp_path):
-    logits = torch.randn(100, 10)
+    logits = EpochOutputs(10, logits=torch.randn(100, 10))
     probe = TeacherCache(tmp_path / "probe", {"teacher": "probe"}, (100, 10), "float32", max_bytes=1e9)
     probe.save(1, logits)
     epoch_bytes = probe.size_bytes()  # 4000 bytes of rows, plus the file's header, checksum and key.json
@@ -134,16 +134,44 @@ def test_cache_stays_within_its_bound(tmp_path):
     new.save(2, logits)
     new.save(3, logits)  # would exceed the bound on its own: not stored, the run goes on live
     assert new.full and not (new.dir / "epoch_0003.pt").exists()
-    assert torch.equal(new.load(2), logits) and new.load(3) is None
+    assert torch.equal(new.load(2).logits, logits.logits) and new.load(3) is None
 
 
 def test_half_precision_storage_halves_the_files(tmp_path):
     logits = torch.randn(100, 10)
     cache = TeacherCache(tmp_path, {"k": 1}, (100, 10), "bfloat16", max_bytes=1e9)
-    cache.save(1, logits)
-    assert torch.equal(cache.load(1), logits.bfloat16().float())
+    cache.save(1, EpochOutputs(10, logits=logits))
+    assert torch.equal(cache.load(1).logits, logits.bfloat16().float())
     with pytest.raises(ValueError, match="teacher_cache_dtype=float64"):
         TeacherCache(tmp_path, {"k": 1}, (100, 10), "float64", max_bytes=1e9)
+
+
+def test_top_k_storage_keeps_each_views_k_largest_logits_and_renormalises(tmp_path):
+    logits = torch.randn(50, 100, generator=torch.Generator().manual_seed(0)) * 3
+    cache = TeacherCache(tmp_path, {"k": 1}, (50, 100), "float32", max_bytes=1e9, top_k=5)
+    recording = cache.empty(torch.device("cpu"))
+    recording.write(slice(0, 50), logits)
+    cache.save(1, recording)
+    restored = cache.load(1).rows(slice(10, 20))
+    values, indices = logits[10:20].topk(5, dim=1)
+    assert torch.equal(restored.gather(1, indices), values)  # the top 5 exactly; the rest TOPK_GAP below the 5th
+    assert torch.equal(restored.topk(6, dim=1).values[:, 5], values[:, 4] - TOPK_GAP)
+    for temperature in (1.0, 4.0):  # softmax(z / T): the top 5's probabilities renormalised, 0 elsewhere
+        p = torch.softmax(restored / temperature, dim=1)
+        expected = torch.zeros_like(p).scatter_(1, indices, torch.softmax(values / temperature, dim=1))
+        assert torch.allclose(p, expected, atol=1e-7) and (p == 0).sum() == 10 * 95
+    dense = TeacherCache(tmp_path, {"k": 1}, (50, 100), "float32", max_bytes=1e9)
+    dense.save(1, EpochOutputs(100, logits=logits))
+    assert cache.dir != dense.dir and cache.size_bytes() < dense.size_bytes() / 5  # 5 values + 5 int16 of 100
+
+
+def test_a_top_k_cache_of_every_class_is_the_live_teacher(teacher, tmp_path):
+    live = student(tmp_path, teacher, "live", "teacher_cache=false")
+    student(tmp_path, teacher, "writer", "teacher_cache_topk=10")
+    reader = student(tmp_path, teacher, "reader", "teacher_cache_topk=10")  # digits: 10 classes
+    assert reader["teacher_cache/hits"] == 2 and trained(reader) == trained(live)
+    approximate = student(tmp_path, teacher, "top3", "teacher_cache_topk=3")
+    assert approximate["teacher_cache/misses"] == 2  # another entry: the key holds k
 
 
 @pytest.mark.slow
