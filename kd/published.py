@@ -100,8 +100,13 @@ def cite(figure_: Figure) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _raw() -> dict[str, Any]:
-    path = resources.files("kd").joinpath("published", DATA_FILE)
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    """The papers of DATA_FILE, with the tables of the other data files (ImageNet) added to their papers."""
+    folder = resources.files("kd").joinpath("published")
+    papers = yaml.safe_load(folder.joinpath(DATA_FILE).read_text(encoding="utf-8"))
+    for extra in sorted(p for p in folder.iterdir() if p.name.endswith(".yaml") and p.name != DATA_FILE):
+        for name, entry in yaml.safe_load(extra.read_text(encoding="utf-8")).items():
+            papers[name]["tables"] = papers[name]["tables"] + entry["tables"]
+    return papers
 
 
 def _convention(node: dict[str, Any], where: str) -> str:
@@ -119,7 +124,8 @@ def _table_figures(name: str, entry: dict[str, Any], table: dict[str, Any]) -> l
         if len(row["top1"]) != len(columns):
             raise ValueError(f"{name} {table['table']} {method}: {len(row['top1'])} values for {len(columns)} pairs")
         convention = _convention(row, f"{name} {method}") if "convention" in row else _convention(entry, name)
-        source = f"{table['source']} line {row['line']}"
+        # A repository file's line, or (a paper's own table, no stored copy) where in the paper.
+        source = f"{table['source']} line {row['line']}" if "line" in row else f"{table['source']} {row['at']}"
         for pair, top1 in zip(columns, row["top1"]):
             if top1 is not None:  # the source leaves this cell empty (e.g. N/A)
                 found.append(Figure(float(top1), str(method), pair, name, table["table"], source, convention,

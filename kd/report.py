@@ -183,7 +183,9 @@ def group_key(result: dict[str, Any], linked: set[str] = frozenset()) -> dict[st
 
 
 def model_label(node: dict[str, Any]) -> str:
-    name = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+    """A model as a pair names it: its factory (resnet20), or for a library option the model's name (resnet34);
+    with its width when not 1."""
+    name = node.get("name") or str(node.get("_target_", "?")).rsplit(".", 1)[-1]
     return name if node.get("width", 1.0) == 1.0 else f"{name} x{node['width']:g}"
 
 
