@@ -358,7 +358,8 @@ def test_pair_hparams_keys_are_read_by_a_loss_option():
     read = {key for path in (CONF / "loss").glob("*.yaml")
             for key in re.findall(r"pair_hparams\.(\w+)", path.read_text())}
     assert read == {"dkd_beta", "kd_ls_temperature", "kd_ls_weight", "dkd_ls_temperature", "dkd_ls_weight",
-                    "dkd_ls_beta", "reviewkd_weight"}
+                    "dkd_ls_beta", "reviewkd_weight", "kd_alpha", "kd_temperature", "dkd_temperature",
+                    "dkd_warmup_epochs"}
     for path in (CONF / "experiment").glob("*.yaml"):
         assert set(OmegaConf.load(path).get("pair_hparams", {})) <= read, path.name
 
