@@ -6,14 +6,21 @@
     dataset (uint8 array -> PIL image -> RandomCrop/Flip/ToTensor/Normalize per image) in a DataLoader, eager
     fp32, NCHW, teacher under no_grad, SGD.
 (b) engine: this repository's training epoch with its defaults (batched augmentation on the device,
-    channels_last, precision=auto, teacher under inference_mode, teacher cache recording).
-(c) engine with a warm teacher cache: the same epochs again, the teacher's logits read from the cache.
+    channels_last, precision=auto, teacher under inference_mode), the teacher run live. The teacher cache's
+    recording is off: a run's first job writes each epoch's file once, after the epoch, and that disk write is no
+    part of training throughput, so no window holds it.
+(c) engine with a warm teacher cache: the same epochs, the teacher's logits read from the cache. Each window holds
+    what a cached epoch costs: reading its file (checksum verified), one copy to the device, the training steps.
+    The cache is filled by an untimed pass over every epoch before the timed rounds, so no window writes a file.
 
 Each variant trains on the same random 32x32 images (speed does not depend on their content) for a warm-up
 window, then for several timed windows, the variants taking turns window by window (so a slow spell of a shared
-machine falls on all of them); each variant's median window gives its images/s. The matmul ceiling is the rate of a
-large matrix product measured here, in the engine's precision, and achieved GFLOP/s counts the convolutions and
-matmuls a step really performs: 3x the student's forward (forward + backward) plus the teacher's forward.
+machine falls on all of them); each variant's median window gives its images/s and steps/s. A window is one epoch
+of --window-steps steps: 10 on the CPU, 100 on CUDA (where a step takes milliseconds, so a window lasts long
+enough to time with the host clock). The device is synchronised only at the edges of a window. The matmul ceiling
+is the rate of a large matrix product measured here, in the engine's precision, and achieved GFLOP/s counts the
+convolutions and matmuls a step really performs: 3x the student's forward (forward + backward) plus the teacher's
+forward. On CUDA each variant is also given as a fraction of the device's bf16 matmul peak, measured in the same run.
 --sweep-jobs N also times N short student runs of train.py (experiment=quickstart, a multirun over N
 temperatures sharing one teacher) with and without the teacher cache, and prints the ratio of their wall times.
 """
@@ -49,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = compose_config(args)
     device = engine.resolve_device(cfg.device)
+    args.window_steps = args.window_steps or WINDOW_STEPS["cuda" if device.type == "cuda" else "cpu"]
     torch.backends.cudnn.benchmark = True
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -58,25 +66,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     amp_dtype = engine.resolve_precision(cfg.precision, device)
     flops = {role: records.forward_flops(instantiate(cfg[role]).to(device), (3, 32, 32), device)
              for role in ("teacher", "student")}
-    ceiling = matmul_ceiling(device, amp_dtype or torch.float32)
+    ceilings = measured_ceilings(device, amp_dtype)
     results = {"device": records.environment(device), "config": {**vars(args), "precision": str(amp_dtype)},
-               "matmul_ceiling_gflops": ceiling / 1e9,
+               **{f"{name}_gflops": rate / 1e9 for name, rate in ceilings.items()},
                "forward_gflop_per_image": {role: value / 1e9 for role, value in flops.items()}}
     step_flops = {"full": args.batch_size * (3 * flops["student"] + flops["teacher"]),
                   "cached": args.batch_size * 3 * flops["student"]}
-    with tempfile.TemporaryDirectory() as cache_root:
-        # (c) reads the teacher outputs (b) stored: in each round (b) runs an epoch before (c) runs it.
-        variants = {
-            "a_reference": reference_window(cfg, args, images, labels, device),
-            "b_engine": engine_window(cfg, args, images, labels, device, Path(cache_root)),
-            "c_engine_cached": engine_window(cfg, args, images, labels, device, Path(cache_root)),
-        }
-        seconds = timed_rounds(variants, args.windows, device)
+    seconds = time_variants(cfg, args, images, labels, device)
     for name, flop_kind in (("a_reference", "full"), ("b_engine", "full"), ("c_engine_cached", "cached")):
-        step_seconds = statistics.median(seconds[name]) / args.window_steps
-        results[name] = {"images_per_s": args.batch_size / step_seconds,
-                         "gflops": step_flops[flop_kind] / step_seconds / 1e9,
-                         "fraction_of_ceiling": step_flops[flop_kind] / step_seconds / ceiling}
+        results[name] = variant_figures(statistics.median(seconds[name]) / args.window_steps, args.batch_size,
+                                        step_flops[flop_kind], ceilings)
     for name in ("b_engine", "c_engine_cached"):
         results[name]["speedup_vs_reference"] = results[name]["images_per_s"] / results["a_reference"]["images_per_s"]
     if args.sweep_jobs:
@@ -87,13 +86,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+# Default steps per timed window (one epoch), on the CPU and on CUDA: a CUDA step takes milliseconds, and a window
+# of 100 lasts long enough that the host clock and the synchronisation at its edges are a small part of it.
+WINDOW_STEPS = {"cpu": 10, "cuda": 100}
+
+
+def time_variants(cfg, args, images, labels, device) -> dict[str, list[float]]:
+    """Seconds of each variant's timed windows; (c)'s cache is filled by an untimed pass before the first round."""
+    with tempfile.TemporaryDirectory() as cache_root:
+        variants = {
+            "a_reference": reference_window(cfg, args, images, labels, device),
+            "b_engine": engine_window(cfg, args, images, labels, device, None),
+            "c_engine_cached": engine_window(cfg, args, images, labels, device, Path(cache_root)),
+        }
+        for window in range(args.windows + 1):  # live epochs that store what (c)'s windows will read
+            variants["c_engine_cached"](window)
+        return timed_rounds(variants, args.windows, device)
+
+
+def measured_ceilings(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """FLOP/s ceilings measured here: the matmul rate in the engine's precision, and on CUDA the bf16 matmul peak."""
+    ceilings = {"matmul_ceiling": matmul_ceiling(device, amp_dtype or torch.float32)}
+    if device.type == "cuda":
+        same = amp_dtype == torch.bfloat16
+        ceilings["bf16_peak"] = ceilings["matmul_ceiling"] if same else matmul_ceiling(device, torch.bfloat16)
+    return ceilings
+
+
+def variant_figures(step_seconds: float, batch_size: int, step_flops: float, ceilings: dict[str, float]) -> dict:
+    """A variant's rates from its median step time: images/s, steps/s, GFLOP/s and fractions of the ceilings."""
+    rate = step_flops / step_seconds
+    figures = {"images_per_s": batch_size / step_seconds, "steps_per_s": 1 / step_seconds, "gflops": rate / 1e9,
+               "fraction_of_ceiling": rate / ceilings["matmul_ceiling"]}
+    if "bf16_peak" in ceilings:
+        figures["fraction_of_bf16_peak"] = rate / ceilings["bf16_peak"]
+    return figures
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-classes", type=int, default=100)
-    parser.add_argument("--window-steps", type=int, default=10, help="training steps per timed window")
+    parser.add_argument("--window-steps", type=int, help="training steps per timed window (default: 10 on the CPU, "
+                        "100 on CUDA)")
     parser.add_argument("--windows", type=int, default=7, help="timed windows (after one warm-up window)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop")
     parser.add_argument("--sweep-jobs", type=int, default=0, help="also time an N-job sweep with and without cache")
@@ -101,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="config overrides for the engine, e.g. precision=fp32 device=cpu")
     args = parser.parse_args(argv)
     for name in ("batch_size", "window_steps", "windows", "num_classes"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
@@ -173,17 +210,19 @@ def reference_window(cfg, args, images, labels, device) -> Callable[[int], None]
     return window
 
 
-def engine_window(cfg, args, images, labels, device, cache_root: Path) -> Callable[[int], None]:
-    """(b)/(c) The engine's training epoch (one epoch = one window) with its config's defaults; the teacher
-    cache lives in cache_root, so a second call finds every epoch's teacher logits stored."""
-    data = datapath.InMemoryData(Split(images.to(device), labels.to(device)), None, Split(images[:8], labels[:8]).to(device),
-                       *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
-                       crop_padding=4, hflip=True, channels_last=cfg.channels_last)
+def engine_window(cfg, args, images, labels, device, cache_root: Path | None) -> Callable[[int], None]:
+    """(b)/(c) The engine's training epoch (one epoch = one window) with its config's defaults. With cache_root
+    (c), the teacher cache lives there: an epoch's first call stores its teacher logits, later calls read them;
+    without it (b), the teacher runs live and nothing is recorded."""
+    data = datapath.InMemoryData(Split(images.to(device), labels.to(device)), None,
+                                 Split(images[:8], labels[:8]).to(device),
+                                 *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
+                                 crop_padding=4, hflip=True, channels_last=cfg.channels_last)
     teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
     teachers.fold_batchnorm(teacher)  # as engine.set_up does
     job = engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
     job.progress_bar = False
-    if cfg.teacher_cache:
+    if cfg.teacher_cache and cache_root is not None:
         key = {"bench": [args.teacher, args.student, args.batch_size, args.num_classes, str(job.amp_dtype)]}
         job.cache = TeacherCache(cache_root, key, (len(images), args.num_classes), cfg.teacher_cache_dtype, 1e12)
     return lambda window: loop.train_one_epoch(job, epoch=window + 1)
@@ -192,18 +231,30 @@ def engine_window(cfg, args, images, labels, device, cache_root: Path) -> Callab
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large matrix product on this device, the faster of two libraries: torch.mm (BLAS: MKL on the
     CPU, cuBLAS on CUDA) and the same product as a 1x1 convolution (oneDNN on the CPU, cuDNN on CUDA). On this
-    repository's AMD test CPU MKL's sgemm reaches only about 60% of what oneDNN's does."""
-    n = 4096 if device.type == "cuda" else 2048
+    repository's AMD test CPU MKL's sgemm reaches only about 60% of what oneDNN's does. On CUDA the product is
+    8192 x 8192 (a smaller one leaves an H100-class GPU short of its peak), on random data (zeros run faster), 20
+    times per window so that a window lasts tens of milliseconds."""
+    n, repeats = (8192, 20) if device.type == "cuda" else (2048, 5)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    rates = [2 * n**3 * 5 / min(timed_rounds({"mm": lambda _: [a @ b for _ in range(5)]}, 3, device)["mm"])]
+    rates = [2 * n**3 * repeats / min(timed_rounds({"mm": repeated(lambda: a @ b, repeats)}, 3, device)["mm"])]
     # A (64 * 32 * 32, 512) @ (512, 512) product, written as a 1x1 convolution in NHWC.
     channels = 512
     x = torch.randn(64, channels, 32, 32, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(channels, channels, 1, 1, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     conv_flops = 2 * x.numel() * channels
-    conv = {"conv": lambda _: [F.conv2d(x, w) for _ in range(5)]}
-    rates.append(conv_flops * 5 / min(timed_rounds(conv, 3, device)["conv"]))
+    conv = {"conv": repeated(lambda: F.conv2d(x, w), repeats)}
+    rates.append(conv_flops * repeats / min(timed_rounds(conv, 3, device)["conv"]))
     return max(rates)
+
+
+def repeated(operation: Callable[[], Any], times: int) -> Callable[[int], None]:
+    """A timed window that runs `operation` `times` times."""
+
+    def window(_: int) -> None:
+        for _ in range(times):
+            operation()
+
+    return window
 
 
 def sweep_ratio(args: argparse.Namespace) -> dict[str, Any]:
@@ -233,14 +284,18 @@ def print_table(results: dict[str, Any]) -> None:
     config = results["config"]
     print(f"{config['teacher']} -> {config['student']}, batch {config['batch_size']}, {config['num_classes']} classes, "
           f"{results['device']['device']} ({results['device']['device_name']}), {results['device']['cpu_threads']} "
-          f"threads, engine precision {config['precision']}")
-    print(f"matmul ceiling: {results['matmul_ceiling_gflops']:.1f} GFLOP/s")
-    print(f"{'variant':<18}{'images/s':>10}{'vs (a)':>8}{'GFLOP/s':>10}{'of ceiling':>12}")
+          f"threads, engine precision {config['precision']}, {config['window_steps']} steps per window")
+    peak = "bf16_peak_gflops" in results
+    print(f"matmul ceiling: {results['matmul_ceiling_gflops']:.1f} GFLOP/s"
+          + (f", bf16 matmul peak: {results['bf16_peak_gflops']:.1f} GFLOP/s" if peak else ""))
+    print(f"{'variant':<18}{'images/s':>10}{'steps/s':>9}{'vs (a)':>8}{'GFLOP/s':>10}{'of ceiling':>12}"
+          + (f"{'of bf16 peak':>14}" if peak else ""))
     for name in ("a_reference", "b_engine", "c_engine_cached"):
         r = results[name]
         ratio = r.get("speedup_vs_reference", 1.0)
-        fraction = r["fraction_of_ceiling"]
-        print(f"{name:<18}{r['images_per_s']:>10.1f}{ratio:>7.2f}x{r['gflops']:>10.1f}{fraction:>11.0%}")
+        line = (f"{name:<18}{r['images_per_s']:>10.1f}{r['steps_per_s']:>9.1f}{ratio:>7.2f}x{r['gflops']:>10.1f}"
+                f"{r['fraction_of_ceiling']:>11.0%}")
+        print(line + (f"{r['fraction_of_bf16_peak']:>13.1%}" if peak else ""))
     if "sweep" in results:
         s = results["sweep"]
         print(f"sweep of {s['jobs']} students: {s['wall_s_with_cache']:.1f} s with the teacher cache, "

@@ -336,13 +336,37 @@ def test_image_folder_cache_is_built_once_reused_and_rebuilt_on_change(tmp_path,
 # benchmark
 
 
-def test_bench_runs_and_writes_its_figures(tmp_path):
+def test_bench_runs_and_writes_its_figures(tmp_path, monkeypatch):
+    # Every teacher-cache write and read, marked by whether it happened inside the timed rounds.
+    timing, saves, loads = [], [], []
+    real_rounds, real_save, real_load = bench.timed_rounds, TeacherCache.save, TeacherCache.load
+
+    def rounds(variants, windows, device):
+        timing.append(len(variants) == 3)  # the variants' rounds, not the matmul ceiling's
+        try:
+            return real_rounds(variants, windows, device)
+        finally:
+            timing.pop()
+
+    def load(cache, epoch):
+        logits = real_load(cache, epoch)
+        loads.append((any(timing), logits is not None))
+        return logits
+
+    monkeypatch.setattr(bench, "timed_rounds", rounds)
+    monkeypatch.setattr(TeacherCache, "save", lambda cache, *args: saves.append(any(timing)) or real_save(cache, *args))
+    monkeypatch.setattr(TeacherCache, "load", load)
     out = tmp_path / "bench.json"
     bench.main(["--teacher", "resnet8", "--student", "resnet8", "--window-steps", "1", "--windows", "1",
                 "--workers", "0", "--num-classes", "10", "--json", str(out), "threads=1"])
     figures = json.loads(out.read_text())
     for name in ("a_reference", "b_engine", "c_engine_cached"):
         assert figures[name]["images_per_s"] > 0 and 0 < figures[name]["fraction_of_ceiling"] < 2
+        assert figures[name]["steps_per_s"] == pytest.approx(figures[name]["images_per_s"] / 64)
+    # The cache is filled before the rounds (one file per epoch), and (c) reads every epoch of the rounds from it.
+    assert saves == [False, False]
+    assert [hit for timed, hit in loads if timed] == [True, True]
+    assert figures["config"]["window_steps"] == 1 and "bf16_peak_gflops" not in figures  # the peak: CUDA only
     assert figures["b_engine"]["speedup_vs_reference"] == pytest.approx(
         figures["b_engine"]["images_per_s"] / figures["a_reference"]["images_per_s"])
     assert figures["matmul_ceiling_gflops"] > 0
@@ -351,3 +375,5 @@ def test_bench_runs_and_writes_its_figures(tmp_path):
 def test_bench_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         bench.main(["--batch-size", "0"])
+    with pytest.raises(SystemExit):
+        bench.main(["--window-steps", "0"])
