@@ -44,10 +44,10 @@ def counting_epoch(job, epoch: int, _real=kd.loop.train_one_epoch):
     return _real(job, epoch)
 
 
-def killing_step(job, context, batch, rows, _real=kd.loop.train_step):
+def killing_step(job, context, batch, _real=kd.loop.train_step):
     if kind in ("step", "pause") and (counts["epochs"], context.step) == tuple(map(int, spec)):
         pause() if kind == "pause" else die()
-    return _real(job, context, batch, rows)
+    return _real(job, context, batch)
 
 
 def pause() -> None:
