@@ -24,6 +24,7 @@ import io
 import math
 import resource
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -39,6 +40,8 @@ from torchvision import datasets, transforms
 from kd import data, streaming
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# torchvision 0.29 deprecates its image decoders (for TorchCodec's): still a candidate here, without the warning.
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 
 
 def make_folder(source: Path, folder: Path, per_class: int, size: tuple[int, int]) -> int:

@@ -112,10 +112,16 @@ def resized_crop_box(
 
 
 def center_box(height: int, width: int, size: int, resize: int) -> tuple[int, int, int, int]:
-    """Resize(shorter side to `resize`) then CenterCrop(size), as the box of the original image they keep."""
-    side = size * min(height, width) / resize
-    h, w = min(height, max(1, round(side))), min(width, max(1, round(side)))
-    return (height - h) // 2, (width - w) // 2, h, w
+    """Resize(shorter side to `resize`) then CenterCrop(size), as the box of the original image they keep: the resized
+    sides and the crop's offsets rounded as torchvision rounds them, mapped back (to the nearest original pixel)."""
+    if height <= width:
+        resized = resize, int(resize * width / height)
+    else:
+        resized = int(resize * height / width), resize
+    top, left = (int(round((side - size) / 2.0)) for side in resized)
+    scale_y, scale_x = height / resized[0], width / resized[1]
+    box = round(top * scale_y), round(left * scale_x), round(size * scale_y), round(size * scale_x)
+    return box[0], box[1], max(1, min(box[2], height - box[0])), max(1, min(box[3], width - box[1]))
 
 
 def train_view(path: Path, recipe: Recipe, key: ViewKey) -> Tensor:
