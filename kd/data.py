@@ -1,11 +1,15 @@
-"""Datasets decoded once into uint8 tensors, and the standard CIFAR augmentation applied per batch.
+"""Dataset sources, datasets decoded once into uint8 tensors, and the standard CIFAR augmentation applied per batch.
 
-Every source returns `Splits` of uint8 images (N, 3, H, W) with int64 labels. Training batches are
-cropped, flipped and normalised on the compute device; all randomness comes from a generator seeded by
-(seed, epoch), so an epoch's batches are a pure function of the config, whatever happened before it.
+A source returns `Splits` of uint8 images (N, 3, H, W) with int64 labels (the in-memory path, kd.datapath), or
+`FileSplits`, lists of image files that kd.streaming decodes epoch by epoch in DataLoader workers (ImageNet, and
+image folders too large to hold decoded). Training batches are cropped, flipped and normalised on the compute device;
+all randomness comes from a generator seeded by (seed, epoch), so an epoch's batches are a pure function of the
+config, whatever happened before it.
 """
 import hashlib
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -48,6 +52,42 @@ class Splits:
     classes: list[str]
 
 
+@dataclass
+class FileSplit:
+    """A split's image files (paths relative to root, as a numpy bytes array: one object, so DataLoader workers that
+    read it do not copy it page by page as they would a list of str) and their labels."""
+
+    root: Path
+    paths: np.ndarray  # dtype S: UTF-8 paths relative to root
+    labels: Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.paths[i].decode()
+
+    def subset(self, index: Tensor) -> "FileSplit":
+        return FileSplit(self.root, self.paths[index.numpy()], self.labels[index])
+
+
+@dataclass
+class FileSplits:
+    """Image files decoded per epoch by the streaming path (kd.streaming), and how their views are made."""
+
+    train: FileSplit
+    test: FileSplit
+    classes: list[str]
+    image_size: int
+    # resized_crop: the ImageNet recipe (RandomResizedCrop + flip; Resize + CenterCrop to evaluate). pad_crop: the
+    # in-memory path's (each image resized to image_size as read_image does, then RandomCrop with zero padding + flip),
+    # view for view the same as the in-memory path gives, so an image folder's results do not depend on its path.
+    recipe: str = "resized_crop"
+    num_workers: int = 8
+    # What train_digest reads of each file: "sampled" (its size, first and last 4 KiB) or "full" (all its bytes).
+    digest: str = "sampled"
+
+
 def digits(image_size: int = 32, test_fraction: float = 0.2, split_seed: int = 0) -> Splits:
     """scikit-learn's bundled 8x8 digits, upscaled (bilinear) to image_size, 3 channels, seeded split."""
     from sklearn.datasets import load_digits
@@ -84,10 +124,22 @@ def cifar(root: str, num_classes: int, download: bool = True) -> Splits:
     return Splits(to_split(train), to_split(test), list(train.classes))
 
 
+Listing = dict[str, list[tuple[Path, int]]]  # "train"/"test" -> (file, label) in order
+PATHS = ("auto", "memory", "stream")
+RECIPES = ("pad_crop", "resized_crop")
+
+
 def image_folder(
-    root: str, image_size: int = 32, max_per_class: Optional[int] = None, cache_dir: Optional[str] = None
-) -> Splits:
-    """A root/train/<class>/* and root/test/<class>/* tree of images, decoded once (RGB, image_size).
+    root: str, image_size: int = 32, max_per_class: Optional[int] = None, cache_dir: Optional[str] = None,
+    path: str = "auto", in_memory_max_gb: float = 4.0, num_workers: int = 4, recipe: str = "pad_crop",
+    digest: str = "sampled",
+) -> "Splits | FileSplits":
+    """A root/train/<class>/* and root/test/<class>/* tree of images: decoded once (RGB, image_size) and held in
+    memory, or streamed (FileSplits: decoded per epoch in num_workers DataLoader workers).
+
+    path=auto holds the folder in memory when its decoded size, 3 * image_size**2 bytes per image of train and test,
+    is at most in_memory_max_gb (GB = 1e9 bytes), and streams it otherwise; memory and stream force either.
+    recipe=pad_crop (the CIFAR augmentation) gives the same views on both paths; resized_crop (ImageNet's) streams.
 
     With cache_dir, the decoded tensors are saved there once and later runs load them instead of decoding every
     image again. The cache file is addressed by the content of the images it was decoded from (every file's bytes
@@ -95,11 +147,116 @@ def image_folder(
     is verified when it is read: an edited image, or a damaged cache file, is never served. A cache folder that
     cannot be written (a read-only ~/.cache) is skipped with one warning.
     """
-    files, classes = _listing(Path(root), max_per_class)
+    check_source_settings(path, recipe, image_size, num_workers, digest)
+    names, classes = scan_folder(Path(root), ("train", "test"), max_per_class)
+    if _streams(path, recipe, sum(len(n) for n, _ in names.values()), image_size, in_memory_max_gb):
+        splits = {part: file_split(Path(root), *names[part]) for part in ("train", "test")}
+        return FileSplits(splits["train"], splits["test"], classes, image_size, recipe, num_workers, digest)
+    files = {part: [(Path(root) / name, label) for name, label in zip(*names[part])] for part in names}
+    return _decoded(Path(root), files, classes, image_size, cache_dir)
+
+
+def imagenet(
+    root: str, image_size: int = 224, num_workers: int = 8, max_per_class: Optional[int] = None,
+    digest: str = "sampled",
+) -> FileSplits:
+    """ImageNet-1k (root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG), streamed with the resized-crop recipe; its
+    val folder is the test split, as in every ImageNet table (dataset.val_fraction holds a validation split out)."""
+    check_source_settings("stream", "resized_crop", image_size, num_workers, digest)
+    val = Path(root) / "val"
+    if val.is_dir() and not any(p.is_dir() for p in val.iterdir()) and any(val.glob("*.JPEG")):
+        raise FileNotFoundError(f"{val} holds its images loose: sort them into val/<wnid>/ folders first (the "
+                                "PyTorch ImageNet example's valprep.sh does it), the layout train/ has.")
+    names, classes = scan_folder(Path(root), ("train", "val"), max_per_class)
+    train, test = (file_split(Path(root), *names[part]) for part in ("train", "val"))
+    return FileSplits(train, test, classes, image_size, "resized_crop", num_workers, digest)
+
+
+def tiny_imagenet(
+    root: str, image_size: int = 64, max_per_class: Optional[int] = None, cache_dir: Optional[str] = None
+) -> Splits:
+    """Tiny ImageNet as distributed (tiny-imagenet-200: train/<wnid>/images/*.JPEG; val/images/*.JPEG labelled by
+    val/val_annotations.txt), decoded once and held in memory (1.3 GB at 64 px). Its val split is the test split:
+    test/ has no labels."""
+    root_path = Path(root)
+    classes = _class_dirs(root_path / "train", ("train", "val"))
+    wnids = root_path / "wnids.txt"
+    if wnids.is_file() and sorted(wnids.read_text().split()) != classes:
+        raise ValueError(f"{wnids} lists other classes than the folders of {root_path / 'train'}: an incomplete copy?")
+    files: Listing = {"train": [], "test": []}
+    for label, name in enumerate(classes):
+        images = root_path / "train" / name / "images"
+        found = sorted(f for f in images.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"{images} holds no images: expected train/<wnid>/images/*.JPEG.")
+        files["train"] += [(f, label) for f in found[:max_per_class]]
+    by_class = _tiny_imagenet_val(root_path, classes)
+    for label, name in enumerate(classes):
+        files["test"] += [(f, label) for f in by_class[name][:max_per_class]]
+    return _decoded(root_path, files, classes, image_size, cache_dir)
+
+
+def _tiny_imagenet_val(root: Path, classes: list[str]) -> dict[str, list[Path]]:
+    """Tiny ImageNet's validation images of each class, in name order, from val/val_annotations.txt
+    (file <tab> wnid <tab> box), every listed file present and every training class among them."""
+    annotations = root / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        raise FileNotFoundError(f"{annotations} does not exist: Tiny ImageNet's val/ holds images/ and "
+                                "val_annotations.txt (file, wnid, box per line).")
+    by_class: dict[str, list[Path]] = {name: [] for name in classes}
+    for number, line in enumerate(annotations.read_text().splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        file, wnid = root / "val" / "images" / fields[0], fields[1]
+        if wnid not in by_class:
+            raise ValueError(f"{annotations} line {number} labels {fields[0]} {wnid}, a class train/ does not hold.")
+        if not file.is_file():
+            raise FileNotFoundError(f"{annotations} line {number} names {file}, which does not exist.")
+        by_class[wnid].append(file)
+    missing = [name for name, found in by_class.items() if not found]
+    if missing:
+        raise ValueError(f"{root}: classes present in train but missing in val ({len(missing)}: {missing[:10]}): "
+                         "every class needs validation images.")
+    return {name: sorted(found) for name, found in by_class.items()}
+
+
+def check_source_settings(path: str, recipe: str, image_size: int, num_workers: int, digest: str) -> None:
+    """Refuse streaming and path settings no run can use, before any file is listed."""
+    problems = []
+    if path not in PATHS:
+        problems.append(f"dataset.source.path={path}: must be one of {', '.join(PATHS)}")
+    if recipe not in RECIPES:
+        problems.append(f"dataset.source.recipe={recipe}: must be one of {', '.join(RECIPES)}")
+    if path == "memory" and recipe == "resized_crop":
+        problems.append("dataset.source.path=memory with recipe=resized_crop: the in-memory path crops with padding "
+                        "(recipe=pad_crop); resized crops are made while streaming (path=stream or auto)")
+    if image_size < 1 or num_workers < 0:
+        problems.append(f"dataset.source.image_size={image_size}, num_workers={num_workers}: need >= 1 and >= 0")
+    if digest not in ("sampled", "full"):
+        problems.append(f"dataset.source.digest={digest}: must be sampled or full")
+    if problems:
+        raise ValueError("invalid dataset source: " + "; ".join(problems))
+
+
+def _streams(path: str, recipe: str, count: int, image_size: int, in_memory_max_gb: float) -> bool:
+    """Whether a folder of `count` images is streamed: forced, the resized-crop recipe, or too large decoded."""
+    if path != "auto" or recipe == "resized_crop":
+        return path == "stream" or recipe == "resized_crop"
+    decoded = count * 3 * image_size * image_size
+    if decoded > in_memory_max_gb * 1e9:
+        log.info("streaming the image folder: %d images decode to %.1f GB at %d px, above "
+                 "dataset.source.in_memory_max_gb=%g", count, decoded / 1e9, image_size, in_memory_max_gb)
+        return True
+    return False
+
+
+def _decoded(root: Path, files: Listing, classes: list[str], image_size: int, cache_dir: Optional[str]) -> Splits:
+    """The listed files decoded (image_size, RGB), through the decode cache in cache_dir when it is set."""
     if cache_dir is None:
         return _decode(files, classes, image_size)
-    fingerprint = _content_fingerprint(Path(root), files, image_size)
-    cache_file = Path(cache_dir).expanduser() / f"{Path(root).resolve().name}_{fingerprint[:16]}.pt"
+    fingerprint = _content_fingerprint(root, files, image_size)
+    cache_file = Path(cache_dir).expanduser() / f"{root.resolve().name}_{fingerprint[:16]}.pt"
     splits = _read_decoded(cache_file, fingerprint)
     if splits is None:
         splits = _decode(files, classes, image_size)
@@ -109,27 +266,39 @@ def image_folder(
 
 # Bump when decoding changes what a file decodes to: the decode cache keys on it.
 DECODER_VERSION = 2
-Listing = dict[str, list[tuple[Path, int]]]  # "train"/"test" -> (file, label) in order
 
 
-def _listing(root: Path, max_per_class: Optional[int]) -> tuple[Listing, list[str]]:
-    """The image files of each part with their labels, and the class names (the same folders in both parts)."""
-    train_classes, test_classes = (_class_dirs(root / part) for part in ("train", "test"))
-    if train_classes != test_classes:
+def scan_folder(
+    root: Path, parts: tuple[str, str], max_per_class: Optional[int]
+) -> tuple[dict[str, tuple[list[str], list[int]]], list[str]]:
+    """Each part's image files (paths relative to root, sorted within a class) and labels, and the class names: the
+    same class folders in both parts (the first part's), each holding at least one image."""
+    first, second = parts
+    classes, other = (_class_dirs(root / part, parts) for part in parts)
+    if classes != other:
         raise ValueError(
-            f"{root}: train and test hold different classes (only in train: "
-            f"{sorted(set(train_classes) - set(test_classes))}, only in test: "
-            f"{sorted(set(test_classes) - set(train_classes))}). Both need the same class folders."
+            f"{root}: {first} and {second} hold different classes (only in {first}: "
+            f"{sorted(set(classes) - set(other))[:20]}, only in {second}: {sorted(set(other) - set(classes))[:20]}). "
+            "Both need the same class folders."
         )
-    files: Listing = {}
-    for part in ("train", "test"):
-        files[part] = []
-        for label, name in enumerate(train_classes):
-            found = sorted(f for f in (root / part / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
+    found: dict[str, tuple[list[str], list[int]]] = {}
+    for part in parts:
+        names, labels = [], []
+        for label, name in enumerate(classes):
+            # os.scandir and str: an ImageNet listing is 1.28 M names, and Path objects would cost ~1 KB each.
+            with os.scandir(root / part / name) as entries:
+                files = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+            if not files:
                 raise FileNotFoundError(f"{root / part / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
-            files[part] += [(file, label) for file in found[:max_per_class]]
-    return files, train_classes
+            files = files[:max_per_class]
+            names += [f"{part}/{name}/{file}" for file in files]
+            labels += [label] * len(files)
+        found[part] = (names, labels)
+    return found, classes
+
+
+def file_split(root: Path, names: list[str], labels: list[int]) -> FileSplit:
+    return FileSplit(root, np.array([n.encode() for n in names], dtype=bytes), torch.tensor(labels, dtype=torch.long))
 
 
 def _content_fingerprint(root: Path, files: Listing, image_size: int) -> str:
@@ -142,10 +311,10 @@ def _content_fingerprint(root: Path, files: Listing, image_size: int) -> str:
     return digest.hexdigest()
 
 
-def _class_dirs(path: Path) -> list[str]:
+def _class_dirs(path: Path, parts: tuple[str, str] = ("train", "test")) -> list[str]:
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{path} does not exist: dataset.source.root must hold train/<class>/ and test/<class>/ folders."
+            f"{path} does not exist: dataset.source.root must hold {parts[0]}/<class>/ and {parts[1]}/<class>/ folders."
         )
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:

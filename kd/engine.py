@@ -25,10 +25,11 @@ from torch import nn
 from kd import distributed, pretrained, records, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase
-from kd.data import hold_out
+from kd.data import FileSplits, hold_out
 from kd.datapath import DataPath, InMemoryData
 from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
 from kd.losses import CELoss, Criterion
+from kd.streaming import StreamingData
 from kd.teacher_cache import DTYPES, TeacherCache
 
 log = logging.getLogger(__name__)
@@ -437,26 +438,31 @@ def memory_format(data: DataPath) -> torch.memory_format:
     return torch.channels_last if data.channels_last else torch.contiguous_format
 
 
-def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> InMemoryData:
-    """Decode the dataset, hold out the validation split, check what needs the images, move them to the device."""
-    splits = instantiate(dataset_cfg.source)
-    if len(splits.classes) != dataset_cfg.num_classes:
+def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> DataPath:
+    """Read the dataset's source, hold out the validation split, check what needs the images. Decoded splits move to
+    the device (InMemoryData); file lists (ImageNet, large image folders) are decoded per epoch (StreamingData)."""
+    source = instantiate(dataset_cfg.source)
+    if len(source.classes) != dataset_cfg.num_classes:
         raise ValueError(
-            f"dataset.num_classes={dataset_cfg.num_classes} but the data has {len(splits.classes)} classes: "
-            f"set dataset.num_classes={len(splits.classes)}."
+            f"dataset.num_classes={dataset_cfg.num_classes} but the data has {len(source.classes)} classes: "
+            f"set dataset.num_classes={len(source.classes)}."
         )
-    train, val = hold_out(splits.train, dataset_cfg.val_fraction, dataset_cfg.split_seed)
+    train, val = hold_out(source.train, dataset_cfg.val_fraction, dataset_cfg.split_seed)
     if len(train) == 0:
         raise ValueError(f"dataset.val_fraction={dataset_cfg.val_fraction} leaves no training image of "
-                         f"{len(splits.train)}: lower it.")
-    size = min(splits.train.images.shape[2:])
-    if dataset_cfg.crop_padding > size:
+                         f"{len(source.train)}: lower it.")
+    streamed = isinstance(source, FileSplits)
+    size = source.image_size if streamed else min(source.train.images.shape[2:])
+    if dataset_cfg.crop_padding > size and not (streamed and source.recipe == "resized_crop"):
         raise ValueError(f"dataset.crop_padding={dataset_cfg.crop_padding} is larger than the {size}-pixel images: "
                          f"a crop could hold no pixel of the image. Use at most {size} (4 is the CIFAR standard).")
     stats = [torch.tensor(list(v), device=device).view(1, -1, 1, 1) for v in (dataset_cfg.mean, dataset_cfg.std)]
+    if streamed:
+        augmentation = (dataset_cfg.crop_padding, dataset_cfg.hflip)
+        return StreamingData.from_files(source, train, val, *stats, augmentation, channels_last)
     return InMemoryData(
-        train.to(device), val.to(device) if val is not None else None, splits.test.to(device),
-        *stats, dataset_cfg.crop_padding, dataset_cfg.hflip, channels_last, list(splits.classes),
+        train.to(device), val.to(device) if val is not None else None, source.test.to(device),
+        *stats, dataset_cfg.crop_padding, dataset_cfg.hflip, channels_last, list(source.classes),
     )
 
 

@@ -31,8 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Data-source settings that say where or how to fetch the data, not what it is.
-SOURCE_NEUTRAL = ("download", "cache_dir")
+# Data-source settings that say where or how to fetch the data, not what it is: how many workers decode it, whether
+# it is held in memory or streamed (the same views either way), and what the teacher cache's address of it reads.
+SOURCE_NEUTRAL = ("download", "cache_dir", "num_workers", "path", "in_memory_max_gb", "digest")
 # Keys that change nothing a run computes: a run folder may be resumed, and a sweep relaunched, with other values of
 # these, and a report puts runs that differ only here in one group.
 RESULT_NEUTRAL = (
