@@ -217,7 +217,8 @@ def engine_window(cfg, args, images, labels, device, cache_root: Path | None) ->
     data = datapath.InMemoryData(Split(images.to(device), labels.to(device)), None,
                                  Split(images[:8], labels[:8]).to(device),
                                  *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
-                                 crop_padding=4, hflip=True, channels_last=cfg.channels_last)
+                                 crop_padding=4, hflip=True,
+                                 channels_last=engine.use_channels_last(cfg.channels_last, device))
     teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
     teachers.fold_batchnorm(teacher)  # as engine.set_up does
     job = engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)

@@ -91,7 +91,8 @@ class Config:
     deterministic: bool = False
     # auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 adds a gradient scaler.
     precision: str = "auto"
-    # NHWC activations: faster convolutions on tensor cores and on the CPU (+17% here); same results up to rounding.
+    # NHWC activations on CUDA (tensor cores prefer them); same results up to rounding. CPU runs stay NCHW:
+    # torch 2.14's CPU NHWC backward corrupts the heap for some shapes (kd.engine.use_channels_last).
     channels_last: bool = True
     # torch.compile the student's training forward (its first step compiles: about a minute on a CPU), with static
     # shapes (the last, shorter batch gets a graph of its own). compile_mode=reduce-overhead also captures the

@@ -227,7 +227,7 @@ def sync_job(check: Check, loss: str) -> loop.Job:
     """A student job (as tests/test_hot_path.py builds one) with an untrained teacher: a step runs as in training."""
     cfg = compose_config(*check.runs(), "phase=student", f"loss={loss}", f"teacher_store={check.work / 'teachers'}")
     engine.configure_determinism(cfg.deterministic)
-    data = engine.load_data(cfg.dataset, check.device, cfg.channels_last)
+    data = engine.load_data(cfg.dataset, check.device, engine.use_channels_last(cfg.channels_last, check.device))
     teacher = instantiate(cfg.teacher).to(check.device, memory_format=data.memory_format).eval().requires_grad_(False)
     teachers.fold_batchnorm(teacher)  # as engine.set_up does
     return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, check.device, teacher)
