@@ -1,6 +1,8 @@
 """Student-phase training throughput on this device, in one run: a reference loop vs this repository's engine.
 
     python -m kd.bench [--teacher resnet56 --student resnet20 --batch-size 64] [--json PATH] [--sweep-jobs 8]
+    python -m kd.bench --data --folder DIR [--make-from IMAGE_FOLDER]   # decode speed: kd/bench_data.py
+    python -m kd.bench --topk TEACHER.pt [overrides]   # the top-k teacher cache's error: kd/bench_topk.py
 
 (a) reference: the loop the seed document and the common KD repositories write: a CIFAR-style torchvision
     dataset (uint8 array -> PIL image -> RandomCrop/Flip/ToTensor/Normalize per image) in a DataLoader, eager
@@ -53,6 +55,13 @@ MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--data"]:  # decode speed: kd/bench_data.py
+        from kd import bench_data
+        return bench_data.main(argv[1:])
+    if argv[:1] == ["--topk"]:  # what teacher_cache_topk costs the KD term: kd/bench_topk.py
+        from kd import bench_topk
+        return bench_topk.main(argv[1:])
     args = parse_args(argv)
     cfg = compose_config(args)
     device = engine.resolve_device(cfg.device)

@@ -365,11 +365,11 @@ def train_runs(check: Check, item: str, runs: dict[str, list[str]]) -> dict[str,
 def start_run(folder: Path, overrides: list[str]) -> tuple[subprocess.Popen, Path]:
     """Start train.py into folder/run, its teacher store in folder/teachers, its output in folder/output.txt."""
     folder.mkdir(parents=True)
-    command = [sys.executable, "train.py", f"hydra.run.dir={folder / 'run'}", f"teacher_store={folder / 'teachers'}",
-               *overrides]
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled"}
     with (folder / "output.txt").open("w") as output:  # the child holds its own copy of the file
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "train.py", f"hydra.run.dir={folder / 'run'}",
+                                    f"teacher_store={folder / 'teachers'}", *overrides],
+                                   cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
     return process, folder
 
 

@@ -258,7 +258,8 @@ def composable(names: list[str]) -> list:
 
 @pytest.mark.parametrize("name", composable(options("experiment")))
 def test_experiment_preset_composes_and_passes_check_config(name):
-    cfg = compose(f"experiment={name}")
+    root = ["dataset.source.root=/data/imagenet"] if name.startswith("imagenet_") else []  # the one value left to set
+    cfg = compose(f"experiment={name}", *root)
     engine.check_config(cfg)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert cfg.teacher.num_classes == cfg.student.num_classes == cfg.dataset.num_classes
@@ -398,6 +399,37 @@ def test_loss_options_without_a_pair_keep_their_papers_defaults():
     assert (dkd_ls.temperature, dkd_ls.kd_weight, dkd_ls.beta) == (2.0, 9.0, 8.0)
     kd_ls = instantiate(compose("loss=kd_ls").loss).terms["kd"]
     assert (kd_ls.temperature, kd_ls.weight) == (2.0, 9.0)
+
+
+# mdistiller@a08d46f configs/imagenet/{r34_r18,r50_mv1}/{kd,dkd}.yaml: (teacher, student, DKD beta, weights).
+IMAGENET_PAIRS = {
+    "imagenet_resnet34_resnet18": ("resnet34", "resnet18", 0.5, "torchvision:ResNet34_Weights.IMAGENET1K_V1"),
+    "imagenet_resnet50_mobilenetv1": ("resnet50", None, 2.0, "torchvision:ResNet50_Weights.IMAGENET1K_V1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGENET_PAIRS))
+def test_imagenet_preset_is_mdistillers_recipe_with_torchvisions_teacher(name):
+    teacher, student, beta, weights = IMAGENET_PAIRS[name]
+    root = "dataset.source.root=/data/imagenet"
+    cfg = compose(f"experiment={name}", root)
+    assert (cfg.dataset.name, cfg.dataset.num_classes, cfg.dataset.source.image_size) == ("imagenet", 1000, 224)
+    assert cfg.teacher.name == teacher and cfg.teacher_checkpoint == weights
+    assert cfg.student.get("name") == student and cfg.student._target_.endswith(
+        "torchvision_model" if student else "mobilenetv1.mobilenetv1")
+    recipe = (cfg.epochs, cfg.batch_size, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay)
+    assert recipe == (100, 512, 0.2, 0.9, 1e-4)
+    assert (list(cfg.scheduler.milestones), cfg.scheduler.gamma) == ([30, 60, 90], 0.1)
+    kd = compose(f"experiment={name}", root, "loss=kd").loss
+    assert (kd.alpha, kd.temperature) == (0.5, 1.0)  # CE 0.5 + KD 0.5 at T 1
+    dkd = compose(f"experiment={name}", root, "loss=dkd").loss
+    assert (dkd.ce_weight, dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epochs) == (1.0, 1.0, beta, 1.0, 1)
+
+
+def test_imagenet_table_sweeps_both_pairs_and_the_papers_rows():
+    params = OmegaConf.load(CONF / "sweep" / "imagenet_table.yaml").hydra.sweeper.params
+    assert sorted(params.experiment.split(",")) == sorted(IMAGENET_PAIRS)
+    assert params.loss.split(",") == ["ce", "kd", "dkd"]
 
 
 def test_seed_cifar10_preset():

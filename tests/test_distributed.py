@@ -70,32 +70,24 @@ def test_ddp_run_counts_the_test_set_once_and_rank0_alone_writes(ddp_teacher):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["kd", "crd_kd"])
-def test_killed_ddp_student_resumes_to_the_same_bits(ddp_teacher, loss):
-    """Killed after its first checkpoint, a 2-rank student resumes to the uninterrupted run's bits; with CRD too,
-    whose negatives come from the (seed, epoch, step) key, not from a global RNG only rank 0's state of is saved."""
-    student = ["phase=student", "logger.mode=disabled", f"loss={loss}"]
-    whole = torchrun(ddp_teacher, f"whole_{loss}", *student)
+def test_killed_ddp_student_with_crd_and_kd_resumes_to_the_same_bits(ddp_teacher):
+    """CE + KD + CRD under torchrun (hooks, adapters with averaged gradients, CRD's shared memory banks), killed after
+    its first checkpoint, resumes to the uninterrupted run's bits: CRD's negatives come from the (seed, epoch, step)
+    key, not from a global RNG only rank 0's state of is saved."""
+    student = ["phase=student", "logger.mode=disabled", "loss=crd_kd"]
+    whole = torchrun(ddp_teacher, "whole", *student)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = torchrun(ddp_teacher, f"resumed_{loss}", *student, runner="tests/kill_runner.py",
-                      env={"KD_KILL_AT": "after:last.pt:1"})
-    assert killed.returncode != 0
-    assert not (ddp_teacher / f"resumed_{loss}" / "result.json").exists()
-    resumed = torchrun(ddp_teacher, f"resumed_{loss}", *student)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((ddp_teacher / f"resumed_{loss}" / "run_info.json").read_text())["resumed_from_epoch"] == 1
-    whole, resumed = ((ddp_teacher / f"{d}_{loss}" / "result.json").read_bytes() for d in ("whole", "resumed"))
-    assert whole == resumed
-
-
-@pytest.mark.slow
-def test_ddp_student_with_a_feature_method_and_crd(ddp_teacher):
-    """CE + KD + CRD under torchrun: hooks, adapters (gradients averaged), CRD's shared memory banks."""
-    proc = torchrun(ddp_teacher, "crd_kd", "phase=student", "logger.mode=disabled", "loss=crd_kd")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((ddp_teacher / "crd_kd" / "result.json").read_text())
+    result = json.loads((ddp_teacher / "whole" / "result.json").read_text())
     assert result["world_size"] == 2 and result["adapter_params"] > 0
     assert all(math.isfinite(result[f"train/loss_{term}"]) for term in ("ce", "kd", "crd"))
+    killed = torchrun(ddp_teacher, "resumed", *student, runner="tests/kill_runner.py",
+                      env={"KD_KILL_AT": "after:last.pt:1"})
+    assert killed.returncode != 0
+    assert not (ddp_teacher / "resumed" / "result.json").exists()
+    resumed = torchrun(ddp_teacher, "resumed", *student)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((ddp_teacher / "resumed" / "run_info.json").read_text())["resumed_from_epoch"] == 1
+    assert (ddp_teacher / "resumed" / "result.json").read_bytes() == (ddp_teacher / "whole" / "result.json").read_bytes()
 
 
 @pytest.mark.slow

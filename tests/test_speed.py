@@ -392,3 +392,15 @@ def test_bench_rejects_bad_arguments():
         bench.main(["--batch-size", "0"])
     with pytest.raises(SystemExit):
         bench.main(["--window-steps", "0"])
+
+
+def test_topk_benchmark_measures_the_kd_terms_error_and_none_at_k_equal_classes(teacher, capsys):
+    from kd import bench
+
+    tiny = [o for o in TINY if not o.startswith(("epochs", "logger", "profile"))]
+    result = bench.main(["--topk", str(teacher), *tiny, "--k", "1", "10", "--temperature", "4"])
+    by_k = {row["k"]: row for row in result["rows"]}
+    assert result["classes"] == 10 and result["images"] == 359
+    assert by_k[10]["relative_error"] == 0 and by_k[10]["mass_outside_top_k"] == pytest.approx(0, abs=1e-6)
+    assert by_k[1]["relative_error"] > 0 and 0 < by_k[1]["mass_outside_top_k"] < 1
+    assert "| 4 | 1 |" in capsys.readouterr().out

@@ -23,7 +23,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import bench_data, data, distributed, engine, streaming
+from kd import bench, data, distributed, engine, streaming
 from kd.data import epoch_generator
 from kd.datapath import InMemoryData
 
@@ -379,7 +379,7 @@ def test_tiny_imagenet_without_its_annotations_or_a_class_is_refused(tmp_path):
 def test_decode_benchmark_prints_both_tables(tmp_path, capsys):
     source = tmp_path / "source"
     write_folder(source, count=3)
-    result = bench_data.main(["--folder", str(tmp_path / "jpegs"), "--make-from", str(source), "--per-class", "3",
+    result = bench.main(["--data", "--folder", str(tmp_path / "jpegs"), "--make-from", str(source), "--per-class", "3",
                               "--size", "48x40", "--crop", "32", "--workers", "0", "--batch-size", "4",
                               "--decoder-images", "6", "--repeats", "1"])
     out = capsys.readouterr().out
