@@ -45,7 +45,8 @@ warnings.filterwarnings("ignore", "The image decoding and encoding capabilities 
 
 
 def make_folder(source: Path, folder: Path, per_class: int, size: tuple[int, int]) -> int:
-    """Write folder/train/<class>/*.jpg once: the first per_class images of each class of source/train, resized (bicubic)
+    """Write folder/train/<class>/*.jpg once: the first per_class images of each class of source/train, resized
+    (bicubic)
     to size (width, height), JPEG quality 90. Returns the number of images (existing ones are kept)."""
     count = 0
     for class_dir in sorted(p for p in (source / "train").iterdir() if p.is_dir()):
@@ -201,7 +202,8 @@ def loader_rates(root: Path, size: int, workers: int, batch_size: int, repeats: 
     runs = {
         "(a) torchvision ImageFolder + PIL + transforms": lambda: reference_loader(root, size, workers, batch_size),
         "(b) kd.streaming (uint8 views)": lambda: path.epoch(0, 1, batch_size),
-        "(b) kd.streaming + normalise on the CPU": lambda: ((path.inputs(b.views),) for b in path.epoch(0, 2, batch_size)),
+        "(b) kd.streaming + normalise on the CPU":
+            lambda: ((path.inputs(b.views),) for b in path.epoch(0, 2, batch_size)),
     }
     best: dict[str, dict[str, float]] = {}
     for _ in range(repeats):

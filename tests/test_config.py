@@ -420,8 +420,8 @@ def test_imagenet_preset_is_mdistillers_recipe_with_torchvisions_teacher(name):
     recipe = (cfg.epochs, cfg.batch_size, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay)
     assert recipe == (100, 512, 0.2, 0.9, 1e-4)
     assert (list(cfg.scheduler.milestones), cfg.scheduler.gamma) == ([30, 60, 90], 0.1)
-    kd = compose(f"experiment={name}", root, "loss=kd").loss
-    assert (kd.alpha, kd.temperature) == (0.5, 1.0)  # CE 0.5 + KD 0.5 at T 1
+    kd_loss = compose(f"experiment={name}", root, "loss=kd").loss
+    assert (kd_loss.alpha, kd_loss.temperature) == (0.5, 1.0)  # CE 0.5 + KD 0.5 at T 1
     dkd = compose(f"experiment={name}", root, "loss=dkd").loss
     assert (dkd.ce_weight, dkd.alpha, dkd.beta, dkd.temperature, dkd.warmup_epochs) == (1.0, 1.0, beta, 1.0, 1)
 

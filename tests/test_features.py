@@ -255,7 +255,8 @@ def test_a_feature_method_binds_a_torchvision_teacher_to_a_timm_student_by_defau
     x, labels = images(batch=4, size=64), torch.arange(4)
     criterion.bind(student, teacher, x[:2], labels)
     student_layers, teacher_layers = criterion.layers()
-    assert teacher_layers == (["layer2"] if isinstance(criterion, FitNetLoss) else ["layer1", "layer2", "layer3", "layer4"])
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    assert teacher_layers == (["layer2"] if isinstance(criterion, FitNetLoss) else stages)
     with capture(student, student_layers) as student_features:
         student_logits = student(x)
     with torch.inference_mode(), capture(teacher, teacher_layers) as teacher_features:

@@ -114,7 +114,8 @@ def test_cached_torchvision_weights_load_strictly_with_torchvisions_accuracy_and
     teacher = teachers.read(located, cfg.teacher)
     assert teacher.format == "ResNet18_Weights.IMAGENET1K_V1" and teacher.recorded_acc1 == RESNET18_ACC1
     assert teacher.classes is None  # ImageNet's category names are not an image folder's wnids: not compared
-    assert all(torch.equal(teacher.state_dict[k], v) for k, v in state.items()) and len(teacher.state_dict) == len(state)
+    assert len(teacher.state_dict) == len(state)
+    assert all(torch.equal(teacher.state_dict[k], v) for k, v in state.items())
     assert torch_hub.requested == []
     # .DEFAULT names the same weights, and is recorded by their own name.
     assert teachers.resolve(torchvision_teacher("teacher_checkpoint=torchvision:ResNet18_Weights.DEFAULT"), True,
@@ -237,7 +238,8 @@ def test_cached_timm_weights_are_read_by_timm_from_the_hub_cache(hf_cache):
     assert located == path and (located.library, located.weights) == ("timm", TIMM_WEIGHTS)
     teacher = teachers.read(located, cfg.teacher)
     assert teacher.format == TIMM_WEIGHTS and teacher.recorded_acc1 is None
-    assert all(torch.equal(teacher.state_dict[k], v) for k, v in state.items()) and len(teacher.state_dict) == len(state)
+    assert len(teacher.state_dict) == len(state)
+    assert all(torch.equal(teacher.state_dict[k], v) for k, v in state.items())
     # A bare architecture means timm's default tag.
     assert teachers.resolve(timm_teacher("teacher_checkpoint=timm:test_efficientnet"), True, []).weights == TIMM_WEIGHTS
 

@@ -142,7 +142,8 @@ def test_resized_crop_boxes_follow_torchvisions_distribution():
     for boxes in (ours, theirs):
         top, left, h, w = boxes.T
         assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
-    stats = [(b[:, 2] * b[:, 3] / (height * width), np.log(b[:, 3] / b[:, 2]), b[:, 0] / height) for b in (ours, theirs)]
+    stats = [(b[:, 2] * b[:, 3] / (height * width), np.log(b[:, 3] / b[:, 2]), b[:, 0] / height)
+             for b in (ours, theirs)]
     for mine, reference in zip(*stats):
         assert abs(mine.mean() - reference.mean()) < 0.02 and abs(mine.std() - reference.std()) < 0.02
     # When no try fits (a strip far outside the ratios, areas near the whole), both fall back to the same centred box.

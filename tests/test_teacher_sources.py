@@ -174,7 +174,8 @@ def test_a_student_distils_from_a_published_teacher_and_records_it(published_dir
     path = folder / "simple_cnn_vanilla" / "ckpt_epoch_240.pth"
     assert first["teacher_checkpoint"] == str(path) and first["teacher/sha256"] == records.sha256_file(path)
     assert (first["teacher/source"], first["teacher/format"]) == ("teachers_dir", "repdistiller")
-    assert first["teacher/acc1"] == pytest.approx(accuracy) and first["teacher/recorded_acc1"] == pytest.approx(accuracy)
+    assert first["teacher/acc1"] == pytest.approx(accuracy)
+    assert first["teacher/recorded_acc1"] == pytest.approx(accuracy)
     engine.run(tiny_cfg(tmp_path, *overrides), tmp_path / "second")  # the teacher cache keys on the file's sha256
     assert json.loads((tmp_path / "second" / "run_info.json").read_text())["teacher_cache/hits"] == 2
     assert not list(folder.rglob("*cache*"))  # nothing is written beside a published teacher
