@@ -1,6 +1,7 @@
 """Train a teacher (phase=teacher) or distill a student from it (phase=student). See README.md."""
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,6 +11,10 @@ from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import distributed, engine
+from kd.records import FolderBusy
+
+# What the checks raise for bad input, with a message naming the problem and the fix.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, FolderBusy)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -24,7 +29,15 @@ def main(cfg: DictConfig) -> float:
         cfg.logger.group = cfg.logger.group or "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
         if cfg.threads is None:
             cfg.threads = threads_per_job(hydra_cfg.launcher)
-    result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task))
+    try:
+        result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task))
+    except USER_ERRORS as error:
+        # A refused input or a busy folder: its message says what is wrong and how to fix it, so a single run prints
+        # that alone (HYDRA_FULL_ERROR=1 shows the traceback); a multirun job raises it to its launcher as any error.
+        if hydra_cfg.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     # The sweep metric: validation accuracy when a validation split exists, so searches never see test.
     return result.get("val/acc1", result["test/acc1"])
 
