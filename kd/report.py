@@ -647,10 +647,13 @@ def plot_vs_size(rows: Sequence[Row], out_dir: Path, metric: str, number: str) -
     name, xlabel = SIZE_PLOTS[number]
     if len({row.numbers[number] for row in rows}) < 2 or any(row.numbers[number] is None for row in rows):
         return f"{name} skipped: the runs do not vary in {xlabel}."
-    keys = [k for k in key_columns(rows) if not k.startswith(("student.", "teacher."))]
+    # The student's keys (and the pair, which names the student) are the x axis; the teacher stays a line's key.
+    keys = [k for k in key_columns(rows) if k != PAIR and not k.startswith(("student.", "teacher."))]
+    teachers = {str(row.group.key.get(PAIR, "")).split(" -> ")[0] for row in rows}
     lines: dict[str, list[Row]] = {}
     for row in rows:
-        lines.setdefault(row_label(row, keys), []).append(row)
+        teacher = str(row.group.key.get(PAIR, "")).split(" -> ")[0]
+        lines.setdefault(row_label(row, keys) + (f" teacher={teacher}" if len(teachers) > 1 else ""), []).append(row)
     series = []
     for label, members in lines.items():
         members.sort(key=lambda row: row.numbers[number])

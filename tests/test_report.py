@@ -238,6 +238,21 @@ def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
     assert "heatmap_alpha_temperature.png skipped" in markdown
 
 
+def test_size_plot_draws_one_line_per_method_across_student_widths(tmp_path, monkeypatch):
+    teacher = {"_target_": "kd.models.cifar_resnet.resnet20", "width": 1.0}
+    losses = {"ce": {"_target_": "kd.losses.CELoss", "label_smoothing": 0.0},
+              "kd": {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4}}
+    for number, (name, width) in enumerate((n, w) for n in losses for w in (0.5, 1.0)):
+        fake_job(tmp_path / f"{number}_job", [f"loss={name}", f"student.width={width}"],
+                 fake_config(losses[name], width, 0, teacher=teacher), {},
+                 **{"test/acc1": 60.0 + number, "test/acc1_best": 61.0, "params": 4000 * width})
+    drawn = {}
+    monkeypatch.setattr(report.plots, "lines", lambda series, xlabel, *args, **kwargs: drawn.setdefault(
+        xlabel, [(s.label, len(s.x)) for s in series]))
+    assert report.main([str(tmp_path), "--metric", "last"]) == 0
+    assert sorted(drawn["parameters (log scale)"]) == [(f"{report.BASELINE} (baseline)", 2), ("KD", 2)]
+
+
 def key(config: dict, linked: set = frozenset(), **result) -> dict:
     return report.group_key({"config": config, **result}, linked)
 
