@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -130,7 +131,8 @@ def teacher_preflight(config: DictConfig) -> Optional[str]:
     needs_teacher = instantiate(cfg.loss).needs_teacher or any(_head(k) == "loss" for k in swept)
     try:
         engine.find_or_train_teacher(cfg, engine.wants_teacher(cfg, needs_teacher), fixed)
-    except (FileNotFoundError, ValueError) as error:  # a missing teacher, a teachers_dir without the pair's file
+    except (FileNotFoundError, ValueError, InstantiationException) as error:
+        # a missing teacher, a teachers_dir without the pair's file, data a teacher trained here could not read
         return str(error)
     return None
 
