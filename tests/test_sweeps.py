@@ -48,8 +48,8 @@ def test_sweep_without_its_teacher_stops_once_before_any_job(tmp_path):
 
 
 def test_sweep_that_would_train_its_teacher_on_unreadable_data_stops_once_before_any_job(tmp_path):
-    proc = multirun(tmp_path, "phase=student", "loss.alpha=0.5,0.9", "train_missing_teacher=true", "dataset=imagefolder",
-                    f"dataset.source.root={tmp_path / 'nowhere'}")
+    proc = multirun(tmp_path, "phase=student", "loss.alpha=0.5,0.9", "train_missing_teacher=true",
+                    "dataset=imagefolder", f"dataset.source.root={tmp_path / 'nowhere'}")
     assert proc.returncode != 0
     assert proc.stdout.count(f"{tmp_path / 'nowhere' / 'train'} does not exist") == 1
     assert not (tmp_path / "sweep").exists()  # no job started
