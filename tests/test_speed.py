@@ -404,3 +404,12 @@ def test_topk_benchmark_measures_the_kd_terms_error_and_none_at_k_equal_classes(
     assert by_k[10]["relative_error"] == 0 and by_k[10]["mass_outside_top_k"] == pytest.approx(0, abs=1e-6)
     assert by_k[1]["relative_error"] > 0 and 0 < by_k[1]["mass_outside_top_k"] < 1
     assert "| 4 | 1 |" in capsys.readouterr().out
+
+
+def test_topk_benchmark_refuses_k_below_1_before_loading_anything(monkeypatch, capsys):
+    from kd import bench
+
+    monkeypatch.setattr(engine, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(SystemExit):
+        bench.main(["--topk", "no_such_teacher.pt", "--k", "0"])
+    assert "k must be at least 1" in capsys.readouterr().err
