@@ -1,5 +1,9 @@
 """Helpers shared by the test modules (import as `from support import ...`: pytest puts tests/ on sys.path)."""
+import builtins
+import contextlib
+import errno
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -19,3 +23,63 @@ def tree_state(root: Path) -> dict[str, str]:
             else:
                 state[key] = f"{hashlib.sha256(path.read_bytes()).hexdigest()} {path.stat().st_mode:o}"
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# read-only folders, also for root (the tests run as root on some machines, where chmod does not stop a write)
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+def _resolved(path, dir_fd=None) -> Path:
+    path = Path(os.fsdecode(path))
+    if dir_fd is not None and not path.is_absolute():
+        path = Path(os.readlink(f"/proc/self/fd/{dir_fd}")) / path
+    return Path(os.path.abspath(path))
+
+
+@contextlib.contextmanager
+def read_only(*folders: Path):
+    """Within the block, every write, creation, deletion, rename, chmod or utime under `folders` fails with
+    OSError(EROFS) naming the path, as on a read-only mount; reads work. Patches the os and builtins entry points
+    that pathlib, tempfile and shutil go through (not torch.save to a path, whose C++ writer opens the file itself:
+    kd.records.save_checkpoint writes through atomic_write_bytes, which is covered)."""
+    roots = [Path(os.path.abspath(f)) for f in folders]
+    saved = {}
+
+    def guarded(path, dir_fd=None) -> None:
+        target = _resolved(path, dir_fd)
+        if any(target == root or root in target.parents for root in roots):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+
+    def wrap(module, name, writes=lambda *a, **k: True, paths=(0,)):
+        original = getattr(module, name)
+        saved[(module, name)] = original
+
+        def patched(*args, **kwargs):
+            if writes(*args, **kwargs):
+                for i in paths:
+                    if i < len(args) and isinstance(args[i], (str, bytes, os.PathLike)):
+                        guarded(args[i], kwargs.get("dir_fd", kwargs.get("src_dir_fd" if i == 0 else "dst_dir_fd")))
+            return original(*args, **kwargs)
+
+        setattr(module, name, patched)
+
+    def opens_for_writing(file, mode="r", *args, **kwargs) -> bool:
+        return isinstance(mode, str) and any(c in mode for c in "wax+")
+
+    def os_open_writes(path, flags, *args, **kwargs) -> bool:
+        return bool(flags & _WRITE_FLAGS)
+
+    try:
+        wrap(builtins, "open", opens_for_writing)
+        wrap(io, "open", opens_for_writing)
+        wrap(os, "open", os_open_writes)
+        for name in ("mkdir", "unlink", "remove", "rmdir", "utime", "chmod", "truncate", "symlink", "link"):
+            wrap(os, name, paths=(0, 1) if name in ("symlink", "link") else (0,))
+        for name in ("rename", "replace"):
+            wrap(os, name, paths=(0, 1))
+        yield
+    finally:
+        for (module, name), original in saved.items():
+            setattr(module, name, original)
