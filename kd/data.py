@@ -365,7 +365,7 @@ def _warn_once(key: str, message: str) -> None:
 
 def _read_decoded(path: Path, fingerprint: str) -> Optional[Splits]:
     """The decoded splits stored at path, if it holds this fingerprint and its checksum verifies; a bad file is
-    deleted (and the caller decodes again)."""
+    deleted (left as it is in a read-only folder) and the caller decodes again."""
     if not path.is_file():
         return None
     try:
@@ -377,8 +377,14 @@ def _read_decoded(path: Path, fingerprint: str) -> Optional[Splits]:
     else:
         reason = "its checksum or fingerprint does not match its content"
     if not intact:
-        log.warning("decode cache file %s is damaged (%s): deleting it and decoding the images again", path, reason)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:  # a read-only cache: one warning for the folder (the failed rewrite adds none)
+            _warn_once(str(path.parent), f"decode cache file {path} is damaged ({reason}): decoding the images again. "
+                       f"Its folder {path.parent} cannot be written ({error}), so the file stays and nothing is "
+                       "stored (set dataset.source.cache_dir to a writable folder, or null to silence this).")
+            return None
+        log.warning("decode cache file %s is damaged (%s): deleted, decoding the images again", path, reason)
         return None
     return Splits(Split(*stored["train"]), Split(*stored["test"]), stored["classes"])
 

@@ -14,20 +14,28 @@ epoch and a sha256 of the rows, all verified when read; a file that fails is del
 used. Files are written through a temporary file and renamed, so parallel writers of the same epoch are harmless
 (their bytes are identical) and a reader never sees a partial file.
 
+Eviction deletes only what the cache can prove it wrote: a folder named by the digest of the key.json it holds, with
+nothing in it but key.json, epoch files and the atomic writer's temporaries. Anything else in the cache folder (a
+user's results, another tool's files) is never deleted nor counted against the bound. Writes and eviction hold
+`<root>/.teacher_cache.lock`, so parallel jobs of a sweep never evict an entry that another is writing. A read-only
+cache is read where its files verify; a damaged file is skipped (not deleted), and nothing is written into it.
+
 The live teacher and the cache hand the loss float32 logits under every precision. With float32 storage (the
 default) a student trained from the cache is therefore bit-identical to one trained with the live teacher, in fp32,
 bf16 and fp16 alike; bfloat16 storage is exact under bf16 autocast (the teacher's logits are bf16 numbers there) and
 rounds them otherwise.
 """
+import fcntl
 import hashlib
 import inspect
 import json
 import logging
 import os
-import shutil
+import re
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -124,11 +132,12 @@ class TeacherCache:
         if dtype not in DTYPES:
             raise ValueError(f"teacher_cache_dtype={dtype}: must be one of {', '.join(DTYPES)}.")
         self.key = {**key, "dtype": dtype, "top_k": top_k, "output_code_version": OUTPUT_CODE_VERSION}
-        self.digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.digest = _digest(self.key)  # the folder's name, which eviction checks against the key.json inside
         self.root, self.dir = Path(root), Path(root) / self.digest
         self.shape, self.dtype, self.max_bytes, self.top_k = shape, DTYPES[dtype], max_bytes, top_k
         self.hits = self.misses = self.rejected = 0
         self.full = False  # set when this entry alone would exceed max_bytes: stop writing, keep reading
+        self.unwritable = False  # set when a write or deletion failed (a read-only cache): leave the folder alone
 
     def empty(self, device: torch.device) -> EpochOutputs:
         """Where a live epoch records its outputs, for save()."""
@@ -136,7 +145,8 @@ class TeacherCache:
 
     def load(self, epoch: int) -> Optional[EpochOutputs]:
         """The epoch's teacher outputs (float32, CPU), or None when not stored; a file that fails its checks is
-        deleted (the live teacher recomputes and stores the epoch) and counted in `rejected`."""
+        deleted (left as it is in a read-only cache), counted in `rejected`, and the live teacher recomputes the
+        epoch."""
         path = self._file(epoch)
         if not path.is_file():
             self.misses += 1
@@ -147,16 +157,30 @@ class TeacherCache:
         except Exception as error:  # truncated, garbage, or not a dict
             problem = f"unreadable ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:120]})"
         if problem:
-            log.warning("teacher cache file %s rejected (%s): deleted, the teacher recomputes this epoch", path,
-                        problem)
-            path.unlink(missing_ok=True)
+            self._reject(path, problem)
             self.rejected += 1
             self.misses += 1
             return None
         self.hits += 1
-        os.utime(self.dir)  # recency for the least-recently-used eviction
+        with suppress(OSError):  # recency for the least-recently-used eviction: best effort (a read-only cache)
+            os.utime(self.dir)
         tensors = {name: stored[name] for name in self._names()}
         return EpochOutputs(self.shape[1], **{n: t.float() if n != "indices" else t.long() for n, t in tensors.items()})
+
+    def _reject(self, path: Path, problem: str) -> None:
+        """Delete a file that failed its checks; where that fails (a read-only cache), leave it and stop writing."""
+        if self.unwritable:
+            log.info("teacher cache file %s rejected (%s): skipped, the teacher recomputes this epoch", path, problem)
+            return
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            self.unwritable = self.full = True
+            log.warning("teacher cache file %s rejected (%s): skipped, the teacher recomputes this epoch. The teacher "
+                        "cache folder %s cannot be written (%s): this run reads the files that verify and deletes or "
+                        "stores nothing there", path, problem, self.root, error)
+            return
+        log.warning("teacher cache file %s rejected (%s): deleted, the teacher recomputes this epoch", path, problem)
 
     def _names(self) -> tuple[str, ...]:
         return ("logits",) if self.top_k is None else ("values", "indices")
@@ -197,14 +221,16 @@ class TeacherCache:
         checksum = _checksum(self.digest, epoch, *tensors.values())
         payload = {**tensors, "sha256": checksum, "entry": self.digest, "epoch": epoch}
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            records.write_json(self.dir / "key.json", self.key)
-            records.save_checkpoint(self._file(epoch), payload)
-        except OSError as error:  # a read-only cache folder, or another job evicted this entry meanwhile
-            log.warning("could not store teacher outputs in %s (%s): going on without the cache", self.dir, error)
-            self.full = True
-            return
-        self._evict()
+            self.root.mkdir(parents=True, exist_ok=True)
+            with _locked(self.root):  # no other job evicts this entry while it is written, nor writes while we evict
+                self.dir.mkdir(exist_ok=True)
+                records.write_json(self.dir / "key.json", self.key)  # the marker first: eviction proves ownership by it
+                records.save_checkpoint(self._file(epoch), payload)
+                self._evict()
+        except OSError as error:  # a read-only or full cache folder
+            log.warning("could not store teacher outputs in %s (%s): going on without storing more (reading what is "
+                        "stored)", self.dir, error)
+            self.full = self.unwritable = True
 
     def size_bytes(self) -> int:
         return _folder_bytes(self.dir)
@@ -213,16 +239,96 @@ class TeacherCache:
         return self.dir / f"epoch_{epoch:04d}.pt"
 
     def _evict(self) -> None:
-        """Delete the least recently used other entries while the cache is over its bound."""
-        entries = [p for p in self.root.iterdir() if p.is_dir() and p != self.dir]
-        sizes = {p: _folder_bytes(p) for p in entries}
+        """Delete the least recently used other entries while the cache is over its bound (call holding the lock).
+        Only entries the cache provably wrote are counted and deleted; anything else is left, and warned about."""
+        entries, foreign = _survey(self.root)
+        if foreign:
+            _warn_foreign(self.root, foreign)
+        others = [entry for entry in entries if entry != self.dir]
+        sizes = {entry: _folder_bytes(entry) for entry in others}
         total = sum(sizes.values()) + self.size_bytes()
-        for entry in sorted(entries, key=_mtime):
+        for entry in sorted(others, key=_mtime):
             if total <= self.max_bytes:
                 break
-            log.info("teacher cache over teacher_cache_max_gb: deleting %s", entry)
-            shutil.rmtree(entry, ignore_errors=True)
-            total -= sizes[entry]
+            if _remove_entry(entry):
+                total -= sizes[entry]
+
+
+LOCK_NAME = ".teacher_cache.lock"
+ENTRY_NAME = re.compile(r"[0-9a-f]{16}")
+# What the cache writes into an entry: its key, epoch files, and records.atomic_write_bytes' temporaries of both.
+ENTRY_FILE = re.compile(r"key\.json|epoch_\d{4}\.pt|\.(key\.json|epoch_\d{4}\.pt)\.\w+\.tmp")
+
+
+@contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Hold the cache folder's lock (flock: the OS drops it when its holder dies), waiting for another holder."""
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _digest(key: Any) -> str:
+    """An entry's name: the first 16 hex digits of the sha256 of its key (as JSON, keys sorted)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _owned(entry: Path) -> bool:
+    """Whether `entry` is provably a cache entry: a real folder named by the digest of the key in its key.json,
+    holding nothing but plain files of the names the cache writes."""
+    if not ENTRY_NAME.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+        return False
+    try:
+        with os.scandir(entry) as found:
+            if not all(f.is_file(follow_symlinks=False) and ENTRY_FILE.fullmatch(f.name) for f in found):
+                return False
+        return _digest(json.loads((entry / "key.json").read_text())) == entry.name
+    except (OSError, ValueError):  # gone meanwhile, no key.json, not JSON
+        return False
+
+
+def _survey(root: Path) -> tuple[list[Path], list[str]]:
+    """The entries in `root` that the cache provably wrote, and the names of everything else there (its lock aside)."""
+    entries, foreign = [], []
+    for path in sorted(root.iterdir()):
+        if _owned(path):
+            entries.append(path)
+        elif path.name != LOCK_NAME:
+            foreign.append(path.name)
+    return entries, foreign
+
+
+def _remove_entry(entry: Path) -> bool:
+    """Delete an entry file by file (its key.json last, so that a remnant is still provable), then its folder.
+    Proved again first; a file that is not the cache's is never deleted (the folder then stays). True when gone."""
+    if not _owned(entry):
+        return False
+    log.info("teacher cache over teacher_cache_max_gb: deleting %s", entry)
+    try:
+        for path in sorted(entry.iterdir(), key=lambda file: file.name == "key.json"):
+            if ENTRY_FILE.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+        entry.rmdir()
+    except OSError as error:
+        log.warning("teacher cache entry %s could not be deleted entirely (%s): what is left stays", entry, error)
+        return False
+    return True
+
+
+_warned_roots: set[str] = set()  # cache folders holding foreign content, each warned about once per process
+
+
+def _warn_foreign(root: Path, names: list[str]) -> None:
+    if str(root) in _warned_roots:
+        return
+    _warned_roots.add(str(root))
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    log.warning("teacher cache folder %s holds %d item(s) the cache did not write (%s): they are never deleted nor "
+                "counted against teacher_cache_max_gb. Set teacher_cache_dir to a folder of its own.", root,
+                len(names), shown)
 
 
 def _checksum(entry: str, epoch: int, *tensors: Tensor) -> str:
