@@ -219,9 +219,15 @@ def set_up(
 
 
 def frozen_teacher(teacher_file: TeacherFile, model_cfg: DictConfig, data: DataPath) -> nn.Module:
-    """The teacher as the student phase runs it: eval mode, no gradients, the data's memory format, and each
-    BatchNorm after a convolution folded into it (in eval mode it is an affine map)."""
-    teacher = teachers.build(teacher_file, model_cfg, data.device).to(memory_format=memory_format(data))
+    """The teacher of a checked file, built from its config node and frozen (freeze_teacher)."""
+    return freeze_teacher(teachers.build(teacher_file, model_cfg, data.device), data)
+
+
+def freeze_teacher(teacher: nn.Module, data: DataPath) -> nn.Module:
+    """The teacher as the student phase runs it: on the data's device and memory format, eval mode, no gradients,
+    each BatchNorm after a convolution folded into it (in eval mode it is an affine map). The engine, tools/ and the
+    tests freeze every teacher here, trained or freshly built, so all of them time and check the model a run uses."""
+    teacher = teacher.to(data.device, memory_format=memory_format(data)).eval().requires_grad_(False)
     teachers.fold_batchnorm(teacher)
     return teacher
 

@@ -21,7 +21,7 @@ share of the split.
 
 Decoding. JPEGs are decoded by simplejpeg (libjpeg-turbo, straight into a numpy array), at 1/2, 1/4 or 1/8 scale
 (DCT scaling) when the crop keeps at least `size` pixels a side at that scale; other files (PNG, CMYK JPEGs) by
-Pillow. The crop is resized by torch's uint8 bilinear kernel. kd/bench_data.py measures the alternatives.
+Pillow. The crop is resized by torch's uint8 bilinear kernel. tools/bench_data.py measures the alternatives.
 """
 import functools
 import hashlib
@@ -202,7 +202,7 @@ def _jpeg_header(content: bytes) -> Optional[tuple[int, int]]:
 
 def resize(pixels: np.ndarray, size: int) -> Tensor:
     """(h, w, 3) uint8 -> (3, size, size) uint8, bilinear with antialiasing: torch's uint8 kernel, faster than
-    Pillow's (kd/bench_data.py), and fastest on a dense channels-last input (the crop is copied first: 10 us)."""
+    Pillow's (tools/bench_data.py), and fastest on a dense channels-last input (the crop is copied first: 10 us)."""
     image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
     if image.shape[2:] != (size, size):
         image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -1,4 +1,4 @@
-"""python -m kd.gpu_check on the CPU: the reduced form (--quick) runs every item that needs no CUDA, at a tiny size,
+"""python -m tools.gpu_check on the CPU: the reduced form (--quick) runs every item that needs no CUDA, at a tiny size,
 records the others as skipped with the reason, and writes one JSON; a failing item never stops the others."""
 import json
 import math
@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from kd import bench, gpu_check, loop
+from kd import loop
+from tools import bench, gpu_check
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

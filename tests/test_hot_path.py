@@ -1,13 +1,15 @@
 """The training step never makes the host wait for the device: no value read back, no data-dependent shape, no copy
 from host memory, for every method, with the teacher live or read from the cache (tests/syncs.py counts them)."""
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
+from torch import nn
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, loop, teachers
+from kd import engine, loop
 from kd.config import Phase
 from kd.teacher_cache import TeacherCache
 from syncs import SyncCounter
@@ -25,8 +27,7 @@ def job_for(tmp_path: Path, loss: str, *overrides: str) -> loop.Job:
     device = torch.device("cpu")
     data = engine.load_data(cfg.dataset, device, channels_last=True)
     data.train = data.train.subset(torch.arange(200))  # 4 steps: 3 full batches and a short last one
-    teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
-    teachers.fold_batchnorm(teacher)
+    teacher = engine.freeze_teacher(instantiate(cfg.teacher), data)
     return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
 
 
@@ -79,3 +80,23 @@ def test_a_crd_training_epoch_leaves_the_global_rng_alone(tmp_path, monkeypatch)
     state = torch.get_rng_state()
     loop.train_one_epoch(job, 1)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_frozen_teacher_computes_what_the_model_does_in_eval_mode(tmp_path):
+    """engine.freeze_teacher, which set_up, tools/ and job_for share: the data's memory format, eval mode, no
+    gradients, and every BatchNorm of resnet8 (each after a convolution) folded, with the outputs unchanged."""
+    cfg = compose_cfg(tmp_path, "phase=student", "model@teacher=resnet8")
+    data = engine.load_data(cfg.dataset, torch.device("cpu"), channels_last=True)
+    torch.manual_seed(0)
+    model = instantiate(cfg.teacher)
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):  # statistics that change the outputs
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    expected = copy.deepcopy(model).eval()(data.sample_inputs(16))
+    teacher = engine.freeze_teacher(model, data)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
+    convolutions = [m.weight for m in teacher.modules() if isinstance(m, nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
+    with torch.inference_mode():
+        torch.testing.assert_close(teacher(data.sample_inputs(16)), expected, rtol=1e-4, atol=1e-4)

@@ -10,8 +10,9 @@ import torch
 from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import bench, data, engine, loop
+from kd import data, engine, loop
 from kd.teacher_cache import TOPK_GAP, EpochOutputs, TeacherCache
+from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
@@ -395,8 +396,6 @@ def test_bench_rejects_bad_arguments():
 
 
 def test_topk_benchmark_measures_the_kd_terms_error_and_none_at_k_equal_classes(teacher, capsys):
-    from kd import bench
-
     tiny = [o for o in TINY if not o.startswith(("epochs", "logger", "profile"))]
     result = bench.main(["--topk", str(teacher), *tiny, "--k", "1", "10", "--temperature", "4"])
     by_k = {row["k"]: row for row in result["rows"]}
@@ -407,8 +406,6 @@ def test_topk_benchmark_measures_the_kd_terms_error_and_none_at_k_equal_classes(
 
 
 def test_topk_benchmark_refuses_k_below_1_before_loading_anything(monkeypatch, capsys):
-    from kd import bench
-
     monkeypatch.setattr(engine, "load_data", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(SystemExit):
         bench.main(["--topk", "no_such_teacher.pt", "--k", "0"])

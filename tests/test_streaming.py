@@ -23,9 +23,10 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import bench, data, distributed, engine, streaming
+from kd import data, distributed, engine, streaming
 from kd.data import epoch_generator
 from kd.datapath import InMemoryData
+from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat")

@@ -1,6 +1,6 @@
 """Everything only a GPU can show, in one command that writes one JSON and prints a short summary.
 
-    python -m kd.gpu_check [--out gpu_check.json] [--data ../shared/data/cifar10] [--budget-s 300] [--quick]
+    python -m tools.gpu_check [--out gpu_check.json] [--data ../shared/data/cifar10] [--budget-s 300] [--quick]
 
 Items, in the order they run; each records a status ("pass", "fail", or "skipped: <why>"), what it measured and its
 wall time. A failing item is recorded (its error and traceback) and the next one runs; the JSON is rewritten after
@@ -10,7 +10,7 @@ every item, so a run cut short keeps what it finished. An item starts only while
                  teacher, KD with the teacher's logits read from the cache, and CRD: a step that makes the host wait
                  for the device fails its case, with the error and the line it came from; the failed epoch is then
                  run again under "warn" to count the syncs of each step.
-  bench          kd.bench's three variants (reference loop, engine, engine with a warm teacher cache) in a short
+  bench          tools.bench's three variants (reference loop, engine, engine with a warm teacher cache) in a short
                  configuration: images/s, steps/s, fractions of the matmul ceiling and, on CUDA, of the bf16 peak.
   deterministic  two train.py processes at once with deterministic=true (a teacher trained on demand, then a KD
                  student): passes when their result.json metrics are exactly equal.
@@ -44,10 +44,14 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+if __package__ in (None, ""):  # python tools/gpu_check.py: kd and tools import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import bench, engine, loop, records, teachers
+from kd import engine, loop, records
 from kd.config import Phase
 from kd.teacher_cache import TeacherCache
+from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -63,7 +67,7 @@ QUICK = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=simpl
 # bf16_accuracy: resnet20 -> resnet8 for 5 epochs each on the CIFAR-10 folder, cosine decay to the last epoch.
 CIFAR = ["dataset=imagefolder", "model@teacher=resnet20", "model@student=resnet8", "teacher_recipe=student",
          "epochs=5", "scheduler=cosine"]
-# kd.bench, short: its default pair and window length (100 steps on CUDA), 3 timed windows; --quick: one step.
+# tools.bench, short: its default pair and window length (100 steps on CUDA), 3 timed windows; --quick: one step.
 BENCH = ["--windows", "3"]
 QUICK_BENCH = ["--teacher", "resnet8", "--student", "resnet8", "--window-steps", "1", "--windows", "1",
                "--workers", "0", "--num-classes", "10"]
@@ -97,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
     device = engine.resolve_device(args.device)
-    report = {"command": ["python", "-m", "kd.gpu_check", *(argv if argv is not None else sys.argv[1:])],
+    report = {"command": ["python", "-m", "tools.gpu_check", *(argv if argv is not None else sys.argv[1:])],
               "quick": args.quick, "budget_s": args.budget_s, "data": str(args.data),
               "environment": environment(device), "items": {}}
     with work_folder(args.work_dir) as work:
@@ -114,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kd.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="the JSON report")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="the CIFAR-10 image folder (train/<class>/*, test/<class>/*) of bf16_accuracy")
@@ -163,7 +167,7 @@ def run_item(name: str, check: Check) -> dict[str, Any]:
         result = ITEMS[name](check)
     except Skipped as skipped:
         result = {"status": f"skipped: {skipped}"}
-    except (Exception, SystemExit) as error:  # SystemExit: an argparse refusal inside kd.bench
+    except (Exception, SystemExit) as error:  # SystemExit: an argparse refusal inside tools.bench
         result = {"status": "fail", "error": f"{type(error).__name__}: {error}"[:4000],
                   "traceback": traceback.format_exc()[-6000:]}
     finally:
@@ -228,8 +232,7 @@ def sync_job(check: Check, loss: str) -> loop.Job:
     cfg = compose_config(*check.runs(), "phase=student", f"loss={loss}", f"teacher_store={check.work / 'teachers'}")
     engine.configure_determinism(cfg.deterministic)
     data = engine.load_data(cfg.dataset, check.device, engine.use_channels_last(cfg.channels_last, check.device))
-    teacher = instantiate(cfg.teacher).to(check.device, memory_format=data.memory_format).eval().requires_grad_(False)
-    teachers.fold_batchnorm(teacher)  # as engine.set_up does
+    teacher = engine.freeze_teacher(instantiate(cfg.teacher), data)
     return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, check.device, teacher)
 
 
@@ -289,7 +292,7 @@ def kd_frame(error: BaseException) -> str:
 
 
 def check_bench(check: Check) -> dict[str, Any]:
-    """kd.bench's variants, short; without CUDA the bf16 peak is skipped."""
+    """tools.bench's variants, short; without CUDA the bf16 peak is skipped."""
     size = QUICK_BENCH if check.quick else BENCH
     figures = bench.main([*size, "--json", str(check.work / "bench.json"), f"device={check.device}"])
     result = {"status": "pass", "figures": figures}

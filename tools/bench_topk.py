@@ -1,7 +1,7 @@
 """What teacher_cache_topk costs a KD run: the KD term from the k largest teacher logits (the rest given zero
 probability, the k renormalised, as the cache stores them) against the term from the full logits, on real images.
 
-    python -m kd.bench --topk TEACHER.pt [overrides ...] [--student STUDENT.pt] [--k 1 2 5] [--temperature 1 4]
+    python -m tools.bench --topk TEACHER.pt [overrides ...] [--student STUDENT.pt] [--k 1 2 5] [--temperature 1 4]
 
 The overrides compose the run's config (the teacher and student nodes, the dataset), as train.py would. The split is
 the test split's evaluation views. Printed per (T, k): the teacher probability mass at T that lies outside the top k
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m kd.bench --topk", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench --topk", description=__doc__.split("\n\n")[0])
     parser.add_argument("teacher", type=Path, help="the teacher's checkpoint (any format kd.teachers reads)")
     parser.add_argument("--student", type=Path, help="a student checkpoint (default: a fresh student)")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 5])

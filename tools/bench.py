@@ -1,8 +1,8 @@
 """Student-phase training throughput on this device, in one run: a reference loop vs this repository's engine.
 
-    python -m kd.bench [--teacher resnet56 --student resnet20 --batch-size 64] [--json PATH] [--sweep-jobs 8]
-    python -m kd.bench --data --folder DIR [--make-from IMAGE_FOLDER]   # decode speed: kd/bench_data.py
-    python -m kd.bench --topk TEACHER.pt [overrides]   # the top-k teacher cache's error: kd/bench_topk.py
+    python -m tools.bench [--teacher resnet56 --student resnet20 --batch-size 64] [--json PATH] [--sweep-jobs 8]
+    python -m tools.bench --data --folder DIR [--make-from IMAGE_FOLDER]   # decode speed: tools/bench_data.py
+    python -m tools.bench --topk TEACHER.pt [overrides]   # the top-k teacher cache's error: tools/bench_topk.py
 
 (a) reference: the loop the seed document and the common KD repositories write: a CIFAR-style torchvision
     dataset (uint8 array -> PIL image -> RandomCrop/Flip/ToTensor/Normalize per image) in a DataLoader, eager
@@ -44,11 +44,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+if __package__ in (None, ""):  # python tools/bench.py: kd and tools import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import datapath, engine, loop, records, teachers
+from kd import datapath, engine, loop, records
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
+from tools import bench_data, bench_topk
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -56,11 +60,9 @@ MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--data"]:  # decode speed: kd/bench_data.py
-        from kd import bench_data
+    if argv[:1] == ["--data"]:  # decode speed: tools/bench_data.py
         return bench_data.main(argv[1:])
-    if argv[:1] == ["--topk"]:  # what teacher_cache_topk costs the KD term: kd/bench_topk.py
-        from kd import bench_topk
+    if argv[:1] == ["--topk"]:  # what teacher_cache_topk costs the KD term: tools/bench_topk.py
         return bench_topk.main(argv[1:])
     args = parse_args(argv)
     cfg = compose_config(args)
@@ -133,7 +135,7 @@ def variant_figures(step_seconds: float, batch_size: int, step_flops: float, cei
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m kd.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--student", default="resnet20")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -165,10 +167,10 @@ def timed_rounds(variants: dict[str, Callable[[int], None]], windows: int, devic
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for window in range(windows + 1):
         for name, run_window in variants.items():
-            records._synchronize(device)
+            records.synchronize(device)
             start = time.perf_counter()
             run_window(window)
-            records._synchronize(device)
+            records.synchronize(device)
             if window > 0:
                 seconds[name].append(time.perf_counter() - start)
     return seconds
@@ -228,8 +230,7 @@ def engine_window(cfg, args, images, labels, device, cache_root: Path | None) ->
                                  *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
                                  crop_padding=4, hflip=True,
                                  channels_last=engine.use_channels_last(cfg.channels_last, device))
-    teacher = instantiate(cfg.teacher).to(device, memory_format=data.memory_format).eval().requires_grad_(False)
-    teachers.fold_batchnorm(teacher)  # as engine.set_up does
+    teacher = engine.freeze_teacher(instantiate(cfg.teacher), data)
     job = engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
     job.progress_bar = False
     if cfg.teacher_cache and cache_root is not None:

@@ -1,8 +1,8 @@
 """Decode speed, measured: JPEG decoders for the streaming path's training views, and the whole loader against
 torchvision's standard ImageFolder pipeline, on one folder in one run.
 
-    python -m kd.bench --data --folder /tmp/kd_bench_jpeg --make-from ../shared/data/cifar10 --per-class 200 --size 224
-    python -m kd.bench --data --folder /tmp/kd_bench_jpeg --workers 2
+    python -m tools.bench --data --folder /tmp/kd_jpeg --make-from ../shared/data/cifar10 --per-class 200 --size 224
+    python -m tools.bench --data --folder /tmp/kd_jpeg --workers 2
 
 --make-from writes the folder once (root/train/<class>/*.jpg: the first --per-class training images of each class of
 an image folder, resized to --size, quality 90); it is never needed again. Printed:
@@ -219,8 +219,8 @@ def loader_rates(root: Path, size: int, workers: int, batch_size: int, repeats: 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Measure and print both tables; return them (kd.bench --data calls this)."""
-    parser = argparse.ArgumentParser(prog="python -m kd.bench --data", description=__doc__.split("\n\n")[0])
+    """Measure and print both tables; return them (tools.bench --data calls this)."""
+    parser = argparse.ArgumentParser(prog="python -m tools.bench --data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, required=True, help="root/train/<class>/*.jpg")
     parser.add_argument("--make-from", type=Path, help="an image folder to write --folder from, once")
     parser.add_argument("--per-class", type=int, default=200)
