@@ -81,23 +81,26 @@ READ_ONLY_FIX = ("Make its folder writable, or use a writable one (hydra.run.dir
                  "teacher_store=...).")
 FULL_DISK_FIX = ("Free space on that disk (or raise the quota), then run the same command again: what was written "
                  "before is intact, and a run resumes from its last checkpoint.")
-FIXABLE = {errno.EROFS: READ_ONLY_FIX, errno.EACCES: READ_ONLY_FIX, errno.EPERM: READ_ONLY_FIX,
-           errno.ENOSPC: FULL_DISK_FIX, errno.EDQUOT: FULL_DISK_FIX}
+READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager
 def writing(path: Path, read_only_fix: Optional[str] = None) -> Iterator[None]:
-    """Turn an OSError the user can fix (FIXABLE) raised in the body into CannotWrite naming `path` and the fix
-    (`read_only_fix` for a read-only folder or no permission); any other OSError (a bug, a failing disk) passes
-    unchanged, traceback and all."""
+    """Turn an OSError the user can fix (a read-only folder, no permission, a full disk) raised in the body into
+    CannotWrite naming `path` and the fix (`read_only_fix`, if given, for the first two); any other OSError (a bug, a
+    failing disk) passes unchanged, traceback and all."""
     try:
         yield
     except CannotWrite:
         raise
     except OSError as error:
-        if error.errno not in FIXABLE:
+        if error.errno in FULL_DISK_ERRORS:
+            fix = FULL_DISK_FIX
+        elif error.errno in READ_ONLY_ERRORS:
+            fix = read_only_fix or READ_ONLY_FIX
+        else:
             raise
-        fix = read_only_fix if read_only_fix and FIXABLE[error.errno] is READ_ONLY_FIX else FIXABLE[error.errno]
         why = error.strerror or os.strerror(error.errno)
         raise CannotWrite(error.errno, f"{path}: cannot be written ({why}). {fix}") from error
 

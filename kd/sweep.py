@@ -7,6 +7,8 @@
    completed with a hash (kd.records.bounded_name).
 3. The teacher: a student sweep whose jobs share one teacher finds it here, or fails here once with the command
    that trains it (or, with train_missing_teacher=true, trains it here once, before the jobs).
+
+A single run's hook creates its folder before Hydra does, so that a read-only outputs/ is one line, not a traceback.
 """
 import logging
 import os
