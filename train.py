@@ -11,10 +11,12 @@ from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import distributed, engine
-from kd.records import FolderBusy
+from kd.records import CannotWrite, FolderBusy
 
-# What the checks raise for bad input, with a message naming the problem and the fix.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, FolderBusy)
+# What the checks raise for bad input, with a message naming the problem and the fix; and CannotWrite, which the few
+# write points (kd.records) raise for a read-only folder or a full disk. Not OSError at large: that would print a bug
+# or a failing disk as one line, without the traceback that locates it.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, FolderBusy, CannotWrite)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -32,8 +34,8 @@ def main(cfg: DictConfig) -> float:
     try:
         result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task))
     except USER_ERRORS as error:
-        # A refused input or a busy folder: its message says what is wrong and how to fix it, so a single run prints
-        # that alone (HYDRA_FULL_ERROR=1 shows the traceback); a multirun job raises it to its launcher as any error.
+        # A refused input, a busy or unwritable folder: its message says what is wrong and how to fix it, so a single
+        # run prints that alone (HYDRA_FULL_ERROR=1 shows the traceback); a multirun job raises it to its launcher.
         if hydra_cfg.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"Error: {error}", file=sys.stderr)

@@ -53,11 +53,13 @@ def run(
     check_recipe_overrides(cfg, overrides)
     cfg = phase_config(cfg)
     check_config(cfg)
-    with run_folder(out_dir), run_log(out_dir) as commit_log:
+    with run_folder(out_dir) as unwritable, run_log(out_dir) as commit_log:
         finished, checkpoint, record = previous_run(cfg, out_dir)
         if finished is not None:
             log.info("%s already holds this run's result.json: returning it without training again", out_dir)
             return finished
+        if unwritable is not None:  # read-only or full: refused before any work, as all that follows writes there
+            raise unwritable
         if Phase(cfg.phase) is Phase.teacher and not cfg.retrain_teacher:
             stored = stored_teacher_result(cfg, out_dir, overrides, record)
             if stored is not None:
@@ -133,19 +135,20 @@ def train(
 
 
 @contextmanager
-def run_folder(out_dir: Path) -> Iterator[None]:
-    """Rank 0 holds out_dir's lock for the run's life; every rank learns whether it got it."""
+def run_folder(out_dir: Path) -> Iterator[Optional[records.CannotWrite]]:
+    """Rank 0 holds out_dir's lock for the run's life; every rank learns whether it got it. Yields the CannotWrite
+    to raise before the first write when out_dir exists but cannot be written (records.folder_lock)."""
     with ExitStack() as stack:
-        refusal = None
+        refusal, unwritable = None, None
         if distributed.is_main():
             try:
-                stack.enter_context(records.folder_lock(out_dir))
-            except records.FolderBusy as busy:
-                refusal = str(busy)
-        refusal = distributed.broadcast_object(refusal)
+                unwritable = stack.enter_context(records.folder_lock(out_dir))
+            except (records.FolderBusy, records.CannotWrite) as error:
+                refusal = error
+        refusal, unwritable = distributed.broadcast_object((refusal, unwritable))
         if refusal is not None:
-            raise records.FolderBusy(refusal)
-        yield
+            raise refusal
+        yield unwritable
 
 
 @contextmanager

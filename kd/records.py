@@ -7,6 +7,7 @@ function of config, code and data, so an interrupted and resumed run writes the 
 (what varies between executions: wall time, resumes, environment, speed) and `.lock` (held for the run's life).
 A sweep folder holds `sweep.json`: its grid of jobs, checked before a relaunch may add to it.
 """
+import errno
 import fcntl
 import hashlib
 import io
@@ -22,7 +23,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -68,20 +69,73 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _FILE_MODE)  # mkstemp's files are private (0600); records are read by others too
+class CannotWrite(OSError):
+    """A write refused for a reason the user can fix: a read-only folder, no permission, a full disk. Its text is one
+    line naming the path and the fix. An OSError still, so code that goes on without an optional cache catches it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)  # the whole line (kept in strerror, so the error pickles across processes)
+
+
+READ_ONLY_FIX = ("Make its folder writable, or use a writable one (hydra.run.dir=..., hydra.sweep.dir=..., "
+                 "teacher_store=...).")
+FULL_DISK_FIX = ("Free space on that disk (or raise the quota), then run the same command again: what was written "
+                 "before is intact, and a run resumes from its last checkpoint.")
+READ_ONLY_ERRORS = (errno.EROFS, errno.EACCES, errno.EPERM)
+FULL_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def writing(path: Path, read_only_fix: Optional[str] = None) -> Iterator[None]:
+    """Turn an OSError the user can fix (a read-only folder, no permission, a full disk) raised in the body into
+    CannotWrite naming `path` and the fix (`read_only_fix`, if given, for the first two); any other OSError (a bug, a
+    failing disk) passes unchanged, traceback and all."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except CannotWrite:
         raise
+    except OSError as error:
+        if error.errno in FULL_DISK_ERRORS:
+            fix = FULL_DISK_FIX
+        elif error.errno in READ_ONLY_ERRORS:
+            fix = read_only_fix or READ_ONLY_FIX
+        else:
+            raise
+        why = error.strerror or os.strerror(error.errno)
+        raise CannotWrite(error.errno, f"{path}: cannot be written ({why}). {fix}") from error
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may take fewer): the one primitive every record goes through."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see the old or the new file, never half.
+    A read-only folder or a full disk raises CannotWrite naming `path`, and the temporary file is removed."""
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(fd, _FILE_MODE)  # mkstemp's files are private (0600); records are read by others too
+                write_all(f.fileno(), data)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def check_writable(folder: Path, read_only_fix: Optional[str] = None) -> None:
+    """Create `folder` if needed and check that a file can be created in it (an unnamed one where the OS allows:
+    nothing is left behind); CannotWrite naming the folder and the fix when it cannot."""
+    with writing(folder, read_only_fix):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
@@ -104,8 +158,18 @@ def read_json(path: Path, fix: str) -> dict[str, Any]:
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Add one line; a write that fails (a full disk) is cut off again, so no half line is left behind."""
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                write_all(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+            except OSError:
+                os.ftruncate(fd, end)  # frees what the line took, so this works on a full disk too
+                raise
+        finally:
+            os.close(fd)
 
 
 def keep_epochs(path: Path, last_epoch: int) -> None:
@@ -199,15 +263,27 @@ class FolderBusy(RuntimeError):
 
 
 @contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold `<folder>/.lock` (flock) while the body runs; a second process is refused, naming the holder.
+def folder_lock(folder: Path) -> Iterator[Optional[CannotWrite]]:
+    """Hold `<folder>/.lock` (flock) while the body runs, yielding None; a second process is refused, naming the holder.
 
     The OS releases a flock when its holder dies, so a lock left by a killed run is taken over by the next one;
     the holder's pid, host and start time are written into the file for the message a refused process shows.
+    A folder that exists but cannot be written (read-only, no permission, full) yields, without a lock, the
+    CannotWrite the caller raises before its first write: it may still read a finished run there, which no run writes
+    again. A folder that cannot be created raises it.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fix = f"Make {folder} writable, or give this run another folder (hydra.run.dir=... / hydra.sweep.dir=...)."
+    with writing(folder, fix):
+        folder.mkdir(parents=True, exist_ok=True)
+    path, refusal = folder / ".lock", None
+    try:
+        with writing(folder, fix):
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except CannotWrite as error:
+        refusal = error
+    if refusal is not None:
+        yield refusal
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -217,14 +293,20 @@ def folder_lock(folder: Path) -> Iterator[None]:
             f"{folder} is in use by another run ({holder}). Wait for it to finish, or give this run another folder "
             "(hydra.run.dir=... / hydra.sweep.dir=...)."
         ) from None
-    started = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}, started {started}\n".encode(), 0)
-    remove_stale_temporaries(folder)
     try:
-        yield
+        _sign_lock(fd, folder, fix)
+        remove_stale_temporaries(folder)
+        yield None
     finally:
         os.close(fd)  # releases the flock
+
+
+def _sign_lock(fd: int, folder: Path, fix: str) -> None:
+    """Write the holder's pid, host and start time into the lock file."""
+    started = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    with writing(folder, fix):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}, started {started}\n".encode(), 0)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

@@ -86,7 +86,8 @@ class Row:
 
 @dataclass
 class Problem:
-    """An expected job without a result: missing (no folder) or failed/unfinished (folder, no result.json)."""
+    """An expected job without a result: missing (no folder), failed/unfinished (folder, no result.json) or damaged
+    (a result.json kd.report cannot table)."""
 
     sweep_dir: Path
     overrides: tuple[str, ...]
@@ -111,7 +112,7 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def load_run(path: Path, sweep_dir: Path) -> Run:
-    """Read one job folder; a missing or unreadable result.json marks it failed or unfinished."""
+    """Read one job folder; a missing, unreadable or damaged result.json (result_damage) marks it as a problem."""
     try:
         record = records.read_json(path / "run.json", "")
     except records.CorruptRecord as error:
@@ -125,12 +126,31 @@ def load_run(path: Path, sweep_dir: Path) -> Run:
     except records.CorruptRecord as error:
         run.problem = f"unreadable result.json ({error})"
         return run
+    damage = result_damage(run.result)
+    if damage:  # listed as a problem, never tabled
+        run.problem, run.result = f"damaged result.json ({path / 'result.json'}: {damage})", None
+        return run
     try:
         run.info = records.read_json(path / "run_info.json", "")
     except (FileNotFoundError, records.CorruptRecord):
         run.info = {}
     run.key = group_key(run.result, set(record.get("seed_linked", [])))
     return run
+
+
+def result_damage(result: dict[str, Any]) -> str:
+    """What keeps a result.json out of the table ("" when nothing): a config that is not an object, or a metric of
+    METRICS that is missing or not a finite number (a finished run of this repository writes both)."""
+    config = result.get("config")
+    if not isinstance(config, dict):
+        return "no config" if config is None else f"its config is a JSON {type(config).__name__}, not an object"
+    for metric in METRICS.values():
+        value = result.get(metric)
+        if value is None:
+            return f"no {metric}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{metric} is {json.dumps(value)}, not a finite number"
+    return ""
 
 
 def load_runs(sweep_dirs: Sequence[Path]) -> list[Run]:
@@ -250,7 +270,7 @@ def sweep_jobs(sweep_dir: Path, runs: Sequence[Run]) -> set[frozenset[tuple[str,
 
 
 def find_problems(sweep_dirs: Sequence[Path], runs: Sequence[Run]) -> list[Problem]:
-    """Expected jobs without a folder (missing) and folders without a readable result.json (failed)."""
+    """Expected jobs without a folder (missing) and folders without a readable, undamaged result.json (failed)."""
     problems = []
     for sweep_dir in map(Path, sweep_dirs):
         mine = [run for run in runs if run.sweep_dir == sweep_dir]
@@ -857,7 +877,7 @@ def write_report(
     report.md's path."""
     sweep_dirs = [Path(d) for d in sweep_dirs]
     out_dir = Path(out_dir or sweep_dirs[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    records.check_writable(out_dir, "Write the report into another folder: --out DIR.")  # before any file is written
     runs = load_runs(sweep_dirs)
     problems = find_problems(sweep_dirs, runs)
     rows = summarize(group_runs(runs, sweep_dirs))
@@ -898,7 +918,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line; 1 when the folders hold no job at all or a pivot key does not exist."""
+    """The command line; 1 when the folders hold no job at all, a pivot key does not exist or the output folder
+    cannot be written."""
     args = parse_args(argv)
     missing = [d for d in args.sweep_dirs if not d.is_dir()]
     if missing:
@@ -910,7 +931,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         path = write_report(args.sweep_dirs, args.out, [tuple(p) for p in args.pivot], args.latex, args.metric,
                             args.paper)
-    except ValueError as err:
+    except (ValueError, records.CannotWrite) as err:
         print(f"kd.report: {err}", file=sys.stderr)
         return 1
     print(path)

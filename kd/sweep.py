@@ -7,8 +7,12 @@
    completed with a hash (kd.records.bounded_name).
 3. The teacher: a student sweep whose jobs share one teacher finds it here, or fails here once with the command
    that trains it (or, with train_missing_teacher=true, trains it here once, before the jobs).
+
+A single run's hook creates its folder before Hydra does, so that a read-only outputs/ is one line, not a traceback.
 """
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,7 +46,25 @@ class SweepChecks(Callback):
             log.error("%s", refusal)
             raise SystemExit(1)
         name_jobs_by_swept_keys(config, record)
-        records.write_json(sweep_dir / "sweep.json", record)
+        try:
+            records.write_json(sweep_dir / "sweep.json", record)
+        except records.CannotWrite as error:  # a read-only or full sweep folder: one line, before any job
+            log.error("%s", error)
+            raise SystemExit(1) from None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A single run: create its folder before Hydra does, so that an unwritable parent (a read-only outputs/) is
+        one line naming it, not Hydra's traceback; with HYDRA_FULL_ERROR=1, Hydra's mkdir fails with the traceback."""
+        run_dir = Path(config.hydra.run.dir)  # the path Hydra creates next: ${now:...} resolves once per config
+        fix = "Make the folder it is in writable, or give this run another folder (hydra.run.dir=...)."
+        try:
+            with records.writing(run_dir, fix):
+                run_dir.mkdir(parents=True, exist_ok=True)
+        except records.CannotWrite as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                return
+            print(f"Error: {error}", file=sys.stderr)  # as train.py prints a refused run
+            raise SystemExit(1) from None
 
 
 def sweep_record(config: DictConfig) -> dict[str, Any]:
