@@ -1,7 +1,8 @@
 """Hydra multirun hook: before any job starts, check the sweep folder and the sweep's teacher once.
 
 1. The sweep folder: a relaunch into a folder that holds a sweep (its `sweep.json`) may resume it or add jobs (more
-   values of the keys it sweeps), nothing else; anything else is refused before Hydra rewrites a file there.
+   values of the keys it sweeps), nothing else; anything else, or a sweep.json that cannot be read, is refused
+   before Hydra rewrites a file there. So are the sweep's constant settings that engine.check_config refuses.
 2. Job folders are named by the swept keys only (`loss.alpha=0.9,seed=1`), so a job keeps its folder when a
    relaunch adds values; the constant overrides live in sweep.json and multirun.yaml. Long names are cut and
    completed with a hash (kd.records.bounded_name).
