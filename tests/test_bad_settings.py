@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the schema)
 import train
-from kd import engine, records
+from kd import checkpoints, engine, records
 from kd.sweep import SweepChecks
 from support import tree_state
 from test_reliability import PLAIN, TINY, compose_cfg, no_data
@@ -123,6 +123,31 @@ def test_a_teacher_file_holding_a_namespace_names_the_key_and_reads_the_weights_
     assert result["teacher/format"] == "state_dict" and result["teacher/sha256"] == records.sha256_file(path)
     assert "teacher/recorded_acc1" not in result  # that key alone was read: not the file's `accuracy`
     assert tree_state(path.parent) == before and not marker.exists()
+
+
+def test_teacher_checkpoint_key_refuses_a_missing_key_an_entry_without_weights_and_a_weights_only_format(tmp_path):
+    from safetensors.torch import save_file
+
+    marker = tmp_path / "ran"
+    path, node = repdistiller_last(tmp_path, marker), compose_cfg(tmp_path, *PLAIN).teacher
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "weights.safetensors"))
+    before = tree_state(tmp_path)
+    for key, error, message in (
+        ("state_dict", records.UnusableCheckpoint,
+         f"{path} has no top-level key 'state_dict' (it holds ['accuracy', 'epoch', 'model', 'opt'])."),
+        ("opt", records.UnsafeCheckpoint,
+         f"{path} holds objects other than tensors and plain values ('opt' holds argparse.Namespace), which are never "
+         "unpickled: nothing from the file was run."),
+        ("epoch", records.UnusableCheckpoint, f"{path}: 'epoch' holds no state_dict (a dict of tensors), so "
+                                              "teacher_checkpoint_key=epoch has no weights to read there."),
+    ):
+        with pytest.raises(error) as refusal:
+            checkpoints.read_teacher_file(path, node, key)
+        assert str(refusal.value) == message
+    with pytest.raises(ValueError, match=r"teacher_checkpoint_key=model reads one key of a pickled checkpoint \(\.pt, "
+                                         r"\.pth\), and .*weights\.safetensors holds weights alone: drop"):
+        checkpoints.read_teacher_file(tmp_path / "weights.safetensors", node, "model")
+    assert tree_state(tmp_path) == before and not marker.exists()
 
 
 def test_unreadable_checkpoint_message_is_one_plain_line_without_torchs_advice(tmp_path):
