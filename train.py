@@ -1,8 +1,10 @@
 """Train a teacher (phase=teacher) or distill a student from it (phase=student). See README.md."""
+import logging
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,6 +15,8 @@ import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import distributed, engine
 from kd.records import CannotWrite, FolderBusy
 
+log = logging.getLogger(__name__)
+
 # What the checks raise for bad input, with a message naming the problem and the fix; and CannotWrite, which the few
 # write points (kd.records) raise for a read-only folder or a full disk. Not OSError at large: that would print a bug
 # or a failing disk as one line, without the traceback that locates it.
@@ -20,7 +24,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, Fol
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> Optional[float]:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     distributed.init_from_env()  # under torchrun: join the process group
@@ -35,13 +39,25 @@ def main(cfg: DictConfig) -> float:
         result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task))
     except USER_ERRORS as error:
         # A refused input, a busy or unwritable folder: its message says what is wrong and how to fix it, so a single
-        # run prints that alone (HYDRA_FULL_ERROR=1 shows the traceback); a multirun job raises it to its launcher.
-        if hydra_cfg.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        # run prints that alone (HYDRA_FULL_ERROR=1 shows the traceback); a multirun job raises it to its launcher as
+        # any error, except a job whose folder another process holds: that one is left to it.
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        if multirun and isinstance(error, FolderBusy):
+            return skip_busy_job(out_dir, error)
+        if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"Error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     # The sweep metric: validation accuracy when a validation split exists, so searches never see test.
     return result.get("val/acc1", result["test/acc1"])
+
+
+def skip_busy_job(out_dir: Path, busy: FolderBusy) -> None:
+    """A sweep job whose folder another process holds (the same sweep launched twice): that process runs it, and this
+    sweep goes on with its next job. Returns None, not a metric, so a search (optuna) records a failed trial, never
+    a finished one; the basic sweeper ignores it."""
+    log.warning("skipped %s: another process is running it (%s). Relaunch this sweep once that one has ended to run "
+                "any job it did not finish.", out_dir, busy.holder or "its lock is held")
 
 
 def shared_run_dir(out_dir: Path) -> Path:

@@ -38,10 +38,14 @@ class TeacherFile:
     arch: Optional[dict[str, Any]] = None  # the model node it was built from (this repository's files)
 
 
-def read_teacher_file(path: Path, model_cfg: DictConfig) -> TeacherFile:
-    """Read a teacher checkpoint of any accepted format and check that it fits model_cfg exactly."""
+def read_teacher_file(path: Path, model_cfg: DictConfig, key: Optional[str] = None) -> TeacherFile:
+    """Read a teacher checkpoint of any accepted format and check that it fits model_cfg exactly; `key`: read only
+    that top-level key of a pickled file, as a state_dict (teacher_checkpoint_key)."""
     library = isinstance(path, LibraryWeights)
-    teacher = _read_library(path) if library else _read(Path(path))
+    if key is not None and (library or Path(path).suffix == ".safetensors"):
+        raise ValueError(f"teacher_checkpoint_key={key} reads one key of a pickled checkpoint (.pt, .pth), and {path} "
+                         "holds weights alone: drop teacher_checkpoint_key.")
+    teacher = _read_library(path) if library else _read(Path(path), key)
     if teacher.format == "kd":
         check_arch(teacher, model_cfg, path)
     problem = mismatch(teacher.state_dict, _meta_model(model_cfg))
@@ -62,7 +66,9 @@ def _read_library(weights: LibraryWeights) -> TeacherFile:
     return TeacherFile(state, weights.weights, recorded_acc1=accuracy)
 
 
-def _read(path: Path) -> TeacherFile:
+def _read(path: Path, key: Optional[str] = None) -> TeacherFile:
+    if key is not None:
+        return _read_entry(path, key)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -70,7 +76,10 @@ def _read(path: Path) -> TeacherFile:
             return TeacherFile(_unwrapped(load_file(str(path))), "safetensors")
         except Exception as error:
             raise records.UnusableCheckpoint(f"{path} is not a readable safetensors file ({error}).") from None
-    payload = records.load_checkpoint(path, ())  # weights_only: a pickle holding objects is refused unrun
+    try:
+        payload = records.load_checkpoint(path, ())  # weights_only: a pickle holding objects is refused unrun
+    except records.UnsafeCheckpoint as unsafe:
+        raise records.UnsafeCheckpoint(f"{unsafe} {_weights_only_way_out(unsafe.weights_keys)}") from None
     if isinstance(payload, dict) and "arch" in payload and isinstance(payload.get("model"), dict):
         metrics = payload.get("metrics") or {}
         return TeacherFile(payload["model"], "kd", metrics, metrics.get("test/acc1"), payload.get("classes"),
@@ -85,6 +94,24 @@ def _read(path: Path) -> TeacherFile:
         f"{path} holds neither a state_dict nor a checkpoint dict with one under 'model' "
         f"(top-level keys: {sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__})."
     )
+
+
+def _read_entry(path: Path, key: str) -> TeacherFile:
+    """The state_dict under one top-level key (teacher_checkpoint_key), the file's other keys never built."""
+    state = records.load_checkpoint_entry(path, key)
+    if not (isinstance(state, dict) and state and all(isinstance(v, Tensor) for v in state.values())):
+        raise records.UnusableCheckpoint(f"{path}: {key!r} holds no state_dict (a dict of tensors), so "
+                                         f"teacher_checkpoint_key={key} has no weights to read there.")
+    return TeacherFile(_unwrapped(state), "state_dict")
+
+
+def _weights_only_way_out(weights_keys: list[str]) -> str:
+    """How to use a teacher file that holds objects: read its state_dict's key alone, or save the weights alone."""
+    if weights_keys:
+        return (f"Its weights under {weights_keys[0]!r} are tensors only: add teacher_checkpoint_key={weights_keys[0]} "
+                "to read that key alone, weights-only (the other keys are never built).")
+    return ("It holds no state_dict (a dict of tensors) under a key of its own: save the model's weights alone where "
+            "the file was made (torch.save(model.state_dict(), path)) and use that file.")
 
 
 def _unwrapped(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -1,10 +1,14 @@
-"""Typed root schema: a typo or a wrong type in a config or an override fails at composition."""
+"""Typed root schema: a typo or a wrong type in a config or an override fails at composition; what the schema cannot
+type (the `_target_` nodes' arguments, NaN and inf) is checked by `value_problems` before any work starts."""
+import inspect
+import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from kd.records import bounded_name
 
@@ -69,6 +73,9 @@ class Config:
     # torchvision:<Weights> (torchvision:ResNet34_Weights.IMAGENET1K_V1) / timm:<name> (timm:resnet50.a1_in1k) take
     # the library's pretrained weights from its cache (model@teacher=torchvision / timm must be their model).
     teacher_checkpoint: str = "auto"
+    # Read only this top-level key of a pickled teacher file (e.g. `model` of RepDistiller's ckpt_*.pth), as weights:
+    # for a file whose other keys hold objects (an argparse.Namespace under `opt`), which are then never built.
+    teacher_checkpoint_key: Optional[str] = None
     # With teacher_checkpoint=auto: a folder of published teachers in RepDistiller's / mdistiller's layout
     # (<model>_vanilla/ckpt_epoch_240.pth) to take the teacher from, instead of the store.
     teachers_dir: Optional[str] = None
@@ -134,3 +141,66 @@ def job_dir_name(overrides: str, number: int) -> str:
 
 
 OmegaConf.register_new_resolver("kd_job_dir", job_dir_name, replace=True)
+
+
+def value_problems(cfg: DictConfig) -> list[str]:
+    """What no run can use, by dotted key: NaN or infinite floats anywhere in the resolved config, and values that
+    are not numbers where a `_target_` node's callable takes a number."""
+    tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    tree.pop("hydra", None)  # a multirun's sweep config
+    problems = []
+    nonfinite = [f"{key}={value}" for key, value in _leaves(tree)
+                 if isinstance(value, float) and not math.isfinite(value)]
+    if nonfinite:
+        problems.append(f"{', '.join(nonfinite)}: NaN and infinite values are refused (every float setting must be a "
+                        "finite number)")
+    for key, node in _target_nodes(tree):
+        problems += _non_numbers(key, node)
+    return problems
+
+
+def _leaves(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain config tree; list items as key[i]."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, tree
+
+
+def _target_nodes(tree: Any, prefix: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(dotted key, node) of every node with a `_target_` in a plain config tree (the node and its sub-nodes)."""
+    if isinstance(tree, dict):
+        if "_target_" in tree:
+            yield prefix, tree
+        for key, value in tree.items():
+            yield from _target_nodes(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _target_nodes(value, f"{prefix}[{i}]")
+
+
+def _non_numbers(key: str, node: dict[str, Any]) -> list[str]:
+    """The node's values that are not numbers where its callable's parameter takes one (a number as its default or
+    its annotation: torch.optim.SGD's lr, MultiStepLR's gamma, a loss's temperature)."""
+    try:
+        parameters = inspect.signature(get_object(node["_target_"])).parameters
+    except Exception:  # an unknown target, or no signature: instantiate names the problem
+        return []
+    problems = []
+    for name, parameter in parameters.items():
+        if name in node and _takes_number(parameter) and not _is_number(node[name]):
+            problems.append(f"{key}.{name}={node[name]!r}: must be a number ({node['_target_']} takes a number "
+                            f"as {name})")
+    return problems
+
+
+def _takes_number(parameter: inspect.Parameter) -> bool:
+    return _is_number(parameter.default) or parameter.annotation in (int, float, "int", "float")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -24,7 +24,7 @@ from torch import nn
 
 from kd import distributed, pretrained, records, teachers, tracking
 from kd.checkpoints import TeacherFile
-from kd.config import Phase
+from kd.config import Phase, value_problems
 from kd.data import FileSplits, hold_out
 from kd.datapath import DataPath, InMemoryData
 from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
@@ -206,7 +206,7 @@ def set_up(
     if phase is Phase.student:
         teacher_path = find_or_train_teacher(cfg, wants_teacher(cfg, criterion.needs_teacher), overrides)
     if teacher_path is not None:  # read and checked before any data is decoded
-        teacher_file = teachers.read(teacher_path, cfg.teacher)
+        teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
     data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
     teacher = frozen_teacher(teacher_file, cfg.teacher, data) if teacher_file is not None else None
     job = build_job(cfg, phase, criterion, data, device, teacher, resumed_precision)
@@ -350,6 +350,9 @@ def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[s
 
 def check_config(cfg: DictConfig) -> None:
     """Reject values no run can use, before any work starts."""
+    wrong = value_problems(cfg)
+    if wrong:  # first: the checks below compare numbers, which a NaN passes and a string breaks
+        raise ValueError("invalid config: " + "; ".join(wrong))
     problems = []
     if cfg.epochs < 1:
         problems.append(f"epochs={cfg.epochs}: need at least 1")
@@ -358,14 +361,14 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.threads is not None and cfg.threads < 1:
         problems.append(f"threads={cfg.threads}: need at least 1 (or null for torch's default)")
     for role in ("teacher", "student"):
-        if not cfg[role].width > 0:  # also catches NaN
+        if not cfg[role].width > 0:
             problems.append(f"{role}.width={cfg[role].width}: the width multiplier must be > 0 (1 = standard)")
-    problems += dataset_problems(cfg.dataset)
+    problems += dataset_problems(cfg.dataset) + logger_problems(cfg.logger)
     lr = cfg.optimizer.get("lr")
-    if lr is not None and not 0 <= lr < math.inf:
+    if isinstance(lr, (int, float)) and lr < 0:
         problems.append(f"optimizer.lr={lr}: must be a finite number >= 0")
-    if cfg.logger.mode not in tracking.MODES:
-        problems.append(f"logger.mode={cfg.logger.mode}: must be one of {', '.join(tracking.MODES)}")
+    if cfg.teacher_acc_tolerance < 0:
+        problems.append(f"teacher_acc_tolerance={cfg.teacher_acc_tolerance}: must be >= 0 (percentage points)")
     if cfg.teacher_cache_topk is not None and not 1 <= cfg.teacher_cache_topk <= cfg.dataset.num_classes:
         problems.append(f"teacher_cache_topk={cfg.teacher_cache_topk}: must be between 1 and the "
                         f"{cfg.dataset.num_classes} classes (or null: every logit, exact)")
@@ -375,10 +378,24 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"precision={cfg.precision}: must be auto, {', '.join(PRECISIONS)}")
     if cfg.compile_mode not in COMPILE_MODES:
         problems.append(f"compile_mode={cfg.compile_mode}: must be one of {', '.join(COMPILE_MODES)}")
-    if not cfg.logger.init_timeout_s > 0:
-        problems.append(f"logger.init_timeout_s={cfg.logger.init_timeout_s}: must be > 0 (seconds)")
     if problems:
         raise ValueError("invalid config: " + "; ".join(problems))
+
+
+def logger_problems(logger: DictConfig) -> list[str]:
+    """What W&B would refuse only after run.json is written (in every mode, disabled too)."""
+    problems = []
+    if logger.mode not in tracking.MODES:
+        problems.append(f"logger.mode={logger.mode}: must be one of {', '.join(tracking.MODES)}")
+    if not logger.init_timeout_s > 0:
+        problems.append(f"logger.init_timeout_s={logger.init_timeout_s}: must be > 0 (seconds)")
+    if len(logger.project) > tracking.PROJECT_MAX_CHARS:
+        problems.append(f"logger.project is {len(logger.project)} characters long: W&B allows at most "
+                        f"{tracking.PROJECT_MAX_CHARS}, shorten it")
+    forbidden = sorted(set(logger.project) & set(tracking.PROJECT_FORBIDDEN))
+    if forbidden:
+        problems.append(f"logger.project={logger.project}: W&B project names cannot hold {' '.join(forbidden)}")
+    return problems
 
 
 def dataset_problems(dataset: DictConfig) -> list[str]:

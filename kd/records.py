@@ -15,7 +15,9 @@ import itertools
 import json
 import math
 import os
+import pickle
 import platform
+import re
 import statistics
 import subprocess
 import tempfile
@@ -43,6 +45,8 @@ RESULT_NEUTRAL = (
     *(f"dataset.source.{key}" for key in SOURCE_NEUTRAL),
     # float32 cache entries are bit-exact, so reading the teacher from the cache or live gives the same run.
     "teacher_cache", "teacher_cache_dir", "teacher_cache_max_gb",
+    # How a teacher file is read, not which weights: the student's records cite the file by sha256.
+    "teacher_checkpoint_key",
 )
 # A teacher run never reads these (a teacher trained on demand carries its student's values).
 TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint", "pair_hparams", "teacher_cache_dtype")
@@ -204,20 +208,139 @@ class UnusableCheckpoint(ValueError):
     """A checkpoint that cannot be read as tensors and plain values, or lacks what its reader needs."""
 
 
+class UnsafeCheckpoint(UnusableCheckpoint):
+    """A checkpoint whose pickle holds objects other than tensors and plain values (never built); `weights_keys`:
+    its top-level keys that hold a dict of tensors alone (each readable by itself: load_checkpoint_entry)."""
+
+    def __init__(self, message: str, weights_keys: Sequence[str] = ()):
+        super().__init__(message)
+        self.weights_keys = list(weights_keys)
+
+
 def load_checkpoint(path: Path, required: tuple[str, ...], device: torch.device | str = "cpu") -> dict[str, Any]:
-    """torch.load with weights_only=True (never runs pickled code); refuse a truncated, corrupt or incomplete file."""
+    """torch.load with weights_only=True (never runs pickled code); refuse a truncated, corrupt or incomplete file,
+    and one holding other objects, naming the key that holds each."""
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # truncated zip, garbage bytes, or a pickle that wants to build arbitrary objects
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise UnusableCheckpoint(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}). It is truncated, corrupt, or "
-            "holds objects other than tensors and plain values, which are never unpickled."
-        ) from None
+    except pickle.UnpicklingError as error:
+        if _refused_global(error) is None:
+            raise UnusableCheckpoint(_unreadable(path, error)) from None
+        held = _load_with_placeholders(path, device)  # which keys hold what, still without building any of it
+        raise UnsafeCheckpoint(_unsafe_message(path, held), _weights_keys(held)) from None
+    except Exception as error:  # truncated zip, garbage bytes
+        raise UnusableCheckpoint(_unreadable(path, error)) from None
     missing = [key for key in required if not isinstance(payload, dict) or key not in payload]
     if missing:
         raise UnusableCheckpoint(f"{path} lacks {', '.join(missing)}: not a complete checkpoint of this repository.")
     return payload
+
+
+def load_checkpoint_entry(path: Path, key: str, device: torch.device | str = "cpu") -> Any:
+    """One top-level entry of a checkpoint, weights-only; the objects the file holds under other keys are replaced by
+    inert placeholders, never built. The entry itself must hold tensors and plain values alone."""
+    payload = _load_with_placeholders(path, device)
+    if not isinstance(payload, dict) or key not in payload:
+        keys = sorted(map(str, payload))[:10] if isinstance(payload, dict) else type(payload).__name__
+        raise UnusableCheckpoint(f"{path} has no top-level key {key!r} (it holds {keys}).")
+    if _unbuilt_names(payload[key]):
+        raise UnsafeCheckpoint(_unsafe_message(path, {key: payload[key]}))
+    return payload[key]
+
+
+class Unbuilt:
+    """Stands in for a class or function a checkpoint's pickle names that is not a tensor or a plain value: the
+    weights-only unpickler calls this instead, so none of the file's own code runs; what it is given is dropped."""
+
+    name = ""  # the global it stands in for
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Unbuilt":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:  # a list subclass's items
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # a dict subclass's items
+        pass
+
+
+def _load_with_placeholders(path: Path, device: torch.device | str, limit: int = 64) -> Any:
+    """torch.load(weights_only=True) with each global it refuses mapped to an Unbuilt placeholder (one load per
+    refused global: torch names one at a time)."""
+    stand_ins: list[tuple[type, str]] = []
+    while True:
+        try:
+            with torch.serialization.safe_globals(stand_ins):
+                return torch.load(path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as error:
+            name = _refused_global(error)
+            if name is None or len(stand_ins) >= 2 * limit or any(name == known for _, known in stand_ins):
+                raise UnusableCheckpoint(_unreadable(path, error)) from None
+            # torch names builtins.open as `open`: map both spellings
+            placeholder = type("Unbuilt", (Unbuilt,), {"name": name if "." in name else f"builtins.{name}"})
+            stand_ins += [(placeholder, name), (placeholder, f"builtins.{name}")]
+        except Exception as error:
+            raise UnusableCheckpoint(_unreadable(path, error)) from None
+
+
+def _refused_global(error: Exception) -> Optional[str]:
+    """The class or function a weights-only load refused (an ordinary global, not a blocked module's), if that is why
+    it failed."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", str(error))
+    return found.group(1) if found else None
+
+
+def _unbuilt_names(tree: Any) -> list[str]:
+    """The globals of the placeholders anywhere in a loaded payload."""
+    if isinstance(tree, Unbuilt):
+        return [tree.name]
+    if isinstance(tree, dict):
+        tree = [*tree.keys(), *tree.values()]
+    if isinstance(tree, (list, tuple, set, frozenset)):
+        return sorted({name for item in tree for name in _unbuilt_names(item)})
+    return []
+
+
+def _unsafe_message(path: Path, payload: Any) -> str:
+    """Where a payload loaded with placeholders holds objects: `'opt' holds argparse.Namespace`."""
+    if isinstance(payload, dict):
+        held = [f"{key!r} holds {', '.join(names)}" for key, value in payload.items()
+                if (names := _unbuilt_names(value))]
+    else:
+        held = [f"it is a pickled {', '.join(_unbuilt_names(payload))}"]
+    return (f"{path} holds objects other than tensors and plain values ({'; '.join(held)}), which are never "
+            "unpickled: nothing from the file was run.")
+
+
+def _weights_keys(payload: Any) -> list[str]:
+    """The top-level keys whose entry is a non-empty dict of tensors (a state_dict), `model` first."""
+    if not isinstance(payload, dict):
+        return []
+    keys = [key for key, value in payload.items() if isinstance(key, str) and isinstance(value, dict) and value
+            and all(isinstance(v, torch.Tensor) for v in value.values())]
+    return sorted(keys, key=lambda key: key != "model")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """A checkpoint torch.load refused, with torch's reason in one plain line: no terminal codes, no advice to load
+    with weights_only=False."""
+    text = _ANSI.sub("", str(error)).replace(torch.serialization.UNSAFE_MESSAGE, "")
+    text = text.split("WeightsUnpickler error:")[-1].split("Check the documentation of torch.load")[0]
+    reason = " ".join(text.replace("Weights only load failed.", "").split())
+    reason = reason if len(reason) <= 300 else reason[:297].rsplit(" ", 1)[0] + " ..."
+    return (f"{path} is not a readable checkpoint ({type(error).__name__}: {reason}). It is truncated, corrupt, or "
+            "holds objects other than tensors and plain values, which are never unpickled: nothing from it was run.")
 
 
 _ABSENT = object()  # a key only one side has
@@ -259,7 +382,14 @@ def sha256_tensors(*tensors: torch.Tensor) -> str:
 
 
 class FolderBusy(RuntimeError):
-    """Another live process holds the run folder's lock."""
+    """Another live process holds the run folder's lock; `holder` names it (pid, host, start time)."""
+
+    def __init__(self, message: str, holder: str = ""):
+        super().__init__(message)
+        self.holder = holder
+
+    def __reduce__(self):  # pickled whole (a broadcast to the other ranks under torchrun)
+        return FolderBusy, (str(self), self.holder)
 
 
 @contextmanager
@@ -291,7 +421,7 @@ def folder_lock(folder: Path) -> Iterator[Optional[CannotWrite]]:
         os.close(fd)
         raise FolderBusy(
             f"{folder} is in use by another run ({holder}). Wait for it to finish, or give this run another folder "
-            "(hydra.run.dir=... / hydra.sweep.dir=...)."
+            "(hydra.run.dir=... / hydra.sweep.dir=...).", holder
         ) from None
     try:
         _sign_lock(fd, folder, fix)

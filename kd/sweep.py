@@ -1,7 +1,8 @@
 """Hydra multirun hook: before any job starts, check the sweep folder and the sweep's teacher once.
 
 1. The sweep folder: a relaunch into a folder that holds a sweep (its `sweep.json`) may resume it or add jobs (more
-   values of the keys it sweeps), nothing else; anything else is refused before Hydra rewrites a file there.
+   values of the keys it sweeps), nothing else; anything else, or a sweep.json that cannot be read, is refused
+   before Hydra rewrites a file there. So are the sweep's constant settings that engine.check_config refuses.
 2. Job folders are named by the swept keys only (`loss.alpha=0.9,seed=1`), so a job keeps its folder when a
    relaunch adds values; the constant overrides live in sweep.json and multirun.yaml. Long names are cut and
    completed with a hash (kd.records.bounded_name).
@@ -37,10 +38,12 @@ class SweepChecks(Callback):
     """Checks the sweep folder, names the job folders by the swept keys, records the sweep, finds its teacher."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir, record = Path(config.hydra.sweep.dir), sweep_record(config)
-        refusal = check_sweep_folder(sweep_dir, record)
-        if refusal is None:
-            refusal = teacher_preflight(config)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            record = sweep_record(config)
+            refusal = check_sweep_folder(sweep_dir, record) or settings_refusal(config) or teacher_preflight(config)
+        except Exception as error:  # Hydra would turn it into a warning and run the sweep unchecked
+            refusal = f"the sweep's checks failed before any job ({type(error).__name__}: {error})"
         if refusal is not None:
             # Hydra turns a callback's exceptions into warnings; SystemExit stops the sweep before its jobs.
             log.error("%s", refusal)
@@ -86,14 +89,24 @@ def sweep_record(config: DictConfig) -> dict[str, Any]:
 
 
 def check_sweep_folder(sweep_dir: Path, new: dict[str, Any]) -> Optional[str]:
-    """Why this sweep may not run in sweep_dir (None when it may): a folder holding another sweep is refused."""
+    """Why this sweep may not run in sweep_dir (None when it may): a folder holding another sweep, or a sweep.json
+    that cannot be read (this sweep could not be checked against it), is refused."""
     fix = (f"Start a new sweep folder (hydra.sweep.dir={sweep_dir}_2, or any other), or delete {sweep_dir} to "
            "replace that sweep.")
-    if not (sweep_dir / "sweep.json").is_file():
+    path = sweep_dir / "sweep.json"
+    if not path.is_file():
         if sweep_dir.is_dir() and any(sweep_dir.iterdir()):
             return f"{sweep_dir} holds files but no sweep.json: it is not a sweep folder of this repository. {fix}"
         return None
-    old = records.read_json(sweep_dir / "sweep.json", fix)
+    unchecked = f"This relaunch cannot be checked against the sweep it records, so no job was started. {fix}"
+    try:
+        old = records.read_json(path, unchecked)
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror or error}). {unchecked}"
+    except records.CorruptRecord as error:
+        return str(error)
+    if not isinstance(old.get("fixed"), dict) or not isinstance(old.get("swept"), dict):
+        return f"{path} is damaged (it holds no fixed and swept overrides). {unchecked}"
     differences = sweep_differences(old, new)
     if differences:
         return (f"{sweep_dir} holds another sweep ({'; '.join(differences)}). A relaunch into a sweep folder may "
@@ -138,6 +151,15 @@ def name_jobs_by_swept_keys(config: DictConfig, record: dict[str, Any]) -> None:
         config.hydra.overrides.hydra.append(f"hydra.job.config.override_dirname.exclude_keys=[{quoted}]")
 
 
+def settings_refusal(config: DictConfig) -> Optional[str]:
+    """engine.check_config's refusal of the sweep's settings (the swept values are checked by each job)."""
+    try:
+        engine.check_config(engine.phase_config(_without_hydra(config)))
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def teacher_preflight(config: DictConfig) -> Optional[str]:
     """Find (or train) a student sweep's one shared teacher now; the missing-teacher message when it cannot."""
     if Phase(config.phase) is not Phase.student or config.teacher_checkpoint != "auto":
@@ -147,9 +169,7 @@ def teacher_preflight(config: DictConfig) -> Optional[str]:
     heads |= set(teachers.RECIPE_KEYS) if teachers.shared_recipe(config) else set()
     if any(_head(key) in heads for key in swept):
         return None  # several teachers: each job finds (or trains, under a lock) its own
-    cfg = config.copy()
-    with open_dict(cfg):
-        cfg.pop("hydra")
+    cfg = _without_hydra(config)
     needs_teacher = instantiate(cfg.loss).needs_teacher or any(_head(k) == "loss" for k in swept)
     try:
         engine.find_or_train_teacher(cfg, engine.wants_teacher(cfg, needs_teacher), fixed)
@@ -157,6 +177,14 @@ def teacher_preflight(config: DictConfig) -> Optional[str]:
         # a missing teacher, a teachers_dir without the pair's file, data a teacher trained here could not read
         return str(error)
     return None
+
+
+def _without_hydra(config: DictConfig) -> DictConfig:
+    """The sweep config as a job's config: a copy without its `hydra` node."""
+    cfg = config.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra")
+    return cfg
 
 
 def split_overrides(config: DictConfig) -> tuple[set[str], list[str]]:

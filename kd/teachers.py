@@ -280,10 +280,10 @@ def teacher_command(cfg: DictConfig, overrides: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-def read(path: Path, model_cfg: DictConfig) -> TeacherFile:
-    """Load a teacher checkpoint of any accepted format (kd.checkpoints) and check it fits the teacher config node;
-    a stored teacher must also still match the sha256 its manifest recorded."""
-    teacher = read_teacher_file(path, model_cfg)
+def read(path: Path, model_cfg: DictConfig, key: Optional[str] = None) -> TeacherFile:
+    """Load a teacher checkpoint of any accepted format (kd.checkpoints; `key`: only that key's state_dict) and check
+    it fits the teacher config node; a stored teacher must also still match the sha256 its manifest recorded."""
+    teacher = read_teacher_file(path, model_cfg, key)
     if path.name == "teacher.pt" and (path.parent / "manifest.json").is_file():
         recorded = read_manifest(path.parent).get("sha256")
         if sha256_file(path) != recorded:

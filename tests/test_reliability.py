@@ -272,7 +272,7 @@ BAD_RUNS = {
     "temperature-negative": ([*STUDENT, "loss.temperature=-2"], r"loss\.temperature=-2 must be > 0", True),
     "student-width-zero": (["student.width=0"], r"student\.width=0\.0: the width multiplier must be > 0", True),
     "teacher-width-negative": (["teacher.width=-1"], r"teacher\.width=-1\.0: the width multiplier must be > 0", True),
-    "width-nan": (["student.width=nan"], r"student\.width=nan: the width multiplier must be > 0", True),
+    "width-nan": (["student.width=nan"], r"student\.width=nan: NaN and infinite values are refused", True),
     "epochs-zero": (["epochs=0"], r"epochs=0: need at least 1", True),
     "batch-size-zero": (["batch_size=0"], r"batch_size=0, eval_batch_size=512: need at least 1", True),
     "eval-batch-size-zero": (["eval_batch_size=0"], r"eval_batch_size=0: need at least 1", True),
