@@ -12,8 +12,8 @@ import torch
 from hydra.utils import instantiate
 
 from kd import records
-from kd.features import capture
-from kd.losses import Step
+from kd.methods.base import Step
+from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8, resnet8x4, resnet20
 from kd.models.vgg import vgg8
 from kd.models.wrn import wrn_16_2
