@@ -204,8 +204,8 @@ def fake_config(loss: dict, width: float, seed: int, **top) -> dict:
 @pytest.fixture
 def ce_and_kd_sweep(tmp_path) -> Path:
     """CE and KD students at two widths; no multirun.yaml; KD at width 1 has one seed only."""
-    ce, kd = {"_target_": "kd.methods.base.CELoss", "label_smoothing": 0.0}, {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9,
-                                                                         "temperature": 4}
+    ce = {"_target_": "kd.methods.base.CELoss", "label_smoothing": 0.0}
+    kd = {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}
     number = 0
     for name, loss in (("ce", ce), ("kd", kd)):
         for width, params in ((0.5, 1000), (1.0, 4000)):

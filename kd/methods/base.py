@@ -77,7 +77,9 @@ class Combined(Criterion):
     def __init__(self, **terms: Criterion):
         super().__init__()
         if not terms:
-            raise ValueError("loss is a Combined with no criteria: add one, e.g. +loss.ce._target_=kd.methods.base.CELoss.")
+            raise ValueError(
+                "loss is a Combined with no criteria: add one, e.g. +loss.ce._target_=kd.methods.base.CELoss."
+            )
         self.terms = nn.ModuleDict(terms)
 
     @property

@@ -9,7 +9,9 @@ from torch.testing import assert_close
 from kd.methods.base import Step
 from kd.methods.dkd import DKDLoss, dkd_divergence
 from kd.methods.kd import kd_divergence
-from support.criteria import CLASS_COUNTS, TEMPERATURES, compose_loss, make_logits, reference_ce, reference_kl, reference_softmax
+from support.criteria import (
+    CLASS_COUNTS, TEMPERATURES, compose_loss, make_logits, reference_ce, reference_kl, reference_softmax,
+)
 
 
 def reference_dkd(student, teacher, targets, alpha: float, beta: float, temperature: float) -> torch.Tensor:
