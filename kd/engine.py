@@ -28,7 +28,7 @@ from kd.config import Phase, value_problems
 from kd.data import FileSplits, hold_out
 from kd.datapath import DataPath, InMemoryData
 from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
-from kd.losses import CELoss, Criterion
+from kd.methods.base import CELoss, Criterion
 from kd.streaming import StreamingData
 from kd.teacher_cache import DTYPES, TeacherCache
 

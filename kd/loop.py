@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from kd import distributed
 from kd.datapath import Batch, DataPath
-from kd.features import capture
-from kd.losses import Criterion, Step
+from kd.methods.base import Criterion, Step
+from kd.methods.hooks import capture
 from kd.teacher_cache import TeacherCache
 
 

@@ -56,7 +56,9 @@ OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "
                "kd.data.draw_augmentation",
                "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator",
                "kd.teacher_cache.EpochOutputs")
-OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140c82f2644d2b4"}
+OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140c82f2644d2b4",
+                        # 2: kd/models declare "preact" layers and name kd.methods.hooks (no forward changed)
+                        2: "f4c746105add9d7b890d816654cdff0d846c20fd81fba655d7092657da9e6813"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 

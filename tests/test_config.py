@@ -25,8 +25,8 @@ from torch import nn
 
 import kd.config  # noqa: F401  (registers the typed root schema `config_schema`)
 from kd import engine, teachers
-from kd.features import capture
-from kd.losses import Step
+from kd.methods.base import Step
+from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8
 from kd.config import Phase
 
@@ -312,7 +312,7 @@ def test_crd_preset_is_the_crd_cifar100_recipe(name):
     assert not opt.get("nesterov", False)
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.MultiStepLR"
     assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.scheduler.gamma == pytest.approx(0.1)
-    assert cfg.loss._target_ == "kd.losses.KDLoss"
+    assert cfg.loss._target_ == "kd.methods.kd.KDLoss"
     assert (cfg.loss.alpha, cfg.loss.temperature) == pytest.approx((0.9, 4.0))
 
 

@@ -14,8 +14,8 @@ from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import distributed, engine, loop, teachers
-from kd.feature_losses import CRDLoss, negative_pool, sample_negatives, step_generator
-from kd.losses import Step
+from kd.methods.base import Step
+from kd.methods.crd import CRDLoss, negative_pool, sample_negatives, step_generator
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "teacher.width=0.5", "epochs=2",

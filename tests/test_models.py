@@ -13,7 +13,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from torch import nn
 
-from kd.features import default_layers, probe_shapes
+from kd.methods.hooks import default_layers, probe_shapes
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 

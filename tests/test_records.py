@@ -272,7 +272,7 @@ def test_report_flags_rows_of_one_pair_that_used_different_teachers(tmp_path, ca
     from test_report import fake_config, fake_job
 
     for number, (alpha, sha) in enumerate(((0.9, "a" * 64), (0.5, "b" * 64))):
-        config = fake_config({"_target_": "kd.losses.KDLoss", "alpha": alpha}, 1.0, 0,
+        config = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": alpha}, 1.0, 0,
                              teacher={"_target_": "kd.models.cifar_resnet.resnet56"})
         fake_job(tmp_path / f"job{number}", [f"loss.alpha={alpha}"], config,
                  **{"test/acc1": 60.0, "test/acc1_best": 60.0, "teacher/sha256": sha})

@@ -204,8 +204,8 @@ def fake_config(loss: dict, width: float, seed: int, **top) -> dict:
 @pytest.fixture
 def ce_and_kd_sweep(tmp_path) -> Path:
     """CE and KD students at two widths; no multirun.yaml; KD at width 1 has one seed only."""
-    ce, kd = {"_target_": "kd.losses.CELoss", "label_smoothing": 0.0}, {"_target_": "kd.losses.KDLoss", "alpha": 0.9,
-                                                                         "temperature": 4}
+    ce = {"_target_": "kd.methods.base.CELoss", "label_smoothing": 0.0}
+    kd = {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}
     number = 0
     for name, loss in (("ce", ce), ("kd", kd)):
         for width, params in ((0.5, 1000), (1.0, 4000)):
@@ -240,8 +240,8 @@ def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
 
 def test_size_plot_draws_one_line_per_method_across_student_widths(tmp_path, monkeypatch):
     teacher = {"_target_": "kd.models.cifar_resnet.resnet20", "width": 1.0}
-    losses = {"ce": {"_target_": "kd.losses.CELoss", "label_smoothing": 0.0},
-              "kd": {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4}}
+    losses = {"ce": {"_target_": "kd.methods.base.CELoss", "label_smoothing": 0.0},
+              "kd": {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}}
     for number, (name, width) in enumerate((n, w) for n in losses for w in (0.5, 1.0)):
         fake_job(tmp_path / f"{number}_job", [f"loss={name}", f"student.width={width}"],
                  fake_config(losses[name], width, 0, teacher=teacher), {},
@@ -258,11 +258,11 @@ def key(config: dict, linked: set = frozenset(), **result) -> dict:
 
 
 def test_group_key_drops_seed_and_bookkeeping_but_keeps_seed_links():
-    one = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 0, teacher_seed=0, teacher_store="/a")
-    two = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=0, teacher_store="/b")
+    one = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9}, 0.5, 0, teacher_seed=0, teacher_store="/a")
+    two = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=0, teacher_store="/b")
     assert key(one) == key({**two, "logger": {"mode": "online"}, "progress_bar": True})
     assert key(one)["method"] == "KD" and "seed" not in key(one)
-    paired = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=1)
+    paired = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=1)
     assert key(paired) != key(one)  # a different teacher is another experiment
     assert key(paired, {"teacher_seed"})["teacher_seed"] == "${seed}"
     teacher = {**one, "phase": "teacher", "teacher": {"_target_": "kd.models.cifar_resnet.resnet8"}}
@@ -283,33 +283,33 @@ def test_bad_pivot_key_and_empty_folder_fail(ce_and_kd_sweep, tmp_path, capsys):
 
 
 def test_method_names_follow_the_papers_tables():
-    ce = {"_target_": "kd.losses.CELoss", "weight": 1.0}
-    feature = {"_target_": "kd.feature_losses.FitNetLoss", "weight": 100.0}
-    crd = {"_target_": "kd.feature_losses.CRDLoss", "weight": 0.8}
-    soft = {"_target_": "kd.losses.SoftTargets", "weight": 9.0, "standardize": True}
+    ce = {"_target_": "kd.methods.base.CELoss", "weight": 1.0}
+    feature = {"_target_": "kd.methods.fitnet.FitNetLoss", "weight": 100.0}
+    crd = {"_target_": "kd.methods.crd.CRDLoss", "weight": 0.8}
+    soft = {"_target_": "kd.methods.kd.SoftTargets", "weight": 9.0, "standardize": True}
     names = {
-        "KD": {"_target_": "kd.losses.KDLoss", "alpha": 0.9},
-        "DKD-LS": {"_target_": "kd.losses.DKDLoss", "standardize": True},
-        "FitNet": {"_target_": "kd.losses.Combined", "ce": ce, "fitnet": feature},
-        "KD+CRD": {"_target_": "kd.losses.Combined", "ce": ce, "kd": {**soft, "standardize": False}, "crd": crd},
-        "KD-LS": {"_target_": "kd.losses.Combined", "ce": ce, "kd": soft},
-        "CE (no teacher)": {"_target_": "kd.losses.Combined", "ce": ce},
+        "KD": {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9},
+        "DKD-LS": {"_target_": "kd.methods.dkd.DKDLoss", "standardize": True},
+        "FitNet": {"_target_": "kd.methods.base.Combined", "ce": ce, "fitnet": feature},
+        "KD+CRD": {"_target_": "kd.methods.base.Combined", "ce": ce, "kd": {**soft, "standardize": False}, "crd": crd},
+        "KD-LS": {"_target_": "kd.methods.base.Combined", "ce": ce, "kd": soft},
+        "CE (no teacher)": {"_target_": "kd.methods.base.Combined", "ce": ce},
     }
     for name, loss in names.items():
         assert report.method_name({"phase": "student", "loss": loss}) == name
-    for baseline in ({"_target_": "kd.losses.CELoss"}, {"_target_": "kd.losses.KDLoss", "alpha": 0}):
+    for baseline in ({"_target_": "kd.methods.base.CELoss"}, {"_target_": "kd.methods.kd.KDLoss", "alpha": 0}):
         assert report.method_name({"phase": "student", "loss": baseline}) == "CE (no teacher)"
 
 
 def test_method_by_pair_pivot_is_one_table(tmp_path):
     """A methods x pairs sweep: each method's own weights and each pair's models and DKD beta follow the pivoted
     keys, so they neither split the pivot into panels nor crowd the table with columns."""
-    ce = {"_target_": "kd.losses.CELoss", "weight": 1.0}
+    ce = {"_target_": "kd.methods.base.CELoss", "weight": 1.0}
     methods = {
-        "kd": {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4},
-        "dkd": {"_target_": "kd.losses.DKDLoss", "beta": None},  # beta: the pair's
-        "fitnet": {"_target_": "kd.losses.Combined", "ce": ce,
-                   "fitnet": {"_target_": "kd.feature_losses.FitNetLoss", "weight": 100.0}},
+        "kd": {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4},
+        "dkd": {"_target_": "kd.methods.dkd.DKDLoss", "beta": None},  # beta: the pair's
+        "fitnet": {"_target_": "kd.methods.base.Combined", "ce": ce,
+                   "fitnet": {"_target_": "kd.methods.fitnet.FitNetLoss", "weight": 100.0}},
     }
     pairs = {"resnet56": ("resnet20", 2.0), "wrn_40_2": ("wrn_16_2", 6.0)}
     number = 0
@@ -340,7 +340,7 @@ def test_method_by_pair_pivot_is_one_table(tmp_path):
 def test_paper_figures_beside_ours(tmp_path):
     """--paper crd: every cell with a published figure shows ours at the paper's convention, the figure, the
     difference; the teacher row compares the measured teachers; the CSV holds the full-precision numbers."""
-    kd_loss = {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4}
+    kd_loss = {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}
     for number, (alpha, seed, last) in enumerate(((0.9, 0, 69.0), (0.9, 1, 71.0), (0.0, 0, 68.5), (0.0, 1, 69.5))):
         config = fake_config({**kd_loss, "alpha": alpha}, 1.0, seed, teacher={"_target_": "kd.models.zoo.resnet56"})
         config["student"]["_target_"] = "kd.models.zoo.resnet20"

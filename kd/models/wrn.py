@@ -47,7 +47,7 @@ class WideResNet(nn.Module):
     """WRN-depth-k: 3x3 stem, three pre-activation stages, final BN-ReLU, average pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (the raw, pre-activation stage outputs,
-    # the pooled embedding); kd.features.default_layers reads it.
+    # the pooled embedding); kd.methods.hooks.default_layers reads it.
     feature_layers = {"stages": ("block1", "block2", "block3"), "embedding": "fc:in"}
 
     def __init__(self, depth: int, channels: list[int], num_classes: int) -> None:

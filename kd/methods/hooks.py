@@ -1,4 +1,5 @@
-"""Intermediate features by module name: forward hooks in a context manager, and the zoo's default layers.
+"""Intermediate features by module name: forward hooks in a context manager, and the zoo's default layers,
+for the methods that read features (kd.methods.base.FeatureCriterion) and for kd.loop, which captures them.
 
 A layer name is a dotted module path as `model.named_modules()` lists it ("layer2", "blocks.4", "fc"); the suffix
 ":in" takes that module's input instead of its output, so "fc:in" is the pooled embedding the classifier reads.
@@ -123,7 +124,9 @@ def probe_shapes(model: nn.Module, names: Sequence[str], images: Tensor) -> dict
 
 
 def default_layers(model: nn.Module) -> dict:
-    """{"stages": stage output names in order, "embedding": the classifier's input} for a model of the zoo.
+    """{"stages": stage output names in order, "embedding": the classifier's input} for a model of the zoo, and
+    "preact" where the model declares it: each stage's output before its final ReLU, as hooks capture it exactly
+    ("a+b" names the sum of two captures), one per stage (ReviewKD's teacher levels).
 
     Zoo models declare `feature_layers` (the features RepDistiller's `is_feat=True` returns, stem and logits left
     out); timm models list their stages in `feature_info`; other models fall back to torchvision's ResNet names
@@ -131,7 +134,8 @@ def default_layers(model: nn.Module) -> dict:
     """
     declared = getattr(model, "feature_layers", None)
     if declared is not None:
-        return {"stages": list(declared["stages"]), "embedding": declared["embedding"]}
+        layers = {"stages": list(declared["stages"]), "embedding": declared["embedding"]}
+        return layers | ({"preact": list(declared["preact"])} if "preact" in declared else {})
     listed = _feature_info_layers(model)
     if listed is not None:
         return listed

@@ -4,10 +4,11 @@ the student's levels, deepest first, and the hierarchical context loss (HCL) aga
 The settings are mdistiller's CIFAR-100 ones (megvii-research/mdistiller, mdistiller/engine/cfg.py REVIEWKD and
 configs/cifar100/reviewkd.yaml), which follow the paper's code (dvlab-research/ReviewKD, CIFAR-100/). There the
 channels and spatial sizes of every level are tables per student family; here they are read from the bound models
-(probe_shapes in bind), which gives the same numbers for the CRD pairs (tests/test_review_kd.py checks them).
+(probe_shapes in bind), which gives the same numbers for the CRD pairs (tests/methods/test_reviewkd.py checks them).
 
 Levels: the student's stage outputs, then its pooled embedding as a 1x1 map; the teacher's stage outputs before
-their final ReLU where this zoo lets hooks see them exactly (teacher_preact_layers), then its pooled embedding.
+their final ReLU where its model declares them (the "preact" entry of its `feature_layers`), then its pooled
+embedding.
 """
 from typing import Optional, Sequence
 
@@ -15,15 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.feature_losses import FeatureCriterion, autocast_off, full_precision
-from kd.features import INPUT_SUFFIX, probe_shapes
-from kd.losses import Step
-from kd.models.cifar_resnet import BasicBlock as CifarBasicBlock
-from kd.models.vgg import VGG
+from kd.methods.base import FeatureCriterion, Step, autocast_off, full_precision
+from kd.methods.hooks import default_layers, probe_shapes
 
 SUM = "+"  # a teacher layer "a+b" is the sum of the features captured at a and b
-# VGG's declared stages are ReLU'd block outputs; the blocks themselves end before that ReLU (kd/models/vgg.py).
-VGG_PREACT = {"pool1:in": "block1", "pool2:in": "block2", "block4:in": "block3", "pool4:in": "block4"}
 
 
 def hierarchical_context_loss(student: Tensor, teacher: Tensor, levels: Sequence[int] = (4, 2, 1)) -> Tensor:
@@ -97,25 +93,23 @@ def review_layout(student_shapes: Sequence[Sequence[int]], teacher_shapes: Seque
     }
 
 
-def teacher_preact_layer(model: nn.Module, stage: str) -> str:
-    """A stage's output before its final ReLU, as a layer name (a SUM of two where needed), where hooks see it
-    exactly; else the stage itself.
+def teacher_levels(teacher: nn.Module) -> list[str]:
+    """The teacher's default levels: each stage output before its final ReLU where the model's `feature_layers`
+    declare it ("preact", one name per stage, "a+b" for a sum of two captures), else the stage; then the embedding.
 
-    A CIFAR ResNet stage ends in a BasicBlock returning F.relu(bn2(...) + shortcut): the sum of bn2's output and
-    of the shortcut (downsample's output, or the block's input) is that value, and no module outputs it whole.
-    A VGG stage is a block's output through a functional ReLU; the block's own output is the value before it.
-    Elsewhere (WRN, MobileNetV2, ShuffleNets, torchvision ResNets) the stage is returned unchanged.
+    The zoo declares "preact" where hooks see that value exactly: CIFAR ResNets (their last block's bn2 output plus
+    its shortcut) and VGG (the blocks, which end before the ReLU). WRN, MobileNetV2, ShuffleNets and torchvision
+    ResNets declare none: their stage outputs are used.
     """
-    if isinstance(model, VGG):
-        return VGG_PREACT.get(stage, stage)
-    if stage.endswith(INPUT_SUFFIX):
-        return stage
-    module = model.get_submodule(stage)
-    if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], CifarBasicBlock):
-        last = f"{stage}.{len(module) - 1}"
-        shortcut = f"{last}.downsample" if module[-1].downsample is not None else f"{last}{INPUT_SUFFIX}"
-        return f"{last}.bn2{SUM}{shortcut}"
-    return stage
+    layers = default_layers(teacher)
+    preact = layers.get("preact", layers["stages"])
+    if len(preact) != len(layers["stages"]):
+        raise ValueError(
+            f"{type(teacher).__name__}.feature_layers declares {len(preact)} 'preact' layers for "
+            f"{len(layers['stages'])} stages: list one per stage, in the order of 'stages', or set "
+            "loss.reviewkd.teacher_layers."
+        )
+    return [*preact, layers["embedding"]]
 
 
 def as_map(feature: Tensor) -> Tensor:
@@ -127,8 +121,8 @@ class ReviewKDLoss(FeatureCriterion):
     """Chen et al. CVPR 2021 (ReviewKD): weight * min(epoch / warmup_epochs, 1) * sum_levels HCL(ABF-review(f_s), f_t).
 
     Levels: every stage output and the pooled embedding of the student (mdistiller's "feats" + pooled_feat,
-    STU_PREACT False for CIFAR-100); of the teacher, the same with each stage taken before its final ReLU where
-    teacher_preact_layer can (mdistiller's "preact_feats"). The ABFs' channels and sizes come from the probed
+    STU_PREACT False for CIFAR-100); of the teacher, the same with each stage taken before its final ReLU where its
+    model declares it (teacher_levels; mdistiller's "preact_feats"). The ABFs' channels and sizes come from the probed
     shapes (review_layout). Defaults: mdistiller/engine/cfg.py (CE 1, warm-up 20, MAX_MID_CHANNEL 512) and
     configs/cifar100/reviewkd.yaml (REVIEWKD_WEIGHT 5); epoch is 1-based as in mdistiller's trainer.
     """
@@ -163,7 +157,7 @@ class ReviewKDLoss(FeatureCriterion):
         student_names = self.resolve(student, self.student_layers, "student")
         teacher_names = self.resolve(teacher, self.teacher_layers, "teacher")
         if self.teacher_layers is None and self.teacher_preact:
-            teacher_names = [teacher_preact_layer(teacher, name) for name in teacher_names]
+            teacher_names = teacher_levels(teacher)
         parts = [name.split(SUM) for name in teacher_names]
         captured = list(dict.fromkeys(part for group in parts for part in group))
         student_shapes = probe_shapes(student, student_names, images)

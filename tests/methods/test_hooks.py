@@ -12,13 +12,14 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.testing import assert_close
 
-from kd.feature_losses import ATLoss, FitNetLoss
-from kd.features import capture, default_layers, probe_shapes
-from kd.losses import Step
+from kd.methods.at import ATLoss
+from kd.methods.base import Step
+from kd.methods.fitnet import FitNetLoss
+from kd.methods.hooks import capture, default_layers, probe_shapes
 from kd.models.cifar_resnet import resnet8
 from kd.models.torchvision_models import torchvision_model
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 MODEL_OPTIONS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 # Stage outputs RepDistiller's is_feat=True returns between the stem and the embedding, per model family.
 STAGE_COUNTS = {"vgg": 4, "mobilenetv2": 4, "tv_resnet18": 4, "ResNet": 4, "mobilenetv1": 4,

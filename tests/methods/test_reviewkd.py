@@ -2,7 +2,6 @@
 sizes derived from the bound models against mdistiller's / the paper code's tables, the teacher's pre-ReLU
 features, warm-up, gradients, and the conf/loss preset."""
 
-import math
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from kd.features import capture
-from kd.losses import Step
+from kd.methods.base import Step
+from kd.methods.hooks import capture, default_layers
+from kd.methods.reviewkd import ABF, ReviewKDLoss, hierarchical_context_loss, review, review_layout, teacher_levels
 from kd.models.cifar_resnet import resnet8, resnet8x4, resnet20, resnet32x4, resnet56
 from kd.models.vgg import vgg8, vgg13
 from kd.models.wrn import wrn_16_2, wrn_40_2
-from kd.review_kd import (
-    ABF, ReviewKDLoss, hierarchical_context_loss, review, review_layout, teacher_preact_layer,
-)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 F64 = torch.float64
 LABELS = torch.arange(24) % 4
 
@@ -203,7 +200,7 @@ def test_teacher_preact_layers_are_the_stage_outputs_before_their_relu(make):
     torch.manual_seed(0)
     model = make(num_classes=4, width=0.25).eval()
     stages = list(type(model).feature_layers["stages"])
-    preact = [teacher_preact_layer(model, stage) for stage in stages]
+    preact = default_layers(model)["preact"]
     parts = [name.split("+") for name in preact]
     with torch.no_grad(), capture(model, stages + [p for group in parts for p in group]) as features:
         model(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)))
@@ -213,13 +210,21 @@ def test_teacher_preact_layers_are_the_stage_outputs_before_their_relu(make):
         torch.testing.assert_close(torch.relu(value), features[stage], msg=stage)
 
 
-def test_teacher_preact_layer_names():
-    assert teacher_preact_layer(resnet8(4), "layer1") == "layer1.0.bn2+layer1.0:in"  # identity shortcut
-    assert teacher_preact_layer(resnet8(4), "layer2") == "layer2.0.bn2+layer2.0.downsample"
-    assert teacher_preact_layer(resnet20(4), "layer3") == "layer3.2.bn2+layer3.2:in"
-    assert teacher_preact_layer(vgg8(4), "block4:in") == "block3"
-    assert teacher_preact_layer(resnet8(4), "fc:in") == "fc:in"
-    assert teacher_preact_layer(wrn_16_2(4), "block2") == "block2"  # BN + in-place ReLU: no exact capture
+def test_teacher_levels_are_the_declared_preact_layers_else_the_stages():
+    assert teacher_levels(resnet8(4)) == [
+        "layer1.0.bn2+layer1.0:in",  # identity shortcut
+        "layer2.0.bn2+layer2.0.downsample", "layer3.0.bn2+layer3.0.downsample", "fc:in",
+    ]
+    assert teacher_levels(resnet20(4))[2] == "layer3.2.bn2+layer3.2:in"
+    assert teacher_levels(resnet8x4(4))[0] == "layer1.0.bn2+layer1.0.downsample"  # 32 -> 64 channels: a projection
+    assert teacher_levels(vgg8(4)) == ["block1", "block2", "block3", "block4", "classifier:in"]
+    # BN + in-place ReLU: no exact capture, so WRN declares no "preact" and its stage outputs are used.
+    assert teacher_levels(wrn_16_2(4)) == ["block1", "block2", "block3", "fc:in"]
+    model = resnet8(4)
+    model.feature_layers = {**model.feature_layers, "preact": ("layer1.0.bn2",)}
+    with pytest.raises(ValueError, match=r"CifarResNet.feature_layers declares 1 'preact' layers for 3 stages: list "
+                                         r"one per stage.*loss.reviewkd.teacher_layers"):
+        teacher_levels(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
