@@ -346,9 +346,32 @@ def _unreadable(path: Path, error: Exception) -> str:
 _ABSENT = object()  # a key only one side has
 
 
+# Criteria recorded under the modules they lived in before kd/methods/ (one file per method): the same classes, so a
+# run recorded then resumes, is returned and is grouped in a report as one recorded now.
+MOVED_TARGETS = {
+    f"kd.{module}.{name}": f"kd.methods.{file}.{name}"
+    for module, file, names in (
+        ("losses", "base", ("CELoss", "Combined")), ("losses", "kd", ("KDLoss", "SoftTargets")),
+        ("losses", "dkd", ("DKDLoss",)), ("losses", "dist", ("DISTLoss",)),
+        ("feature_losses", "fitnet", ("FitNetLoss",)), ("feature_losses", "at", ("ATLoss",)),
+        ("feature_losses", "sp", ("SPLoss",)), ("feature_losses", "pkt", ("PKTLoss",)),
+        ("feature_losses", "rkd", ("RKDLoss",)), ("feature_losses", "crd", ("CRDLoss",)),
+        ("feature_losses", "vid", ("VIDLoss",)), ("feature_losses", "nst", ("NSTLoss",)),
+        ("feature_losses", "cc", ("CCLoss",)), ("review_kd", "reviewkd", ("ReviewKDLoss",)),
+    )
+    for name in names
+}
+
+
+def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config as dotted keys (flatten), each `_target_` under the name its class has now (MOVED_TARGETS)."""
+    flat = flatten(config)
+    return {k: MOVED_TARGETS.get(v, v) if k.endswith("_target_") and isinstance(v, str) else v for k, v in flat.items()}
+
+
 def config_differences(recorded: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...]) -> list[str]:
     """`key: recorded -> current` for each dotted key whose value differs, skipping `ignored` keys and subtrees."""
-    old, new = flatten(recorded), flatten(current)
+    old, new = flatten_config(recorded), flatten_config(current)
     show = lambda tree, key: repr(tree[key]) if key in tree else "absent"  # noqa: E731
     changed = (k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
     keys = sorted(k for k in changed if not is_under(k, ignored))

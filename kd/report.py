@@ -178,8 +178,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def flatten(tree: Any) -> dict[str, Any]:
-    """The config as dotted keys (records.flatten), lists and empty dicts as JSON text so values are hashable."""
-    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in records.flatten(tree).items()}
+    """The config as dotted keys (records.flatten_config), lists and empty dicts as JSON text so values are hashable."""
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in records.flatten_config(tree).items()}
 
 
 def is_ignored(key: str) -> bool:

@@ -61,7 +61,7 @@ def test_nan_and_inf_are_refused_in_every_group_in_one_message(tmp_path, monkeyp
                                 "momentum)"),
     ("scheduler.min_lr=low", "scheduler.min_lr='low': must be a number (kd.schedulers.cosine takes a number as "
                              "min_lr)"),
-    ("loss.temperature=hot", "loss.temperature='hot': must be a number (kd.losses.KDLoss takes a number as "
+    ("loss.temperature=hot", "loss.temperature='hot': must be a number (kd.methods.kd.KDLoss takes a number as "
                              "temperature)"),
 ])
 def test_strings_where_a_target_takes_a_number_are_refused_naming_the_key_and_type(tmp_path, override, named):

@@ -499,3 +499,25 @@ def test_a_run_killed_at_any_of_20_points_and_rerun_ends_with_the_same_result_an
                                                            t[1], t[2], t[0]), trials))
     for (name, _, fault), result in zip(trials, results):
         assert result == reference[name], fault
+
+
+def test_a_run_recorded_before_the_methods_moved_is_returned_and_grouped_as_one_recorded_now(tmp_path):
+    """Records of runs made while the criteria lived in kd.losses / kd.feature_losses / kd.review_kd name them there:
+    a rerun returns such a run instead of refusing it as another config, and the report groups it with new runs."""
+    cfg = compose_cfg(tmp_path, "phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=1")
+    run = tmp_path / "run"
+    result = engine.run(cfg, run)
+    for name in ("run.json", "result.json"):
+        record = json.loads((run / name).read_text())
+        assert record["config"]["loss"]["_target_"] == "kd.methods.base.CELoss"
+        record["config"]["loss"]["_target_"] = "kd.losses.CELoss"
+        (run / name).write_text(json.dumps(record))
+    before = snapshot(run)
+    assert engine.run(cfg, run)["test/acc1"] == result["test/acc1"]  # returned, not refused, not retrained
+    assert snapshot(run) == before
+    old = json.loads((run / "result.json").read_text())
+    assert report.group_key(old) == report.group_key(result)
+    unknown = records.plain_config(cfg)
+    unknown["loss"]["_target_"] = "kd.losses.NotACriterion"  # only the classes that moved are renamed
+    assert [d.split(":")[0] for d in records.config_differences(unknown, records.plain_config(cfg), ())] == [
+        "loss._target_"]
