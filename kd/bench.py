@@ -3,6 +3,7 @@
     python -m kd.bench [--teacher resnet56 --student resnet20 --batch-size 64] [--json PATH] [--sweep-jobs 8]
     python -m kd.bench --data --folder DIR [--make-from IMAGE_FOLDER]   # decode speed: kd/bench_data.py
     python -m kd.bench --topk TEACHER.pt [overrides]   # the top-k teacher cache's error: kd/bench_topk.py
+    python -m kd.bench --scan --folder DIR [--make N] [--evict]   # the pre-flight scan's speed: kd/bench_scan.py
 
 (a) reference: the loop the seed document and the common KD repositories write: a CIFAR-style torchvision
     dataset (uint8 array -> PIL image -> RandomCrop/Flip/ToTensor/Normalize per image) in a DataLoader, eager
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if argv[:1] == ["--data"]:  # decode speed: kd/bench_data.py
         from kd import bench_data
         return bench_data.main(argv[1:])
+    if argv[:1] == ["--scan"]:  # the pre-flight scan's speed: kd/bench_scan.py
+        from kd import bench_scan
+        return bench_scan.main(argv[1:])
     if argv[:1] == ["--topk"]:  # what teacher_cache_topk costs the KD term: kd/bench_topk.py
         from kd import bench_topk
         return bench_topk.main(argv[1:])
