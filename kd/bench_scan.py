@@ -2,14 +2,17 @@
 on ImageNet-1k (1,281,167 training + 50,000 validation files) at that rate.
 
     python -m kd.bench --scan --folder /tmp/kd_scan100k --make 100000 --evict   # 100,000 32x32 JPEGs, written once
+    python -m kd.bench --scan --folder /tmp/kd_scan500 --make 10000 --size 500x375 --evict   # ImageNet-sized (110 KB)
     python -m kd.bench --scan --folder ../shared/data/cifar10                 # an existing root/{train,test}/<class>/
 
---make N writes N small JPEGs (32x32, quality 90; 90% under train/, 10% under test/, 10 classes) into --folder once,
-when it holds none yet. The folder is listed as kd.data.image_folder lists it (timed apart), then scanned once per
---threads count. Warm: the files' pages are in the page cache (a second scan of the same data). --evict also times
-cold scans: before each, every file's cached pages are dropped (posix_fadvise DONTNEED, the files' own pages only;
-the file system's inode cache stays warm), so each header is read from the disk. Use --evict on a folder of your
-own only: it slows other readers of the same files until they are cached again.
+--make N writes N JPEGs of --size (32x32 by default; a noisy gradient, quality 90: 110 KB at 500x375, ImageNet's
+typical size and file size; 90% under train/, 10% under test/, 10 classes) into --folder once, when it holds none
+yet. A file larger than kd.scan.HEAD_BYTES costs the scan a second read (its last bytes). The folder is listed as
+kd.data.image_folder lists it (timed apart), then scanned once per --threads count. Warm: the files' pages are in
+the page cache (a second scan of the same data). --evict also times cold scans: before each, every file's cached
+pages are written back and dropped (fdatasync, posix_fadvise DONTNEED: the files' own pages only; the file system's
+inode cache stays warm), so each header is read from the disk. Use --evict on a folder of your own only: it slows
+other readers of the same files until they are cached again.
 """
 import argparse
 import io
@@ -26,13 +29,17 @@ from kd import data, scan
 IMAGENET_FILES = 1_281_167 + 50_000
 
 
-def make_folder(folder: Path, count: int, size: int = 32) -> None:
-    """Write count JPEGs (size x size) as folder/{train,test}/class<k>/<i>.jpg, from 64 random images' encodings."""
+def make_folder(folder: Path, count: int, size: tuple[int, int] = (32, 32)) -> None:
+    """Write count JPEGs of size (width, height) as folder/{train,test}/class<k>/<i>.jpg, from 64 encodings."""
     rng = np.random.default_rng(0)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    gradient = np.stack([x * 255 / width, y * 255 / height, np.full((height, width), 80.0)], axis=-1)
     encodings = []
     for _ in range(64):
         buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
+        pixels = np.clip(gradient + rng.normal(0, 30, gradient.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
         encodings.append(buffer.getvalue())
     for i in range(count):
         part = "test" if i % 10 == 9 else "train"
@@ -47,6 +54,7 @@ def evict(root: Path, names: Sequence[str]) -> None:
     for name in names:
         fd = os.open(root / name, os.O_RDONLY)
         try:
+            os.fdatasync(fd)  # pages not yet written back (a folder just made) are not dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
@@ -69,13 +77,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Write the folder if asked, list it, scan it once per thread count; print and return the figures."""
     parser = argparse.ArgumentParser(prog="python -m kd.bench --scan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, required=True, help="root/{train,test}/<class>/<images>")
-    parser.add_argument("--make", type=int, help="write this many 32x32 JPEGs into --folder first (once)")
+    parser.add_argument("--make", type=int, help="write this many JPEGs into --folder first (once)")
+    parser.add_argument("--size", default="32", help="--make's JPEG size: 32 or WIDTHxHEIGHT (500x375)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, scan.THREADS, 64])
     parser.add_argument("--evict", action="store_true", help="also time cold scans (drops the files' cached pages)")
     args = parser.parse_args(argv)
     if args.make and not (args.folder / "train").is_dir():
         started = time.perf_counter()
-        make_folder(args.folder, args.make)
+        width, _, height = args.size.partition("x")
+        make_folder(args.folder, args.make, (int(width), int(height or width)))
         print(f"wrote {args.make:,} JPEGs into {args.folder} in {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
     listing, _ = data.scan_folder(args.folder, ("train", "test"), None)
