@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kd import data, engine, scan, streaming
+from kd import bench, data, engine, scan, streaming
 from support import tree_state
 from test_data import SHARED_CIFAR10
 from test_reliability import PLAIN, compose_cfg
@@ -263,3 +263,22 @@ def test_max_per_class_is_refused_through_the_config_before_the_run_folder_is_wr
     with pytest.raises(ValueError, match=r"dataset\.source\.max_per_class=-1: must be a whole number >= 1"):
         engine.run(cfg, tmp_path / "run")
     assert {p.name for p in (tmp_path / "run").iterdir()} == {".lock"} and tree_state(root) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the measurement
+
+
+def test_bench_scan_writes_a_folder_and_times_warm_and_cold_scans(tmp_path, capsys):
+    result = bench.main(["--scan", "--folder", str(tmp_path / "jpegs"), "--make", "60", "--size", "40x30",
+                         "--threads", "1", "4", "--evict"])
+    assert result["files"] == 60 and [(r["threads"], r["cold"]) for r in result["scans"]] == [
+        (1, False), (4, False), (1, True), (4, True)]
+    assert all(r["files_per_s"] > 0 and r["imagenet_s"] == pytest.approx(1_331_167 / r["files_per_s"])
+               for r in result["scans"])
+    with Image.open(tmp_path / "jpegs" / "test" / "class0" / "0000009.jpg") as image:
+        assert image.size == (40, 30)
+    assert "ImageNet (1.33 M files)" in capsys.readouterr().out
+    (tmp_path / "jpegs" / "train" / "class0" / "0000000.jpg").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"(?s)1 of the 60 image files .*/0000000.jpg: empty"):
+        bench.main(["--scan", "--folder", str(tmp_path / "jpegs"), "--threads", "2"])
