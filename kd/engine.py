@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -25,7 +26,7 @@ from torch import nn
 from kd import distributed, pretrained, records, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, value_problems
-from kd.data import FileSplits, hold_out
+from kd.data import FileSplits, Splits, hold_out
 from kd.datapath import DataPath, InMemoryData
 from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
 from kd.methods.base import CELoss, Criterion
@@ -471,7 +472,7 @@ def memory_format(data: DataPath) -> torch.memory_format:
 def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> DataPath:
     """Read the dataset's source, hold out the validation split, check what needs the images. Decoded splits move to
     the device (InMemoryData); file lists (ImageNet, large image folders) are decoded per epoch (StreamingData)."""
-    source = instantiate(dataset_cfg.source)
+    source = read_source(dataset_cfg.source)
     if len(source.classes) != dataset_cfg.num_classes:
         raise ValueError(
             f"dataset.num_classes={dataset_cfg.num_classes} but the data has {len(source.classes)} classes: "
@@ -494,6 +495,17 @@ def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool
         train.to(device), val.to(device) if val is not None else None, source.test.to(device),
         *stats, dataset_cfg.crop_padding, dataset_cfg.hflip, channels_last, list(source.classes),
     )
+
+
+def read_source(source_cfg: DictConfig) -> "Splits | FileSplits":
+    """The dataset source's splits. Its own errors (ValueError, OSError: they name the file and the fix) are raised
+    as they are, not inside Hydra's InstantiationException, whose repr of them puts a listing on one line."""
+    try:
+        return instantiate(source_cfg)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, OSError)):
+            raise error.__cause__ from None
+        raise
 
 
 def build_job(

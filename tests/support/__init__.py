@@ -20,6 +20,8 @@ def tree_state(root: Path) -> dict[str, str]:
                 state[key] = f"link -> {os.readlink(path)}"
             elif path.is_dir():
                 state[key] = f"dir {path.stat().st_mode:o}"
+            elif not path.is_file():  # a pipe or a device: reading it could block
+                state[key] = f"special {path.stat().st_mode:o}"
             else:
                 state[key] = f"{hashlib.sha256(path.read_bytes()).hexdigest()} {path.stat().st_mode:o}"
     return state
