@@ -13,6 +13,7 @@ import logging
 import re
 import shlex
 import stat
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -28,8 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kd import pretrained, records
+from kd import pretrained, published_teachers, records
 from kd.checkpoints import TeacherFile, read_teacher_file
+from kd.published_teachers import PUBLISHED_LAYOUT
 from kd.records import (
     SOURCE_NEUTRAL, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
 )
@@ -184,10 +186,6 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | Non
     )
 
 
-# Where RepDistiller (scripts/fetch_pretrained_teachers.sh) and mdistiller (cifar_teachers.tar) keep each teacher.
-PUBLISHED_LAYOUT = "{model}_vanilla/ckpt_epoch_240.pth"
-
-
 def published_teacher(folder: Path, model: str) -> Path:
     """The published teacher for `model` (our factory names are theirs: resnet56, wrn_40_2, vgg13, ResNet50) in a
     folder of RepDistiller's / mdistiller's layout."""
@@ -197,7 +195,8 @@ def published_teacher(folder: Path, model: str) -> Path:
         raise FileNotFoundError(
             f"teachers_dir={folder} has no teacher for model@teacher={model}: expected {path} (the "
             f"{PUBLISHED_LAYOUT} layout of RepDistiller's and mdistiller's published teachers; "
-            f"{'found: ' + ', '.join(found) if found else 'no <model>_vanilla folder there'})."
+            f"{'found: ' + ', '.join(found) if found else 'no <model>_vanilla folder there'}). The published CIFAR-100 "
+            f"teachers: python -m kd.teachers fetch crd --dir {folder}"
         )
     return path
 
@@ -282,7 +281,9 @@ def teacher_command(cfg: DictConfig, overrides: list[str]) -> str:
 
 def read(path: Path, model_cfg: DictConfig, key: Optional[str] = None) -> TeacherFile:
     """Load a teacher checkpoint of any accepted format (kd.checkpoints; `key`: only that key's state_dict) and check
-    it fits the teacher config node; a stored teacher must also still match the sha256 its manifest recorded."""
+    it fits the teacher config node; a stored or fetched teacher must also still match the sha256 its manifest
+    recorded (a fetched one is checked before it is read)."""
+    published_teachers.verified_sha256(path)
     teacher = read_teacher_file(path, model_cfg, key)
     if path.name == "teacher.pt" and (path.parent / "manifest.json").is_file():
         recorded = read_manifest(path.parent).get("sha256")
@@ -325,3 +326,7 @@ def build(teacher_file: TeacherFile, model_cfg: DictConfig, device: torch.device
     teacher = instantiate(model_cfg)
     teacher.load_state_dict(teacher_file.state_dict)
     return teacher.to(device).eval().requires_grad_(False)
+
+
+if __name__ == "__main__":  # python -m kd.teachers fetch crd: the published teachers (kd.published_teachers)
+    sys.exit(published_teachers.main())
