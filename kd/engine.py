@@ -251,10 +251,11 @@ def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Option
     # teacher_checkpoint names it now: a path to a copy of it, or auto while the store still holds it.
     loose = ("teacher_checkpoint",) if checkpoint is not None and teacher_named_freely(checkpoint) else ()
     if record is not None:
-        check_same_config(cfg, _recorded_config(record, out_dir / "run.json", fix), out_dir / "run.json", loose)
+        recorded = _recorded_config(record, out_dir / "run.json", fix)
+        check_same_config(cfg, recorded, out_dir / "run.json", also_ignored=loose)
     if checkpoint is None:
         return None, None, record
-    check_same_config(cfg, checkpoint["config"], checkpoint["path"], loose)
+    check_same_config(cfg, checkpoint["config"], checkpoint["path"], also_ignored=loose)
     log.info("resuming %s after epoch %d of %d", out_dir, checkpoint["epoch"], cfg.epochs)
     return None, checkpoint, record
 
@@ -289,7 +290,7 @@ def _recorded_config(record: dict[str, Any], path: Path, fix: str) -> dict[str, 
 
 
 def check_same_config(
-    cfg: DictConfig, recorded: dict[str, Any], source: Path, also_ignored: tuple[str, ...] = (), fix: str = ""
+    cfg: DictConfig, recorded: dict[str, Any], source: Path, fix: str = "", also_ignored: tuple[str, ...] = ()
 ) -> None:
     """Refuse to resume or reuse what another config wrote, naming the keys that differ (but `also_ignored`)."""
     ignored = records.RESULT_NEUTRAL + (records.TEACHER_PHASE_NEUTRAL if Phase(cfg.phase) is Phase.teacher else ())
@@ -321,7 +322,7 @@ def stored_teacher_result(
     manifest = teachers.read_manifest(path.parent)
     fix = (f"The store holds this teacher ({path}), trained with those values. Drop the differing overrides to use "
            "it, or set retrain_teacher=true to train a new version beside it.")
-    check_same_config(cfg, manifest["config"], path.parent / "manifest.json", fix=fix)
+    check_same_config(cfg, manifest["config"], path.parent / "manifest.json", fix)
     result = {**manifest["result"], "teacher_checkpoint": str(path), "config": manifest["config"]}
     log.info("the store holds this teacher: %s (test/acc1 %.2f), trained in %s; returning it without training "
              "(retrain_teacher=true trains a new version)", path, result["test/acc1"], manifest["run_dir"])
@@ -435,14 +436,13 @@ def teacher_switch(resumed: dict, now: Optional[Path], now_sha256: Optional[str]
 def check_unrecorded_teacher(last: Path, entry: Path) -> None:
     """A last.pt written before runs recorded their teacher's sha256 trained with the store's newest version of the
     time: when the entry now holds several, which one cannot be told, and the resume is refused."""
-    complete = [v for v in teachers.versions(entry) if (v / "manifest.json").is_file()]
+    complete = [v.name for v in teachers.versions(entry) if (v / "manifest.json").is_file()]
     if len(complete) > 1:
         raise ValueError(
             f"cannot resume {last}: it records no teacher sha256 (an earlier version of this repository wrote it), and "
-            f"the store holds {len(complete)} versions of its teacher in {entry} ({', '.join(v.name for v in complete)})"
-            ": which one it was trained with cannot be told here (its train.log names it, in the line 'teacher "
-            "<path>'). Resume with teacher_checkpoint=<that teacher.pt>, or start over in a new run folder "
-            "(hydra.run.dir=...)."
+            f"the store holds {len(complete)} versions of its teacher in {entry} ({', '.join(complete)}): which one it "
+            "was trained with cannot be told here (its train.log names it, in the line 'teacher <path>'). Resume with "
+            "teacher_checkpoint=<that teacher.pt>, or start over in a new run folder (hydra.run.dir=...)."
         )
 
 

@@ -7,10 +7,11 @@ sha256 of the weights), written last. A version with a manifest is complete and 
 made read-only); one without is work in progress. A teacher phase whose identity is stored returns the stored
 teacher; `retrain_teacher=true` trains and files a new version beside the old, and students use the newest.
 
-The entry's name does not hold the training images' content (it is known only once the data is loaded): each
-manifest records the digest of the images its teacher was trained on (`train_digest`), and a lookup that knows the
-data's digest takes the newest version trained on that data, never one trained on other images. Images added to or
-replaced in a folder thus get a version of their own in the same entry.
+The entry's name does not hold the training images' content (known only once the data is loaded, and left out so
+that existing entries keep their names): each manifest records the digest of the images its teacher was trained on
+(`train_digest`, the data path's train_digest()), and a lookup that knows the data's digest takes the newest version
+trained on that data, never one trained on other images. Images added to or replaced in a folder thus get a version
+of their own in the same entry.
 """
 import hashlib
 import json
