@@ -211,6 +211,8 @@ def set_up(
     teacher_file = teachers.read(teacher_path, cfg.teacher) if teacher_path is not None else None
     if data is None:
         data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
+    # last.pt records it: on every rank now, not on rank 0 alone after epoch 1 (a streamed folder's takes minutes)
+    data.train_digest()
     check_resumed_data(cfg, resumed, data)
     if teacher_path is not None and resumed is None and teachers.from_store(cfg):
         teacher_path, teacher_file = teacher_for_data(cfg, required, overrides, data, (teacher_path, teacher_file))
