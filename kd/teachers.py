@@ -6,6 +6,12 @@ An entry `<teacher_store>/<name>/` (name: dataset, model, width, seed and a hash
 sha256 of the weights), written last. A version with a manifest is complete and never modified again (its files are
 made read-only); one without is work in progress. A teacher phase whose identity is stored returns the stored
 teacher; `retrain_teacher=true` trains and files a new version beside the old, and students use the newest.
+
+The entry's name does not hold the training images' content (known only once the data is loaded, and left out so
+that existing entries keep their names): each manifest records the digest of the images its teacher was trained on
+(`train_digest`, the data path's train_digest()), and a lookup that knows the data's digest takes the newest version
+trained on that data, never one trained on other images. Images added to or replaced in a folder thus get a version
+of their own in the same entry.
 """
 import hashlib
 import json
@@ -31,6 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from kd import pretrained, published_teachers, records
 from kd.checkpoints import TeacherFile, read_teacher_file
+from kd.datapath import DataPath
 from kd.published_teachers import PUBLISHED_LAYOUT
 from kd.records import (
     SOURCE_NEUTRAL, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
@@ -92,15 +99,50 @@ def pending_version(entry: Path, with_run: bool) -> Path:
     return Path(entry) / f"v{int(existing[-1].name[1:]) + 1 if existing else 1}"
 
 
-def stored_teacher(cfg: DictConfig) -> Optional[Path]:
-    """The newest complete stored teacher for cfg's teacher identity at seed cfg.seed (the teacher phase), or None."""
-    version = newest_complete(entry_dir(cfg, cfg.seed))
+def stored_teacher(cfg: DictConfig, train_digest: str) -> Optional[Path]:
+    """The stored teacher of cfg's teacher identity at seed cfg.seed (the teacher phase) trained on the data of this
+    digest, or None."""
+    version = version_for_data(entry_dir(cfg, cfg.seed), train_digest)
     return version / "teacher.pt" if version is not None else None
 
 
+def version_for_data(entry: Path, train_digest: str) -> Optional[Path]:
+    """The newest complete version trained on the data of `train_digest`, or None.
+
+    A version filed before manifests recorded the digest is taken only when no newer version records one (its data
+    cannot be checked: a store of an earlier version of this repository keeps working, with a warning)."""
+    other_data = False
+    for version in reversed([v for v in versions(entry) if (v / "manifest.json").is_file()]):
+        recorded = read_manifest(version).get("train_digest")
+        if recorded == train_digest:
+            return version
+        if recorded is None and not other_data:
+            log.warning("%s records no digest of the images it was trained on (it was filed by an earlier version of "
+                        "this repository): using it unchecked. retrain_teacher=true files a version that records it.",
+                        version)
+            return version
+        other_data = other_data or recorded is not None
+    return None
+
+
+def version_with_sha256(entry: Path, sha256: str) -> Optional[Path]:
+    """The complete version whose teacher.pt has this sha256 (as its manifest records), or None."""
+    found = [v for v in versions(entry) if (v / "manifest.json").is_file() and read_manifest(v)["sha256"] == sha256]
+    return found[-1] if found else None
+
+
+# What every manifest holds, and of which type: a manifest without one is damaged.
+MANIFEST_KEYS = {"config": dict, "result": dict, "sha256": str}
+
+
 def read_manifest(version: Path) -> dict[str, Any]:
-    """A stored version's manifest; a damaged one names itself and the way out."""
-    return read_json(version / "manifest.json", f"Delete the version folder {version} to train that teacher again.")
+    """A stored version's manifest; a damaged one (unreadable, or lacking a key) names itself and the way out."""
+    fix = f"Delete the version folder {version} to train that teacher again."
+    manifest = read_json(version / "manifest.json", fix)
+    missing = [key for key, kind in MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
+    if missing:
+        raise records.CorruptRecord(f"{version / 'manifest.json'} is damaged (it holds no {', '.join(missing)}). {fix}")
+    return manifest
 
 
 def check_writable(store: Path) -> None:
@@ -117,14 +159,16 @@ def check_writable(store: Path) -> None:
 
 
 def save_to_store(
-    cfg: DictConfig, model: nn.Module, result: dict[str, Any], run_dir: Path, classes: list[str],
+    cfg: DictConfig, model: nn.Module, result: dict[str, Any], run_dir: Path, data: DataPath,
     version: Optional[Path] = None,
 ) -> Path:
     """File a finished teacher (its final weights) as a new version of its entry; returns the checkpoint path.
 
+    `data` is what it was trained on (its manifest records the class names and the training images' digest).
     `version` is the folder an on-demand training ran in (`<version>/run`); otherwise the next free version is used.
     Complete versions are never written again: a second teacher of the same identity becomes a version of its own.
     """
+    classes, train_digest = data.classes, data.train_digest()
     entry = entry_dir(cfg, cfg.seed)
     # Under the entry's lock, so two jobs never file into the same version.
     with store_lock(entry, cfg.teacher_lock_timeout_s):
@@ -136,7 +180,8 @@ def save_to_store(
         checkpoint = version / "teacher.pt"
         save_checkpoint(checkpoint, {**checkpoint_payload(cfg.teacher, model, result, cfg), "classes": classes})
         manifest = {"identity": identity(cfg, cfg.seed), "result": result, "sha256": sha256_file(checkpoint),
-                    "run_dir": str(run_dir), "config": plain_config(cfg), "classes": classes, "version": version.name}
+                    "run_dir": str(run_dir), "config": plain_config(cfg), "classes": classes, "version": version.name,
+                    "train_digest": train_digest}
         write_json(version / "manifest.json", manifest)  # the commit point: the version is complete
         for path in (checkpoint, version / "manifest.json"):
             path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
@@ -154,9 +199,15 @@ def checkpoint_payload(model_cfg: DictConfig, model: nn.Module, metrics: dict[st
     }
 
 
-def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | None:
+def from_store(cfg: DictConfig) -> bool:
+    """Whether a student run looks its teacher up in the store (teacher_checkpoint=auto without teachers_dir)."""
+    return cfg.teacher_checkpoint == "auto" and cfg.teachers_dir is None
+
+
+def resolve(cfg: DictConfig, required: bool, overrides: list[str], train_digest: Optional[str] = None) -> Path | None:
     """The teacher checkpoint for a student run, or None when none is configured and none is required; for
-    torchvision:<Weights> / timm:<name> the library's cached file (a kd.pretrained.LibraryWeights)."""
+    torchvision:<Weights> / timm:<name> the library's cached file (a kd.pretrained.LibraryWeights). From the store:
+    the newest version trained on the data of `train_digest`, or (None: the data not loaded yet) the newest one."""
     choice = cfg.teacher_checkpoint
     if choice == "none":
         if required:
@@ -170,18 +221,21 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str]) -> Path | Non
         if not path.is_file():
             raise FileNotFoundError(f"teacher_checkpoint={choice}: no such file.")
         return path
-    if cfg.teachers_dir is not None:
+    if not from_store(cfg):
         return published_teacher(Path(cfg.teachers_dir), model_name(cfg.teacher))
     entry = entry_dir(cfg, cfg.teacher_seed)
-    version = newest_complete(entry)
+    version = newest_complete(entry) if train_digest is None else version_for_data(entry, train_digest)
     if version is not None:
         return version / "teacher.pt"
+    what = "for this config"
+    if newest_complete(entry) is not None:  # images added to or replaced in the folder since it was trained
+        what += " trained on these training images (the stored versions were trained on other images)"
     if not required:
-        log.info("no teacher in the store for this config; training without one (%s)", entry)
+        log.info("no teacher in the store %s; training without one (%s)", what, entry)
         return None
     raise MissingTeacher(
         entry,
-        f"no trained teacher for this config in {entry}. Train it first:\n  {teacher_command(cfg, overrides)}\n"
+        f"no trained teacher {what} in {entry}. Train it first:\n  {teacher_command(cfg, overrides)}\n"
         "or pass teacher_checkpoint=PATH, or train_missing_teacher=true to train it on demand.",
     )
 

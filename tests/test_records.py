@@ -65,7 +65,9 @@ def test_1_new_image_content_under_old_names_sizes_and_mtimes_is_never_served_st
     write_folder(root, seed=0)
     common = ["phase=student", "epochs=3", *folder_overrides(tmp_path, root), "teacher_acc_tolerance=100"]
     teacher = ["phase=teacher", "epochs=3", *folder_overrides(tmp_path, root)]
-    engine.run(compose_cfg(tmp_path, *teacher), tmp_path / "teacher")
+    stored = engine.run(compose_cfg(tmp_path, *teacher), tmp_path / "teacher")["teacher_checkpoint"]
+    # By path: the store serves a teacher only for the images it was trained on (tests/test_resume_identity.py).
+    common.append(f"teacher_checkpoint={stored}")
     first = engine.run(compose_cfg(tmp_path, *common), tmp_path / "student_1")  # fills both caches
     assert info(tmp_path / "student_1")["teacher_cache/misses"] == 3
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,13 +230,14 @@ def test_parallel_students_train_their_missing_teacher_once(tmp_path):
 def test_teacher_phase_files_into_the_store_under_its_lock(tmp_path):
     cfg = compose_cfg(tmp_path, "phase=teacher", "teacher_lock_timeout_s=0.2")
     entry, model, metrics = teachers.entry_dir(cfg, cfg.seed), instantiate(cfg.teacher), {"test/acc1": 0.0}
+    data = SimpleNamespace(classes=["a", "b"], train_digest=lambda: "0" * 64)  # what the manifest records of the data
     entry.mkdir(parents=True)
     with FileLock(entry / ".lock"):  # as if another job were filing this teacher
         with pytest.raises(TimeoutError, match="another job is still training this teacher"):
-            teachers.save_to_store(cfg, model, metrics, tmp_path, ["a", "b"])
+            teachers.save_to_store(cfg, model, metrics, tmp_path, data)
     assert teachers.newest_complete(entry) is None
     with teachers.store_lock(entry, 0.2):  # the on-demand path holds the lock already: no wait on itself
-        teachers.save_to_store(cfg, model, metrics, tmp_path, ["a", "b"])
+        teachers.save_to_store(cfg, model, metrics, tmp_path, data)
     assert (entry / "v1" / "manifest.json").is_file()
 
 
