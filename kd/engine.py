@@ -211,8 +211,9 @@ def set_up(
         torch.set_num_threads(cfg.threads)
     required = wants_teacher(cfg, criterion.needs_teacher)
     teacher_path = first_teacher(cfg, required, overrides, resumed) if phase is Phase.student else None
-    # read and checked before any data is decoded
-    teacher_file = None if teacher_path is None else teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
+    teacher_file = None  # read and checked before any data is decoded
+    if teacher_path is not None:
+        teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
     if data is None:
         data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
     # last.pt records it: on every rank now, not on rank 0 alone after epoch 1 (a streamed folder's takes minutes)
