@@ -8,10 +8,12 @@ checks: a missing or failed job is listed, never silently averaged away, and a r
 
 Modules, each importing only those above it: keys (what makes an experiment, names), collect (job folders -> runs,
 problems), aggregate (groups, rows, baselines, pivots as data), render (Markdown, LaTeX, CSV), paper (beside a
-paper's figures), plots and figures (PNG), cli (the command line).
+paper's figures), sections (the report's prose), latency (a quiet benchmark), plots and figures (PNG), cli (the
+command line, write_report, load).
 """
-from kd.report.cli import main, write_report
+from kd.report.cli import Options, load, main, write_report
 from kd.report.collect import expected_jobs, normalize
 from kd.report.keys import BASELINE, METRICS, group_key, method_name
 
-__all__ = ["BASELINE", "METRICS", "expected_jobs", "group_key", "main", "method_name", "normalize", "write_report"]
+__all__ = ["BASELINE", "METRICS", "Options", "expected_jobs", "group_key", "load", "main", "method_name", "normalize",
+           "write_report"]

@@ -2,7 +2,7 @@
 pivot panels, as data: nothing here formats or writes."""
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -10,10 +10,13 @@ import numpy as np
 
 from kd.records import is_under
 from kd.report.collect import Problem, Run, normalize, read_jsonl, seedless, sweep_jobs
-from kd.report.keys import BASELINE, METHOD, METRICS, MISSING, PAIR, TEACHER_SHA, fmt_value, is_ignored
+from kd.report.keys import (
+    BASELINE, METHOD, METRICS, MISSING, PAIR, TEACHER_SHA, fmt_value, is_ignored, is_number, lower_is_better,
+    metric_key,
+)
 
-# Optional per-run numbers shown as extra columns when some run has them (later versions of result.json).
-EXTRA_COLUMNS = {"latency_ms": ("latency (ms)", 2), "throughput_img_s": ("throughput (img/s)", 0)}
+SHOWN_DECIMALS = 2  # the tables' precision: means equal at it tie for the best
+SORT_BY_METRIC = "metric"  # --sort's name for the table's metric
 
 
 @dataclass
@@ -31,9 +34,10 @@ class Row:
 
     index: int
     group: Group
-    stats: dict[str, tuple[float, float]]  # "last"/"best" -> (mean, sample std; nan for n=1)
-    numbers: dict[str, Optional[float]]  # params, flops_m, teacher_acc1; EXTRA_COLUMNS keys when present
+    stats: dict[str, tuple[float, float]]  # "last"/"best"/a result.json key -> (mean, sample std; nan for n=1)
+    numbers: dict[str, Optional[float]]  # params, flops_m, teacher_acc1; latency_ms when measured (kd.report.latency)
     baseline: Optional["Row"] = None
+    counts: dict[str, int] = field(default_factory=dict)  # per stats name: the runs that recorded it
 
     @property
     def n(self) -> int:
@@ -75,25 +79,86 @@ def mean_of_present(runs: Sequence[Run], key: str, scale: float = 1.0) -> Option
     return float(np.mean(values)) / scale if values else None
 
 
-def summarize(groups: Sequence[Group]) -> list[Row]:
-    """One row per group, sorted by its varying keys, with mean ± std over seeds and the baseline to compare."""
+def summarize(groups: Sequence[Group], metrics: Sequence[str] = (), sort: Sequence[str] = ()) -> list[Row]:
+    """One row per group with mean ± std over seeds of METRICS and of `metrics` (result.json keys), ordered by the
+    varying keys and then by `sort` (sort_rows), numbered from 1, each with the baseline it is compared with."""
     keys = varying_keys([group.key for group in groups])
     ordered = sorted(groups, key=lambda group: [sort_value(group.key.get(k, MISSING)) for k in keys])
-    rows = []
-    for index, group in enumerate(ordered, start=1):
-        stats = {}
-        for name, metric in METRICS.items():
-            values = [run.result.get(metric) for run in group.runs]
-            stats[name] = mean_std([math.nan if v is None else v for v in values])
-        numbers = {"params": mean_of_present(group.runs, "params"),
-                   "flops_m": mean_of_present(group.runs, "flops_per_image", 1e6),
-                   "teacher_acc1": mean_of_present(group.runs, "teacher/acc1")}
-        extras = {key: mean_of_present(group.runs, key) for key in EXTRA_COLUMNS}
-        numbers.update({key: value for key, value in extras.items() if value is not None})
-        rows.append(Row(index, group, stats, numbers))
+    rows = sort_rows([summary_row(group, [*METRICS, *metrics]) for group in ordered], sort)
+    for index, row in enumerate(rows, start=1):
+        row.index = index
     for row in rows:
         row.baseline = find_baseline(row, rows)
     return rows
+
+
+def summary_row(group: Group, metrics: Sequence[str]) -> Row:
+    """A group's statistics (unnumbered): each metric over the runs that recorded it, and the model's size."""
+    stats, counts = {}, {}
+    for name in dict.fromkeys(metrics):
+        values = [value for value in (run.result.get(metric_key(name)) for run in group.runs) if is_number(value)]
+        stats[name], counts[name] = mean_std(values), len(values)
+    numbers = {"params": mean_of_present(group.runs, "params"),
+               "flops_m": mean_of_present(group.runs, "flops_per_image", 1e6),
+               "teacher_acc1": mean_of_present(group.runs, "teacher/acc1")}
+    return Row(0, group, stats, numbers, counts=counts)
+
+
+def sort_rows(rows: Sequence[Row], sort: Sequence[str]) -> list[Row]:
+    """The rows ordered by the --sort names, the first the most significant: a group key, or a metric's mean
+    (SORT_BY_METRIC is resolved by the caller); "-name" descends; rows without a value come last either way."""
+    known = {k for row in rows for k in (*row.group.key, *row.stats)}
+    ordered = list(rows)
+    for name in reversed(sort):
+        key, descending = name.lstrip("-"), name.startswith("-")
+        if key not in known:
+            raise ValueError(f"--sort {name}: no such config key or metric; known: {', '.join(sorted(known))} "
+                             f"(or {SORT_BY_METRIC}, the table's metric; -NAME sorts descending)")
+        present = [row for row in ordered if sort_field(row, key) != MISSING]
+        present.sort(key=lambda row: sort_value(sort_field(row, key)), reverse=descending)
+        ordered = present + [row for row in ordered if sort_field(row, key) == MISSING]
+    return ordered
+
+
+def sort_field(row: Row, key: str) -> Any:
+    """What --sort compares: a metric's mean (MISSING when no run recorded it), else the group key's value."""
+    if key in row.stats:
+        return MISSING if math.isnan(row.stats[key][0]) else row.stats[key][0]
+    return row.group.key.get(key, MISSING)
+
+
+def best_rows(rows: Sequence[Row], metric: str) -> set[int]:
+    """The indices of the best configuration's rows for each pair (rows of other students do not compete): the
+    highest mean of `metric` (the lowest for a loss), with every row equal to it at SHOWN_DECIMALS (a tie the reader
+    sees is marked as one). Teacher rows compete only in a table without students."""
+    competing = [row for row in rows if row.group.key.get("phase") != "teacher"] or list(rows)
+    by_pair: dict[str, list[Row]] = {}
+    for row in competing:
+        by_pair.setdefault(str(row.group.key.get(PAIR)), []).append(row)
+    return {index for members in by_pair.values() for index in best_of(members, metric)}
+
+
+def best_of(rows: Sequence[Row], metric: str) -> set[int]:
+    """The indices of the rows whose mean, at SHOWN_DECIMALS, is the best (none when no row has a mean)."""
+    means = {row.index: float(f"{row.stats[metric][0]:.{SHOWN_DECIMALS}f}") for row in rows
+             if not math.isnan(row.stats[metric][0])}
+    if not means:
+        return set()
+    best = (min if lower_is_better(metric) else max)(means.values())
+    return {index for index, mean in means.items() if mean == best}
+
+
+def recorded_metrics(runs: Sequence[Run]) -> list[str]:
+    """The result.json keys that hold a number in some finished run and name a metric (namespaced: val/acc1)."""
+    return sorted({k for run in runs if run.result for k, v in run.result.items() if "/" in k and is_number(v)})
+
+
+def check_metric(runs: Sequence[Run], metric: str) -> None:
+    """Reject a --metric no finished run recorded, naming those that were."""
+    if metric in (*METRICS, "both") or metric in recorded_metrics(runs):
+        return
+    raise ValueError(f"--metric {metric}: no finished run recorded it in result.json; recorded: "
+                     f"{', '.join(recorded_metrics(runs)) or 'none'} (or last, best, both: test top-1)")
 
 
 def varying_keys(keys: Sequence[dict[str, Any]]) -> list[str]:
@@ -117,9 +182,11 @@ def is_baseline(key: dict[str, Any]) -> bool:
     return key.get("phase") == "student" and key[METHOD] == BASELINE
 
 
-# Keys a baseline may differ in, most to least specific: alpha alone (same T), any loss setting of the
-# same method, then a CE run of the same student (the teacher is not used by a baseline).
-BASELINE_TIERS = (("loss.alpha",), ("loss",), ("loss", METHOD, PAIR, "teacher", "teacher_seed", TEACHER_SHA))
+# Keys a baseline may differ in, most to least specific: alpha alone (same T), any loss setting, then a CE run of
+# the same student (the teacher is not used by a baseline). The method always differs (a baseline is named BASELINE),
+# and so may the teacher's weights (a baseline records them only when it found its teacher).
+BASELINE_TIERS = (("loss.alpha", METHOD, TEACHER_SHA), ("loss", METHOD, TEACHER_SHA),
+                  ("loss", METHOD, PAIR, "teacher", "teacher_seed", TEACHER_SHA))
 
 
 def find_baseline(row: Row, rows: Sequence[Row]) -> Optional[Row]:

@@ -7,15 +7,10 @@ import numpy as np
 
 from kd.report import plots
 from kd.report.aggregate import Row, epoch_curve, is_baseline, key_columns, pivot_panels
-from kd.report.keys import METHOD, MISSING, PAIR, fmt_value
+from kd.report.keys import METHOD, MISSING, PAIR, fmt_value, short_names
+from kd.report.render import metric_label
 
 MAX_CURVES_PER_PLOT = 8
-
-
-def short_names(keys: Sequence[str]) -> dict[str, str]:
-    """Each key's last dotted part (alpha, width) unless two keys share it."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
 
 
 def row_label(row: Row, keys: Sequence[str]) -> str:
@@ -37,7 +32,7 @@ def plot_heatmap(rows: Sequence[Row], out_dir: Path, metric: str) -> str:
         values = np.array([[panel.cells[(r, c)].stats[metric][0] if (r, c) in panel.cells else np.nan
                             for c in labels[1]] for r in labels[0]])
         panels.append(plots.Heatmap(panel.title, *labels, values))
-    plots.heatmaps(panels, *keys, out_dir / name)
+    plots.heatmaps(panels, *keys, out_dir / name, label=metric_label(metric))
     return f"![{name}]({name})"
 
 
@@ -62,7 +57,7 @@ def plot_vs_size(rows: Sequence[Row], out_dir: Path, metric: str, number: str) -
         x = np.array([row.numbers[number] for row in members])
         y, spread = (np.array([row.stats[metric][i] for row in members]) for i in (0, 1))
         series.append(plots.Series(label, x, y, spread, dashed=is_baseline(members[0].group.key)))
-    plots.lines(series, xlabel + " (log scale)", f"test top-1 {metric} (%)", out_dir / name, log_x=True)
+    plots.lines(series, xlabel + " (log scale)", metric_label(metric), out_dir / name, log_x=True)
     return f"![{name}]({name})"
 
 

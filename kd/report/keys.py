@@ -1,7 +1,8 @@
 """What a run is to the report: the config keys that make an experiment (group_key), the names the papers' tables
-give a method and a pair, and how a key's value is shown."""
+give a method and a pair, the metrics a table may show, and how a key's value is shown."""
 import json
-from typing import Any
+import math
+from typing import Any, Sequence
 
 from kd import records
 from kd.records import RESULT_NEUTRAL, is_under
@@ -17,7 +18,7 @@ SEED_KEY = "seed"
 METHOD = "method"  # the pseudo-key naming the loss (KD, CE, DKD, FitNet, KD+CRD); pivots may use it
 PAIR = "pair"  # the pseudo-key naming a student run's teacher -> student pair; pivots may use it
 MISSING = "–"  # shown for a key a group's config does not have (e.g. loss.alpha of a CE run)
-METRICS = {"last": "test/acc1", "best": "test/acc1_best"}
+METRICS = {"last": "test/acc1", "best": "test/acc1_best"}  # --metric's names for test top-1; any result.json key too
 
 
 def flatten(tree: Any) -> dict[str, Any]:
@@ -90,3 +91,34 @@ def fmt_value(value: Any, key: str = "") -> str:
     if key.endswith("_target_") and isinstance(value, str):
         return value.rsplit(".", 1)[-1]
     return str(value)
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each key's last dotted part (alpha, width) unless two keys share it."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): what a table may average."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metric_name(metric: str) -> str:
+    """--metric's value as the report names it: test/acc1 is `last`, test/acc1_best is `best`, other keys as given."""
+    return next((name for name, key in METRICS.items() if key == metric), metric)
+
+
+def metric_key(name: str) -> str:
+    """The result.json key of a metric name (last -> test/acc1)."""
+    return METRICS.get(name, name)
+
+
+def metric_column(name: str) -> str:
+    """A metric's name in CSV headers: test_acc1_last, test_acc1_best, val_acc1."""
+    return f"test_acc1_{name}" if name in METRICS else name.replace("/", "_")
+
+
+def lower_is_better(name: str) -> bool:
+    """Whether the best of a metric is its lowest mean: a loss (val/loss, train/loss_kd)."""
+    return "loss" in metric_key(name).rsplit("/", 1)[-1]

@@ -1,15 +1,52 @@
-"""Rows -> text: the cells (mean ± std, n, Δ), the Markdown, LaTeX and CSV tables, and the report's sections."""
+"""Rows -> tables: the cells (mean ± std, n, Δ), the main table's columns, pivot tables, and each table as Markdown,
+aligned text (the terminal), LaTeX (pandas' Styler) and CSV."""
 import csv
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from kd.records import is_under
-from kd.report.aggregate import (
-    EXTRA_COLUMNS, NAMED_BY, Group, Panel, Row, key_columns, pivot_panels, settings_without_rows, varying_keys,
+from kd.report.aggregate import Group, Panel, Row, best_rows, key_columns, varying_keys
+from kd.report.keys import (
+    METHOD, METRICS, MISSING, PAIR, SEED_KEY, TEACHER_SHA, fmt_value, is_number, metric_column, short_names,
 )
-from kd.report.collect import Problem, Run, expected_jobs
-from kd.report.keys import METHOD, MISSING, PAIR, SEED_KEY, TEACHER_SHA, fmt_value
+
+# The main table's number columns, by their --columns name: header, LaTeX header, Row.numbers key, decimals.
+NUMBER_COLUMNS = {
+    "params": ("params", "Params", "params", 0),
+    "flops": ("FLOPs (M)", "FLOPs (M)", "flops_m", 2),
+    "teacher": ("teacher top-1", r"Teacher top-1 (\%)", "teacher_acc1", 2),
+    "latency": ("latency (ms)", "Latency (ms)", "latency_ms", 2),
+}
+COLUMN_NAMES = ("metric", "n", *NUMBER_COLUMNS, "delta")  # --columns' names besides config keys, method and pair
+# LaTeX headers for config keys that have a usual symbol; other keys show their last dotted part.
+READABLE = {METHOD: "Method", PAIR: r"Teacher $\to$ student", "loss.alpha": r"$\alpha$", "loss.temperature": "$T$",
+            "loss.beta": r"$\beta$", TEACHER_SHA: "Teacher"}
+
+
+@dataclass
+class Table:
+    """A table as text cells, with the cells set in bold (line, column), its LaTeX headers and its number columns."""
+
+    header: list[str]
+    cells: list[list[str]]
+    bold: set[tuple[int, int]] = field(default_factory=set)
+    latex_header: Optional[list[str]] = None  # None: the header, escaped
+    numeric: set[int] = field(default_factory=set)  # right-aligned in LaTeX
+
+
+@dataclass
+class Column:
+    """One column of the main table: how it is headed and how a row fills it; `metric` marks the best rows."""
+
+    header: str
+    latex: str
+    cell: Callable[[Row], str]
+    numeric: bool = True
+    metric: Optional[str] = None
+
+
+# ---------------------------------------------------------------- cells
 
 
 def fmt_stat(stat: tuple[float, float]) -> str:
@@ -18,6 +55,12 @@ def fmt_stat(stat: tuple[float, float]) -> str:
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def fmt_metric(row: Row, metric: str) -> str:
+    """A row's mean ± std of a metric, with how many runs recorded it when fewer than the row has."""
+    short = row.counts.get(metric, row.n) < row.n and not math.isnan(row.stats[metric][0])
+    return fmt_stat(row.stats[metric]) + (f" (n={row.counts[metric]})" if short else "")
 
 
 def fmt_n(group: Group) -> str:
@@ -33,62 +76,158 @@ def fmt_number(value: Optional[float], digits: int = 2) -> str:
     return f"{value:,.0f}" if digits == 0 else f"{value:.{digits}f}"
 
 
-def method_settings(rows: Sequence[Row]) -> list[str]:
-    """The loss settings the table leaves out because its method determines them, per method: `KD: loss.alpha=0.9`."""
-    shown = set(key_columns(rows))
-    varying = varying_keys([row.group.key for row in rows])
-    hidden = [k for k in varying if is_under(k, NAMED_BY[METHOD]) and k not in shown]
-    settings: dict[str, str] = {}
-    for row in rows:
-        values = [f"{k}={fmt_value(row.group.key[k], k)}" for k in hidden if k in row.group.key]
-        if values:
-            settings.setdefault(str(row.group.key[METHOD]), ", ".join(values))
-    return [f"Method settings: {'; '.join(f'{m}: {v}' for m, v in settings.items())}.", ""] if settings else []
-
-
-def table(rows: Sequence[Row], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """The main table as header and text cells."""
-    keys = key_columns(rows)
-    extras = [k for k in EXTRA_COLUMNS if any(k in row.numbers for row in rows)]
-    header = ["#", *keys, *[f"test top-1 {m} (%)" for m in metrics], "n", "params", "FLOPs (M)", "teacher top-1"]
-    header += [f"Δ {m}" for m in metrics] + [EXTRA_COLUMNS[k][0] for k in extras]
-    cells = []
-    for row in rows:
-        line = [str(row.index), *[fmt_value(row.group.key.get(k, MISSING), k) for k in keys]]
-        line += [fmt_stat(row.stats[m]) for m in metrics] + [fmt_n(row.group)]
-        line += [fmt_number(row.numbers["params"], 0), fmt_number(row.numbers["flops_m"]),
-                 fmt_number(row.numbers["teacher_acc1"])]
-        line += [fmt_delta(row, m) for m in metrics]
-        line += [fmt_number(row.numbers.get(k), EXTRA_COLUMNS[k][1]) for k in extras]
-        cells.append(line)
-    return header, cells
-
-
 def fmt_delta(row: Row, metric: str) -> str:
     delta = row.delta(metric)
     return "" if delta is None else f"{delta:+.2f} (vs #{row.baseline.index})"
 
 
-def markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    lines = [header, ["---"] * len(header), *cells]
-    return "\n".join("| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines) + "\n"
+def metric_label(metric: str) -> str:
+    return f"test top-1 {metric} (%)" if metric in METRICS else metric
+
+
+# ---------------------------------------------------------------- the main table
+
+
+def default_columns(rows: Sequence[Row]) -> list[str]:
+    """The key columns (key_columns), the metric, n, size, the teacher, Δ, and the latency when it was measured."""
+    measured = ["latency"] if any("latency_ms" in row.numbers for row in rows) else []
+    return [*key_columns(rows), "metric", "n", "params", "flops", "teacher", "delta", *measured]
+
+
+def check_columns(rows: Sequence[Row], columns: Sequence[str], latency: bool) -> None:
+    """Reject a --columns name that is neither a key of some group nor one of COLUMN_NAMES."""
+    known = sorted({k for row in rows for k in row.group.key})
+    for name in columns:
+        if name not in known and name not in COLUMN_NAMES:
+            raise ValueError(f"--columns {name}: no such column or config key; columns: {', '.join(COLUMN_NAMES)}; "
+                             f"keys: {', '.join(known)}")
+    if "latency" in columns and not latency:
+        raise ValueError("--columns latency: no latency is measured without --latency (a quiet benchmark of each "
+                         "model): add --latency.")
+
+
+def table(rows: Sequence[Row], metrics: Sequence[str], columns: Sequence[str]) -> Table:
+    """The main table: #, then the named columns in order (the metric last when not named); the best mean of each
+    metric column in bold (best_rows)."""
+    names = [*columns, *([] if "metric" in columns else ["metric"])]
+    shorts = short_names([name for name in names if name not in COLUMN_NAMES])
+    spec = [Column("#", r"\#", lambda row: str(row.index))]
+    for name in names:
+        spec += column(name, metrics, shorts)
+    cells = [[col.cell(row) for col in spec] for row in rows]
+    bold = set()
+    for j, col in enumerate(spec):
+        best = best_rows(rows, col.metric) if col.metric else set()
+        bold |= {(i, j) for i, row in enumerate(rows) if row.index in best}
+    return Table([c.header for c in spec], cells, bold, [c.latex for c in spec],
+                 {j for j, c in enumerate(spec) if c.numeric})
+
+
+def column(name: str, metrics: Sequence[str], shorts: dict[str, str]) -> list[Column]:
+    """The columns one --columns name stands for (metric and delta: one per metric shown)."""
+    if name == "metric":
+        return [Column(metric_label(m), latex_metric(m), lambda row, m=m: fmt_metric(row, m), metric=m)
+                for m in metrics]
+    if name == "delta":
+        return [Column(f"Δ {m}", rf"$\Delta$ {latex_escape(m)}", lambda row, m=m: fmt_delta(row, m)) for m in metrics]
+    if name == "n":
+        return [Column("n", "$n$", lambda row: fmt_n(row.group))]
+    if name in NUMBER_COLUMNS:
+        header, latex, key, digits = NUMBER_COLUMNS[name]
+        return [Column(header, latex, lambda row: fmt_number(row.numbers.get(key), digits))]
+    latex = READABLE.get(name) or latex_escape(shorts[name].replace("_", " ").strip().capitalize())
+    return [Column(name, latex, lambda row: fmt_value(row.group.key.get(name, MISSING), name), numeric=False)]
+
+
+def latex_metric(metric: str) -> str:
+    return rf"Top-1 {metric} (\%)" if metric in METRICS else latex_escape(metric)
+
+
+# ---------------------------------------------------------------- pivots
+
+
+def pivot_table(panel: Panel, row_key: str, col_key: str, metric: str) -> Table:
+    """A panel as mean ± std cells (with n when it is 1 or short of the sweep's); the panel's best mean in bold."""
+    header = [f"{row_key} \\ {col_key}", *[fmt_value(c) for c in panel.col_values]]
+    best = best_rows(list(panel.cells.values()), metric)
+    cells, bold = [], set()
+    for i, r in enumerate(panel.row_values):
+        line = [fmt_value(r)]
+        for j, c in enumerate(panel.col_values, start=1):
+            row = panel.cells.get((fmt_value(r), fmt_value(c)))
+            line.append("" if row is None else fmt_metric(row, metric) + pivot_n(row.group))
+            if row is not None and row.index in best:
+                bold.add((i, j))
+        cells.append(line)
+    corner = f"{latex_key(row_key)} $\\backslash$ {latex_key(col_key)}"
+    latex = [corner, *[latex_escape(h) for h in header[1:]]]
+    return Table(header, cells, bold, latex, set(range(1, len(header))))
+
+
+def latex_key(key: str) -> str:
+    return READABLE.get(key) or latex_escape(key)
+
+
+def pivot_n(group: Group) -> str:
+    if len(group.runs) != group.expected:
+        return f" (n={len(group.runs)} of {group.expected})"
+    return " (n=1)" if len(group.runs) == 1 else ""
+
+
+# ---------------------------------------------------------------- Markdown, text, LaTeX
+
+
+def markdown_lines(table_: Table) -> list[list[str]]:
+    """The header, the rule and the cells as Markdown text: bold cells as **text**, | escaped."""
+    cells = [[f"**{c}**" if (i, j) in table_.bold and c else c for j, c in enumerate(line)]
+             for i, line in enumerate(table_.cells)]
+    lines = [table_.header, ["---"] * len(table_.header), *cells]
+    return [[c.replace("|", "\\|") for c in line] for line in lines]
+
+
+def markdown_table(table_: Table) -> str:
+    return "\n".join("| " + " | ".join(line) + " |" for line in markdown_lines(table_)) + "\n"
+
+
+def aligned_table(table_: Table) -> str:
+    """The Markdown table with padded columns, for a terminal."""
+    lines = markdown_lines(table_)
+    widths = [max(len(line[j]) for line in lines) for j in range(len(lines[0]))]
+    lines[1] = ["-" * w for w in widths]
+    return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines) + "\n"
 
 
 def latex_escape(text: str) -> str:
     for char, escaped in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("$", r"\$"), ("#", r"\#"),
-                          ("_", r"\_"), ("{", r"\{"), ("}", r"\}"), ("±", r"$\pm$"), ("Δ", r"$\Delta$"),
-                          (MISSING, "--")):
+                          ("_", r"\_"), ("{", r"\{"), ("}", r"\}")):
         text = text.replace(char, escaped)
-    return text.replace(r"\textbackslash\{\}", r"\textbackslash{}")
+    return latex_symbols(text.replace(r"\textbackslash\{\}", r"\textbackslash{}"))
 
 
-def latex_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    """A booktabs tabular (needs \\usepackage{booktabs})."""
-    lines = [r"\begin{tabular}{" + "l" * len(header) + "}", r"\toprule"]
-    lines.append(" & ".join(latex_escape(h) for h in header) + r" \\")
-    lines.append(r"\midrule")
-    lines += [" & ".join(latex_escape(c) for c in line) + r" \\" for line in cells]
-    return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
+def latex_symbols(text: str) -> str:
+    """The report's non-ASCII signs as LaTeX (after escaping): ±, Δ, the missing-value dash, a pair's arrow."""
+    for char, latex in (("±", r"$\pm$"), ("Δ", r"$\Delta$"), (MISSING, "--"), (" -> ", r" $\to$ ")):
+        text = text.replace(char, latex)
+    return text
+
+
+def latex_table(table_: Table) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}) rendered by pandas' Styler: text left, numbers right
+    (two decimals each, so they align), bold cells in \\textbf."""
+    import pandas as pd  # only here: a report without --latex does not need pandas
+
+    frame = pd.DataFrame(table_.cells, columns=range(len(table_.header)), dtype=object)
+    headers = table_.latex_header or [latex_escape(h) for h in table_.header]
+    styler = frame.style.hide(axis="index").format(latex_symbols, escape="latex")
+    styler = styler.format_index(lambda j: headers[j], axis=1)
+    styler = styler.apply(lambda _: pd.DataFrame(
+        [["textbf:--rwrap;" if (i, j) in table_.bold else "" for j in frame.columns] for i in frame.index],
+        index=frame.index, columns=frame.columns), axis=None)
+    align = "".join("r" if j in table_.numeric else "l" for j in range(len(table_.header)))
+    return styler.to_latex(column_format=align, hrules=True)
+
+
+# ---------------------------------------------------------------- CSV
 
 
 def csv_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -99,18 +238,48 @@ def csv_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
     for row in rows:
         record = {"row": row.index, **{k: row.group.key.get(k, MISSING) for k in keys}}
         for name, (mean, std) in row.stats.items():
-            record[f"test_acc1_{name}_mean"], record[f"test_acc1_{name}_std"] = _num(mean), _num(std)
+            column_ = metric_column(name)
+            record[f"{column_}_mean"], record[f"{column_}_std"] = csv_value(mean), csv_value(std)
+            if name not in METRICS:
+                record[f"{column_}_n"] = row.counts[name]
         record.update(n=row.n, n_expected=row.group.expected, seeds=" ".join(str(r.seed) for r in row.group.runs))
         record["best_selected_by"] = " ".join(sorted({str(r.result.get("best_selected_by")) for r in row.group.runs}))
-        record.update({k: _num(v) for k, v in row.numbers.items()})
+        record.update({k: csv_value(v) for k, v in row.numbers.items()})
         for name in row.stats:
-            record[f"delta_{name}"] = _num(row.delta(name))
+            record[f"delta_{name}" if name in METRICS else f"delta_{metric_column(name)}"] = csv_value(row.delta(name))
         record["baseline_row"] = row.baseline.index if row.baseline else ""
         records.append(record)
     return records
 
 
-def _num(value: Optional[float]) -> Any:
+def run_records(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """runs.csv: one record per finished run (its row, job folder, seed, the config keys that make its experiment)
+    and every number its result.json holds, then run_info.json's (run_info/...: speed measured inside the job)."""
+    records = []
+    for row in rows:
+        for run in row.group.runs:
+            job = str(run.path.relative_to(run.sweep_dir))
+            record = {"row": row.index, "sweep_dir": str(run.sweep_dir), "job": job, SEED_KEY: run.seed, **run.key}
+            record.update({k: v for k, v in sorted(run.result.items()) if is_number(v) and k not in record})
+            record.update({f"run_info/{k}": v for k, v in sorted(run.info.items()) if is_number(v)})
+            records.append(record)
+    return records
+
+
+def pivot_records(panels: Sequence[Panel], row_key: str, col_key: str, metric: str) -> list[dict[str, Any]]:
+    """Pivot cells in long form with full-precision numbers."""
+    records = []
+    for panel in panels:
+        for (r, c), row in panel.cells.items():
+            (mean, std), name = row.stats[metric], metric_column(metric)
+            records.append({"panel": panel.title, row_key: r, col_key: c, "row": row.index,
+                            f"{name}_mean": csv_value(mean), f"{name}_std": csv_value(std),
+                            "n": row.n, "n_expected": row.group.expected})
+    return records
+
+
+def csv_value(value: Optional[float]) -> Any:
+    """A number for a CSV cell: empty for None and nan."""
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
@@ -120,113 +289,3 @@ def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
         writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
         writer.writerows(records)
-
-
-def pivot_table(panel: Panel, row_key: str, col_key: str, metric: str) -> tuple[list[str], list[list[str]]]:
-    """A panel as header and text cells of mean ± std (with n when it is 1 or short of the sweep's)."""
-    header = [f"{row_key} \\ {col_key}", *[fmt_value(c) for c in panel.col_values]]
-    cells = []
-    for r in panel.row_values:
-        line = [fmt_value(r)]
-        for c in panel.col_values:
-            row = panel.cells.get((fmt_value(r), fmt_value(c)))
-            line.append("" if row is None else fmt_stat(row.stats[metric]) + pivot_n(row.group))
-        cells.append(line)
-    return header, cells
-
-
-def pivot_n(group: Group) -> str:
-    if len(group.runs) != group.expected:
-        return f" (n={len(group.runs)} of {group.expected})"
-    return " (n=1)" if len(group.runs) == 1 else ""
-
-
-def pivot_records(panels: Sequence[Panel], row_key: str, col_key: str, metric: str) -> list[dict[str, Any]]:
-    """Pivot cells in long form with full-precision numbers."""
-    records = []
-    for panel in panels:
-        for (r, c), row in panel.cells.items():
-            mean, std = row.stats[metric]
-            records.append({"panel": panel.title, row_key: r, col_key: c, "row": row.index,
-                            f"test_acc1_{metric}_mean": _num(mean), f"test_acc1_{metric}_std": _num(std),
-                            "n": row.n, "n_expected": row.group.expected})
-    return records
-
-
-def intro(sweep_dirs: Sequence[Path], runs: Sequence[Run], rows: Sequence[Row]) -> list[str]:
-    """What the report covers and how to read its cells."""
-    lines = ["# Sweep report", ""]
-    for d in sweep_dirs:
-        mine = [run for run in runs if run.sweep_dir == d]
-        grid = expected_jobs(d)
-        asked = f"{len(grid)} jobs in sweep.json's grid" if grid is not None else "no sweep.json grid"
-        lines.append(f"- `{d}`: {asked}, {len(mine)} job folders, {sum(r.result is not None for r in mine)} finished")
-    varying = varying_keys([row.group.key for row in rows])
-    constant = [k for k in ("phase", "dataset.name", "teacher._target_", "student._target_", "epochs")
-                if rows and k not in varying and k in rows[0].group.key]
-    fixed = ", ".join(f"{k}={fmt_value(rows[0].group.key[k], k)}" for k in constant)
-    selectors = sorted({str(r.result.get("best_selected_by")) for row in rows for r in row.group.runs})
-    lines += ["", f"Fixed: {fixed}." if fixed else "", "",
-              "Cells: test top-1 (%), mean ± sample std (ddof=1) over seeds; with n=1 the mean alone. "
-              "n: finished seeds, written `n of N` when the sweep asked for N (the missing runs are listed below).",
-              f"**last** = the final epoch; **best** = test top-1 at the epoch selected by {' / '.join(selectors)}"
-              + (" (the test split itself, so optimistic; dataset.val_fraction > 0 selects on a validation split)"
-                 if "test/acc1" in selectors else "") + ".",
-              "Δ = this row's mean minus its baseline row's (`vs #k`): the same config with loss.alpha=0 "
-              "(same temperature when that group exists), else a CE student of the same config; blank without one.",
-              ""]
-    return lines
-
-
-def pivot_sections(
-    rows: Sequence[Row], pivots: Sequence[tuple[str, str]], metric: str, out_dir: Path
-) -> tuple[list[str], list[str]]:
-    """Markdown and LaTeX for each --pivot, and pivot_<row>_<col>.csv next to the report."""
-    markdown, latex = [], []
-    for row_key, col_key in pivots:
-        panels = pivot_panels(rows, row_key, col_key)
-        markdown.append(f"## Pivot: {row_key} × {col_key} (test top-1 {metric}, %)\n")
-        latex.append(f"% pivot: {row_key} x {col_key} (test top-1 {metric})")
-        for panel in panels:
-            header, cells = pivot_table(panel, row_key, col_key, metric)
-            markdown += [f"{panel.title}:\n" if panel.title else "", markdown_table(header, cells)]
-            latex += [f"% {panel.title}" if panel.title else "", latex_table(header, cells)]
-        write_csv(out_dir / f"pivot_{row_key}_{col_key}.csv", pivot_records(panels, row_key, col_key, metric))
-    return markdown, latex
-
-
-def teacher_warnings(rows: Sequence[Row]) -> list[str]:
-    """A warning for each pair whose rows used different teacher weights (a retrained or replaced teacher)."""
-    by_pair: dict[str, dict[str, list[str]]] = {}
-    for row in rows:
-        sha, pair = row.group.key.get(TEACHER_SHA), row.group.key.get(PAIR)
-        if sha is not None and pair is not None and sha != "${" + SEED_KEY + "}":
-            by_pair.setdefault(pair, {}).setdefault(sha, []).append(f"#{row.index}")
-    lines = []
-    for pair, shas in by_pair.items():
-        if len(shas) > 1:
-            used = "; ".join(f"{sha[:12]} (rows {', '.join(indices)})" for sha, indices in shas.items())
-            lines.append(f"**Different teachers for {pair}**: {used}. Rows of one pair are only comparable with one "
-                         "teacher: rerun the rows of the teacher you do not want, or report them apart.")
-    return lines + [""] if lines else []
-
-
-def problem_section(problems: Sequence[Problem], rows: Sequence[Row], sweep_dirs: Sequence[Path]) -> list[str]:
-    """The "Missing or failed runs" section: each job, then the table rows and settings they affect."""
-    lines = ["## Missing or failed runs", ""]
-    if not problems:
-        lines.append("None: every expected job has a result.json.")
-    ungridded = [f"`{d}`" for d in sweep_dirs if expected_jobs(d) is None]
-    if ungridded:
-        lines += ["", f"No basic-sweeper sweep.json in {', '.join(ungridded)}: only its job folders were checked."]
-    lines += [f"- {p.line()}" for p in problems]
-    absent = settings_without_rows(problems, [run for row in rows for run in row.group.runs])
-    if absent:
-        lines += ["", "Settings with no finished run (no row in the table): " + "; ".join(absent) + "."]
-    short = [f"#{row.index} ({fmt_n(row.group)})" for row in rows if row.n < row.group.expected]
-    if short:
-        lines += ["", "Groups with fewer seeds than asked for: " + ", ".join(short) + "."]
-    repeated = [f"#{row.index}" for row in rows if len({r.seed for r in row.group.runs}) < row.n]
-    if repeated:
-        lines += ["", "Groups with the same seed more than once (all counted): " + ", ".join(repeated) + "."]
-    return lines + [""]
