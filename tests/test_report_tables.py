@@ -125,7 +125,8 @@ def test_any_recorded_metric_is_the_tables_metric(grid):
     cells = {line[0]: line[column] for line in table[1:]}
     rows = by_setting(grid)
     assert cells[rows[(0.9, 2)]["row"]] == "**80.00 ± 0.00**" and cells[rows[(0.9, 4)]["row"]] == "76.00 ± 0.00"
-    assert "Cells: val/acc1 (result.json" in markdown and "## Pivot: loss.alpha × loss.temperature (val/acc1)" in markdown
+    assert "Cells: val/acc1 (result.json" in markdown
+    assert "## Pivot: loss.alpha × loss.temperature (val/acc1)" in markdown
     assert float(rows[(0.9, 2)]["val_acc1_mean"]) == 80.0 and float(rows[(0.9, 2)]["delta_val_acc1"]) == 5.0
     # A loss is best when lowest.
     table = main_table(run_report(grid, "--metric", "val/loss"))
@@ -160,9 +161,21 @@ def test_columns_are_chosen_and_rows_sorted_by_option(grid):
                                               "metric, n, params, flops, teacher, latency, delta; keys: "),
     (("--columns", "latency"), "--columns latency: no latency is measured without --latency"),
     (("--sort", "loss.alfa"), "--sort loss.alfa: no such config key or metric; known: "),
-], ids=["unknown-column", "latency-unmeasured", "unknown-sort-key"])
+    (("--latency", "--latency-device", "abacus"), "--latency-device abacus: not a device ("),
+], ids=["unknown-column", "latency-unmeasured", "unknown-sort-key", "unknown-device"])
 def test_unknown_columns_and_sort_keys_are_refused_before_any_file(grid, capsys, args, message):
     assert refused(grid, capsys, *args).startswith(f"kd.report: {message}")
+
+
+def test_help_documents_the_options(capsys):
+    with pytest.raises(SystemExit) as exit:
+        report.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit.value.code == 0
+    for option in ("--columns NAME,... the main table's columns, in order", "--sort NAME,... order the rows",
+                   "-NAME descends (write --sort=-metric)", "--metric METRIC what the tables show",
+                   "--latency time each distinct model once here", "--latency-device DEVICE"):
+        assert option in text
 
 
 # ---------------------------------------------------------------- terminal, runs.csv, load()

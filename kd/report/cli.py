@@ -69,6 +69,8 @@ def tabulate(sweep_dirs: Sequence[Path], runs: Sequence[Run], options: Options) 
     rows = summarize(group_runs(runs, sweep_dirs), extra, sort)
     check_pivots(rows, options.pivots)
     check_columns(rows, options.columns, options.latency is not None)
+    if options.latency is not None:
+        latency.check_device(options.latency)
     return rows
 
 
@@ -131,7 +133,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--latex", action="store_true", help="also write report.tex (booktabs; needs pandas)")
     parser.add_argument("--metric", default="both", metavar="METRIC",
                         help="what the tables show: last or best (test top-1 at the last or the best epoch), both "
-                             "(default), or any number result.json records (val/acc1, test/acc5, teacher/agreement)")
+                             "(default), or any number result.json records (val/acc1, test/acc5, test/agreement)")
     parser.add_argument("--columns", type=names, default=(), metavar="NAME,...",
                         help="the main table's columns, in order, after #: config keys, method, pair, and "
                              f"{', '.join(COLUMN_NAMES)} (metric last when not named); default: the keys that vary, "
@@ -140,9 +142,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"order the rows by these config keys or `{SORT_BY_METRIC}` (the table's metric), the "
                              "first the most significant; -NAME descends (write --sort=-metric); rows are numbered "
                              "after sorting")
-    parser.add_argument("--latency", nargs="?", const="cpu", metavar="DEVICE",
-                        help="time each distinct model once here, batch 1, with torch.utils.benchmark (default "
-                             "device cpu) and show it as a column; run it on a quiet machine")
+    parser.add_argument("--latency", action="store_true",
+                        help="time each distinct model once here (batch 1, torch.utils.benchmark) and show it as a "
+                             "column; run it on a quiet machine (the latency a job records as it trains is not shown)")
+    parser.add_argument("--latency-device", default="cpu", metavar="DEVICE", help="where --latency runs (default cpu)")
     parser.add_argument("--out", type=Path, help="output folder (default: the first sweep folder)")
     parser.add_argument("--paper", choices=published.names(),
                         help="also a method x pair table of ours beside that paper's published figures")
@@ -166,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("kd.report: no job folders (with a run.json) found", file=sys.stderr)
         return 1
     options = Options([tuple(p) for p in args.pivot], args.latex, args.metric, args.paper, args.columns, args.sort,
-                      args.latency)
+                      args.latency_device if args.latency else None)
     try:
         path = write_report(args.sweep_dirs, args.out, options)
     except (ValueError, records.CannotWrite) as err:

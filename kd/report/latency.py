@@ -52,10 +52,21 @@ def build(node: dict[str, Any]) -> torch.nn.Module:
                          "Report without --latency, or with this repository's version that trained it.") from None
 
 
+def check_device(device: str) -> None:
+    """Reject a --latency-device torch cannot use here, before any work."""
+    try:
+        where = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--latency-device {device}: not a device ({error}); e.g. cpu, cuda, cuda:1.") from None
+    if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--latency-device {device}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                         "time on cpu, or run the report where the GPU is.")
+
+
 def measure(rows: Sequence[Row], device: str) -> list[str]:
     """Each row's latency_ms and latency_iqr_ms (Row.numbers), each distinct model and input timed once; returns the
     report's note on how, and a warning when the machine was busy."""
-    load = os.getloadavg()[0]
+    load = os.getloadavg()[0]  # before timing: the report's own work is not what makes a machine busy
     timed: dict[str, tuple[float, float]] = {}
     for row in rows:
         node, shape = model_input(row.group.runs[0].result["config"])
@@ -63,11 +74,17 @@ def measure(rows: Sequence[Row], device: str) -> list[str]:
         if key not in timed:
             timed[key] = time_model(node, shape, torch.device(device))
         row.numbers["latency_ms"], row.numbers["latency_iqr_ms"] = timed[key]
-    threads = f", {THREADS} thread" if device == "cpu" else ""
-    note = (f"Latency (ms): batch-1 forward in eval mode, the median of torch.utils.benchmark's blocked_autorange "
-            f"(at least {MIN_RUN_TIME_S:g} s per model; the interquartile range is in report.csv), measured by "
-            f"kd.report on {device}{threads}, {len(timed)} distinct model{'s' if len(timed) > 1 else ''}, each once, 1-minute load average "
-            f"{load:.2f} on {os.cpu_count()} cores. The latency a job records while it trains is not shown.")
     busy = [] if load <= BUSY_LOAD else [f"{BUSY}: the load average was {load:.2f} when the latency was "
                                          "measured; rerun `--latency` on a quiet machine for figures to publish."]
-    return [note, *busy, ""]
+    return [note(device, len(timed), load), *busy, ""]
+
+
+def note(device: str, models: int, load: float) -> str:
+    """How the latency column was measured, for the report."""
+    where = torch.device(device)
+    where_text = f"{device} ({torch.cuda.get_device_name(where)})" if where.type == "cuda" else f"cpu, {THREADS} thread"
+    return (f"Latency (ms): batch-1 forward in eval mode, the median of torch.utils.benchmark's blocked_autorange "
+            f"(at least {MIN_RUN_TIME_S:g} s per model; the interquartile range is in report.csv), measured by "
+            f"kd.report on {where_text}, {models} distinct model{'s' if models > 1 else ''}, each once, 1-minute "
+            f"load average {load:.2f} on {os.cpu_count()} cores. The latency a job records while it trains is not "
+            "shown.")

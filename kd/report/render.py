@@ -110,7 +110,8 @@ def table(rows: Sequence[Row], metrics: Sequence[str], columns: Sequence[str]) -
     """The main table: #, then the named columns in order (the metric last when not named); the best mean of each
     metric column in bold (best_rows)."""
     names = [*columns, *([] if "metric" in columns else ["metric"])]
-    shorts = short_names([name for name in names if name not in COLUMN_NAMES])
+    # Headers name a model by its node (student), not by its `_target_` key.
+    shorts = short_names([name.removesuffix("._target_") for name in names if name not in COLUMN_NAMES])
     spec = [Column("#", r"\#", lambda row: str(row.index))]
     for name in names:
         spec += column(name, metrics, shorts)
@@ -135,7 +136,8 @@ def column(name: str, metrics: Sequence[str], shorts: dict[str, str]) -> list[Co
     if name in NUMBER_COLUMNS:
         header, latex, key, digits = NUMBER_COLUMNS[name]
         return [Column(header, latex, lambda row: fmt_number(row.numbers.get(key), digits))]
-    latex = READABLE.get(name) or latex_escape(shorts[name].replace("_", " ").strip().capitalize())
+    short = shorts[name.removesuffix("._target_")]
+    latex = READABLE.get(name) or latex_escape(short.replace("_", " ").strip().capitalize())
     return [Column(name, latex, lambda row: fmt_value(row.group.key.get(name, MISSING), name), numeric=False)]
 
 
