@@ -33,7 +33,9 @@ class Series:
     dashed: bool = False
 
 
-def heatmaps(panels: Sequence[Heatmap], row_name: str, col_name: str, path: Path) -> Path:
+def heatmaps(
+    panels: Sequence[Heatmap], row_name: str, col_name: str, path: Path, label: str = "test top-1 (%)"
+) -> Path:
     """Annotated heatmaps side by side, sharing one colour scale."""
     finite = np.concatenate([p.values[np.isfinite(p.values)] for p in panels])
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
@@ -47,7 +49,7 @@ def heatmaps(panels: Sequence[Heatmap], row_name: str, col_name: str, path: Path
                 dark = value < (low + high) / 2
                 ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="white" if dark else "black")
     axes[0][0].set_ylabel(row_name)
-    fig.colorbar(image, ax=axes[0].tolist(), label="test top-1 (%)")
+    fig.colorbar(image, ax=axes[0].tolist(), label=label)
     return save(fig, path)
 
 
