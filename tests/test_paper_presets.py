@@ -7,7 +7,8 @@ from hydra import compose, initialize
 from omegaconf import OmegaConf
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import published, report
+from kd import published
+from kd.report import keys as report
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PAPER_PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem.startswith(("crd_", "imagenet_")))
