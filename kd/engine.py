@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, pretrained, records, teachers, tracking
+from kd import distributed, pretrained, records, stages, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, value_problems
 from kd.data import FileSplits, hold_out
@@ -204,7 +204,7 @@ def set_up(
         torch.set_num_threads(cfg.threads)
     teacher_path, teacher_file = None, None
     if phase is Phase.student:
-        teacher_path = find_or_train_teacher(cfg, wants_teacher(cfg, criterion.needs_teacher), overrides)
+        teacher_path = find_or_train_teacher(cfg, wants_teacher(cfg, stages.needs_teacher(criterion)), overrides)
     if teacher_path is not None:  # read and checked before any data is decoded
         teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
     data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
@@ -612,6 +612,7 @@ def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[
     main = distributed.is_main()
     if main:
         records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+    stages.run_init_stage(job, cfg, out_dir, checkpoint, lambda: checkpoint_payload(job, cfg, None, None))
     for epoch in range(done + 1, cfg.epochs + 1):
         metrics = run_epoch(job, epoch)
         best = metrics if best is None or metrics[best_key] > best[best_key] else best
@@ -625,17 +626,26 @@ def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[
 
 def save_checkpoints(job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], best: dict[str, Any]) -> None:
     """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
-    model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
-    payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
-    payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
-    payload["precision"] = precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
-    payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=metrics["epoch"])
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng})
+    payload = checkpoint_payload(job, cfg, metrics, best)
     if best is metrics:
         records.save_checkpoint(out_dir / "best.pt", payload)
     # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
     records.save_checkpoint(out_dir / "last.pt", payload)
+
+
+def checkpoint_payload(job: Job, cfg: DictConfig, metrics: Optional[dict[str, Any]],
+                       best: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """What last.pt holds after the epoch of `metrics` (stage "main"), or before epoch 1 for metrics None (an init
+    stage adds itself: kd.stages)."""
+    model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
+    payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
+    payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
+    payload["precision"] = precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
+    epoch = metrics["epoch"] if metrics is not None else 0
+    payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=epoch, stage="main")
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng})
+    return payload
 
 
 def summarize(last: dict[str, Any], best: dict[str, Any], best_key: str) -> dict[str, Any]:
