@@ -44,10 +44,13 @@ class ABLoss(FeatureCriterion):
     """Heo et al. AAAI 2019 (AB): an init stage of init_epochs on weight * ab_loss(connector(f_s), f_t), then nothing.
 
     Layers: every stage output before its final ReLU (the models' "preact" layers; their stage outputs where they
-    declare none), on both networks, paired in order. The init stage trains the student and the connectors with
-    the run's optimizer at init_lr (null: its lr), as RepDistiller (train_student.py lines 227-238: Connector,
-    init_epochs 30, init() of helper/pretrain.py at opt.learning_rate); the main stage adds no term (helper/loops.py
-    lines 171-173: loss_kd = 0), and the connectors, unused there, stay as the init stage left them.
+    declare none), on both networks, paired in order. WRN declares none: RepDistiller takes its stages through the
+    next block's BatchNorm (wrn.py, preact=True), whose output the in-place ReLU after it overwrites, so hooks
+    cannot capture it; its raw stage outputs are used instead (the same fallback as ReviewKD's teacher levels).
+    The init stage trains the student and the connectors with the run's optimizer at init_lr (null: its lr), as
+    RepDistiller (train_student.py lines 227-238: Connector, init_epochs 30, init() of helper/pretrain.py at
+    opt.learning_rate); the main stage adds no term (helper/loops.py lines 171-173: loss_kd = 0), and the connectors,
+    unused there, stay as the init stage left them.
     """
 
     term = "loss_ab"

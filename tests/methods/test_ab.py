@@ -3,7 +3,6 @@ connectors, its layers (before the final ReLU) and where its gradients go: only 
 import pytest
 import torch
 from torch import nn
-from torch.testing import assert_close
 
 from kd.methods.ab import ABLoss, ab_loss, boundary_loss, connector
 from kd.methods.base import Step
