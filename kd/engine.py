@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, pretrained, records, teachers, tracking
+from kd import distributed, pretrained, records, stages, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, value_problems
 from kd.data import FileSplits, Splits, hold_out
@@ -209,7 +209,7 @@ def set_up(
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    required = wants_teacher(cfg, criterion.needs_teacher)
+    required = wants_teacher(cfg, stages.needs_teacher(criterion))
     teacher_path = first_teacher(cfg, required, overrides, resumed) if phase is Phase.student else None
     teacher_file = None  # read and checked before any data is decoded
     if teacher_path is not None:
@@ -771,6 +771,8 @@ def fit(
     main = distributed.is_main()
     if main:
         records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+    before_epoch_1 = lambda: checkpoint_payload(job, cfg, None, None, teacher or {})  # noqa: E731
+    stages.run_init_stage(job, cfg, out_dir, checkpoint, before_epoch_1)
     for epoch in range(done + 1, cfg.epochs + 1):
         metrics = run_epoch(job, epoch)
         best = metrics if best is None or metrics[best_key] > best[best_key] else best
@@ -785,21 +787,32 @@ def fit(
 def save_checkpoints(
     job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], best: dict[str, Any], teacher: dict[str, Any]
 ) -> None:
-    """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last, with the
-    inputs a resume must keep: the teacher's sha256 and path, the training data's digest."""
+    """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
+    payload = checkpoint_payload(job, cfg, metrics, best, teacher)
+    if best is metrics:
+        records.save_checkpoint(out_dir / "best.pt", payload)
+    # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
+    records.save_checkpoint(out_dir / "last.pt", payload)
+
+
+def checkpoint_payload(
+    job: Job, cfg: DictConfig, metrics: Optional[dict[str, Any]], best: Optional[dict[str, Any]],
+    teacher: dict[str, Any],
+) -> dict[str, Any]:
+    """What last.pt holds after the epoch of `metrics` (stage "main"), or before epoch 1 for metrics None (an init
+    stage adds itself: kd.stages), with the inputs a resume must keep: the teacher's sha256 and path (`teacher`), the
+    training data's digest."""
     model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
     payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
     payload.update(teacher_sha256=teacher.get("teacher_sha256"), teacher_checkpoint=teacher.get("teacher_checkpoint"))
     payload["train_digest"] = job.data.train_digest()
     payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
     payload["precision"] = precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
-    payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=metrics["epoch"])
+    epoch = metrics["epoch"] if metrics is not None else 0
+    payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=epoch, stage="main")
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng})
-    if best is metrics:
-        records.save_checkpoint(out_dir / "best.pt", payload)
-    # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
-    records.save_checkpoint(out_dir / "last.pt", payload)
+    return payload
 
 
 def summarize(last: dict[str, Any], best: dict[str, Any], best_key: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
-from kd import engine, records, teachers
+from kd import engine, records, stages, teachers
 from kd.config import Phase
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def teacher_preflight(config: DictConfig) -> Optional[str]:
     if any(_head(key) in heads for key in swept):
         return None  # several teachers: each job finds (or trains, under a lock) its own
     cfg = _without_hydra(config)
-    needs_teacher = instantiate(cfg.loss).needs_teacher or any(_head(k) == "loss" for k in swept)
+    needs_teacher = stages.needs_teacher(instantiate(cfg.loss)) or any(_head(k) == "loss" for k in swept)
     try:
         engine.find_or_train_teacher(cfg, engine.wants_teacher(cfg, needs_teacher), fixed)
     except (FileNotFoundError, ValueError, InstantiationException) as error:

@@ -58,7 +58,9 @@ OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "
                "kd.teacher_cache.EpochOutputs")
 OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140c82f2644d2b4",
                         # 2: kd/models declare "preact" layers and name kd.methods.hooks (no forward changed)
-                        2: "f4c746105add9d7b890d816654cdff0d846c20fd81fba655d7092657da9e6813"}
+                        2: "f4c746105add9d7b890d816654cdff0d846c20fd81fba655d7092657da9e6813",
+                        # 3: kd/models declare "stem" layers (FSP's; no forward changed)
+                        3: "81a6d846d0a0836da62e98452bd3dced1bc2f819c7efb6e898bf25cad1b94e59"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 

@@ -96,12 +96,17 @@ def test_model_option_builds_as_teacher_and_student(name, one_thread):
     assert torch.isfinite(logits).all()
 
 
+# FSP compares FSP matrices of equal sizes: its teacher is as wide as the student.
+TEACHER_WIDTHS = {"fsp": 0.25}
+
+
 @pytest.mark.parametrize("name", options("loss"))
 def test_loss_option_instantiates_and_returns_finite_terms(name):
     """Every loss option, bound to a tiny student and teacher, gives finite terms whose gradient reaches the student."""
     criterion = instantiate(compose(f"loss={name}").loss)
     torch.manual_seed(0)
-    student, teacher = resnet8(num_classes=10, width=0.25), resnet8(num_classes=10, width=0.5).eval()
+    teacher_width = TEACHER_WIDTHS.get(name, 0.5)
+    student, teacher = resnet8(num_classes=10, width=0.25), resnet8(num_classes=10, width=teacher_width).eval()
     images, train_labels, index = torch.randn(8, 3, 16, 16), torch.arange(40) % 10, torch.arange(8)
     criterion.bind(student, teacher, images[:2], train_labels)  # a no-op for the logit criteria
     student_layers, teacher_layers = criterion.layers()
@@ -337,9 +342,16 @@ PAIR_HPARAMS = {  # preset: (dkd_beta, (kd_ls temperature, weight), (dkd_ls temp
 }
 
 
+# FT's init-stage lr where it is not conf/loss/ft.yaml's 0.01: the student's own for VGG students (RepDistiller
+# helper/pretrain.py lines 22-27 set 0.01 for ResNet and WRN students only).
+FT_INIT_LR = {"crd_vgg13_vgg8": 0.05, "crd_ResNet50_vgg8": 0.05}
+
+
 def expected_pair_hparams(name: str) -> dict[str, float]:
     dkd_beta, kd_ls, dkd_ls = PAIR_HPARAMS[name]
     values = {} if dkd_beta is None else {"dkd_beta": dkd_beta}
+    if name in FT_INIT_LR:
+        values["ft_init_lr"] = FT_INIT_LR[name]
     if kd_ls is not None:
         values.update(zip(("kd_ls_temperature", "kd_ls_weight"), kd_ls))
     if dkd_ls is not None:
@@ -360,7 +372,7 @@ def test_pair_hparams_keys_are_read_by_a_loss_option():
             for key in re.findall(r"pair_hparams\.(\w+)", path.read_text())}
     assert read == {"dkd_beta", "kd_ls_temperature", "kd_ls_weight", "dkd_ls_temperature", "dkd_ls_weight",
                     "dkd_ls_beta", "reviewkd_weight", "kd_alpha", "kd_temperature", "dkd_temperature",
-                    "dkd_warmup_epochs"}
+                    "dkd_warmup_epochs", "ft_init_lr"}
     for path in (CONF / "experiment").glob("*.yaml"):
         assert set(OmegaConf.load(path).get("pair_hparams", {})) <= read, path.name
 
@@ -380,6 +392,8 @@ def test_pair_values_reach_the_instantiated_losses(name):
     criterion = instantiate(compose(f"experiment={name}", "loss=dkd_ls").loss)
     assert (criterion.temperature, criterion.kd_weight, criterion.beta) == dkd_ls
     assert (criterion.ce_weight, criterion.alpha, criterion.warmup_epochs, criterion.standardize) == (1, 1, 20, True)
+    ft = instantiate(compose(f"experiment={name}", "loss=ft").loss).terms["ft"]
+    assert ft.init_lr == FT_INIT_LR.get(name, 0.01)
 
 
 def test_vgg13_vgg8_dkd_ls_is_the_logged_run():

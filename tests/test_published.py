@@ -77,7 +77,7 @@ def test_pairs_use_this_repositorys_model_names():
         assert {teacher, student} <= known, fig.pair
 
 
-@pytest.mark.parametrize("loss", ["kd", "fitnet", "at", "sp", "pkt", "rkd", "crd", "crd_kd", "ce"])
+@pytest.mark.parametrize("loss", ["kd", "fitnet", "at", "sp", "pkt", "rkd", "ab", "ft", "fsp", "crd", "crd_kd", "ce"])
 def test_crd_methods_are_named_as_the_report_names_the_loss_options(loss):
     with hydra.initialize(version_base="1.3", config_path="../conf"):
         cfg = hydra.compose("config", overrides=[f"loss={loss}", "phase=student"])

@@ -5,7 +5,8 @@
   the shared helpers (weight checks, full precision, pooling to a common size).
 - hooks.py: features by module name (`capture`, `probe_shapes`) and the models' default layers.
 - kd.py (kd, kd_ls), dkd.py (dkd, dkd_ls), dist.py, fitnet.py, at.py, sp.py, pkt.py, rkd.py, cc.py, vid.py, nst.py,
-  crd.py (crd; crd_kd composes it with kd.SoftTargets in YAML), reviewkd.py.
+  crd.py (crd; crd_kd composes it with kd.SoftTargets in YAML), reviewkd.py, and ab.py, fsp.py, ft.py, which declare
+  an init stage (base.InitStage, trained by kd.stages before epoch 1).
 
 Each method file holds its pure tensor function(s) first, then a small criterion class: its hyperparameters and a
 forward(step) returning {term name: already-weighted term}. Adding a method is one file here, one

@@ -5,7 +5,8 @@ adapters) and the helpers the methods' files use.
 A criterion is called as criterion(step) with the batch's `Step` and returns a dict of named, already-weighted loss
 terms whose sum is the loss; the loop logs each term without knowing the method. Criteria that read intermediate
 features name the modules (`layers()`) and build their adapters in `bind()`, which the engine calls once, before the
-optimizer is made, so the adapters train with the student.
+optimizer is made, so the adapters train with the student. A criterion may also declare an `InitStage` (AB, FSP, FT):
+epochs that kd.stages trains on the criterion's own init loss before epoch 1.
 
 Feature terms run in float32 or wider with autocast off (full_precision, autocast_off): they sum thousands of small
 products and CRD exponentiates scores / 0.07, which overflows float16. Teacher features are detached: no gradient
@@ -16,7 +17,7 @@ them.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from kd.methods.hooks import default_layers, probe_shapes
 class Step:
     """What a criterion sees for one training batch."""
 
-    student_logits: Tensor
+    student_logits: Optional[Tensor]  # None only in an init stage that does not run the student (FT's)
     targets: Tensor
     teacher_logits: Optional[Tensor] = None
     student_features: dict[str, Tensor] = field(default_factory=dict)  # module name -> its output
@@ -43,10 +44,24 @@ class Step:
     batch_size: Optional[int] = None
 
 
+@dataclass
+class InitStage:
+    """What a criterion trains before epoch 1, on a loss of its own (RepDistiller's init stage of AB, FSP and FT,
+    helper/pretrain.py); kd.stages runs it with the run's optimizer at a constant learning rate."""
+
+    epochs: int
+    loss: Callable[[Step], dict[str, Tensor]]  # the stage's named, already-weighted terms
+    modules: list[nn.Module]  # the criterion's modules it trains (AB's connectors, FT's paraphraser)
+    trains_student: bool  # the student trains too (AB, FSP); False: the student does not even run (FT)
+    layers: tuple[list[str], list[str]]  # the student's and the teacher's layers the loss reads
+    lr: Optional[float] = None  # None: the run optimizer's lr
+
+
 class Criterion(nn.Module):
     """Base of every criterion: by default it reads the teacher's logits and no features, and has no adapters."""
 
-    needs_teacher: bool = True
+    needs_teacher: bool = True  # the training step reads the teacher (an init stage always does: kd.stages)
+    init_epochs: int = 0  # epochs of an init stage before epoch 1 (init_stage()); known before bind
 
     def layers(self) -> tuple[list[str], list[str]]:
         """Names of the student's and the teacher's modules whose outputs forward() reads (after bind)."""
@@ -54,6 +69,10 @@ class Criterion(nn.Module):
 
     def bind(self, student: nn.Module, teacher: Optional[nn.Module], images: Tensor, train_labels: Tensor) -> None:
         """Resolve layer names and build adapters, given both models, a sample input batch and the train labels."""
+
+    def init_stage(self) -> Optional[InitStage]:
+        """The stage trained before epoch 1 (after bind), or None when the criterion has none."""
+        return None
 
 
 class CELoss(Criterion):
@@ -80,11 +99,23 @@ class Combined(Criterion):
             raise ValueError(
                 "loss is a Combined with no criteria: add one, e.g. +loss.ce._target_=kd.methods.base.CELoss."
             )
+        staged = [name for name, term in terms.items() if term.init_epochs > 0]
+        if len(staged) > 1:
+            raise ValueError(f"loss terms {staged} each declare an init stage, and a run trains one: keep one of them "
+                             "(or set the others' init_epochs=0).")
         self.terms = nn.ModuleDict(terms)
 
     @property
     def needs_teacher(self) -> bool:
         return any(term.needs_teacher for term in self.terms.values())
+
+    @property
+    def init_epochs(self) -> int:
+        return max(term.init_epochs for term in self.terms.values())
+
+    def init_stage(self) -> Optional[InitStage]:
+        stages = [term.init_stage() for term in self.terms.values()]
+        return next((stage for stage in stages if stage is not None), None)
 
     def layers(self) -> tuple[list[str], list[str]]:
         student, teacher = [], []
@@ -134,6 +165,10 @@ class FeatureCriterion(Criterion):
         """Create the adapters (on images' device), given the features' shapes."""
 
     def layers(self) -> tuple[list[str], list[str]]:
+        return self.bound()
+
+    def bound(self) -> tuple[list[str], list[str]]:
+        """The student's and the teacher's layer names that bind() resolved, in pair order."""
         if self.bound_layers is None:
             raise RuntimeError(f"{type(self).__name__}.layers() before bind(): bind the criterion to the models first.")
         return list(self.bound_layers[0]), list(self.bound_layers[1])
@@ -167,7 +202,7 @@ class FeatureCriterion(Criterion):
 
     def features(self, step: Step) -> tuple[list[Tensor], list[Tensor]]:
         """The student's features (with their graph) and the teacher's (detached), in layer order, at full precision."""
-        student_names, teacher_names = self.layers()
+        student_names, teacher_names = self.bound()
 
         def fetch(features: dict[str, Tensor], name: str, role: str) -> Tensor:
             if name not in features:
@@ -206,6 +241,15 @@ def check_spatial(method: str, student_shapes: list[torch.Size], teacher_shapes:
             raise ValueError(
                 f"{method} compares spatial maps (N, C, H, W); got student {tuple(s)}, teacher {tuple(t)}."
             )
+
+
+def check_init_stage(method: str, init_epochs: int, init_lr: Optional[float], minimum: int) -> None:
+    """Refuse an init stage shorter than `minimum` epochs, or a learning rate that is not > 0 (null: the run's)."""
+    if init_epochs < minimum:
+        why = "it distils in that stage alone" if minimum else "a count of epochs"
+        raise ValueError(f"{method}: init_epochs={init_epochs} must be >= {minimum} ({why}).")
+    if init_lr is not None and not init_lr > 0:
+        raise ValueError(f"{method}: init_lr={init_lr} must be > 0, or null for the optimizer's lr.")
 
 
 def full_precision(tensor: Tensor) -> Tensor:

@@ -2,7 +2,9 @@
 for the methods that read features (kd.methods.base.FeatureCriterion) and for kd.loop, which captures them.
 
 A layer name is a dotted module path as `model.named_modules()` lists it ("layer2", "blocks.4", "fc"); the suffix
-":in" takes that module's input instead of its output, so "fc:in" is the pooled embedding the classifier reads.
+":in" takes that module's input instead of its output, so "fc:in" is the pooled embedding the classifier reads, and
+"a+b" is the sum of the features captured at a and b (a value no module outputs, such as a residual block's sum
+before its final ReLU: "layer1.0.bn2+layer1.0:in").
 """
 from contextlib import contextmanager
 from functools import partial
@@ -12,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 INPUT_SUFFIX = ":in"
+SUM = "+"  # "a+b": the sum of the features captured at a and b
 # torchvision ResNets (and models named like them): their four stages and their linear classifier `fc`.
 TORCHVISION_STAGES = ("layer1", "layer2", "layer3", "layer4")
 
@@ -79,6 +82,19 @@ def _check_captured(features: dict, versions: dict, names: list[str], model: nn.
             )
 
 
+def _add_sums(features: dict, names: list[str], model: nn.Module, args, output) -> None:
+    """After the whole forward (and its checks): each "a+b" name gets the sum of its parts' features."""
+    for name in names:
+        parts = [features[part] for part in name.split(SUM)]
+        if len({part.shape for part in parts}) != 1:
+            raise RuntimeError(f"layer {name!r} sums features of different shapes {[tuple(p.shape) for p in parts]}: "
+                               f"name parts of one shape. {_HINT}")
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        features[name] = total
+
+
 @contextmanager
 def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
     """Yield a dict that each forward of `model` fills with {layer name: its output (or input, for "name:in")}.
@@ -86,10 +102,12 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor
     The dict is emptied at the start of every forward, so it holds the last forward's features; copy it before the
     next forward if they are still needed. Hooks are removed on exit, also when the body raises. A captured tensor
     is the one the model goes on computing with (no copy, gradients flow through it) and the forward fails if it
-    is later modified in place; under torch.inference_mode (no version counters) it is copied instead.
+    is later modified in place; under torch.inference_mode (no version counters) it is copied instead. A name "a+b"
+    holds the sum of a's and b's features, which are captured (and held in the dict) as any name.
     """
     names = list(dict.fromkeys(names))
-    targets = [(name, *resolve(model, name)) for name in names]  # every name is checked before any hook is added
+    parts = list(dict.fromkeys(part for name in names for part in name.split(SUM)))
+    targets = [(name, *resolve(model, name)) for name in parts]  # every name is checked before any hook is added
     features: dict[str, Tensor] = {}
     versions: dict[str, int] = {}
     handles = [model.register_forward_pre_hook(partial(_reset, features, versions))]
@@ -99,7 +117,10 @@ def capture(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor
                 handles.append(module.register_forward_pre_hook(partial(_input_hook, features, versions, name)))
             else:
                 handles.append(module.register_forward_hook(partial(_output_hook, features, versions, name)))
-        handles.append(model.register_forward_hook(partial(_check_captured, features, versions, names)))
+        handles.append(model.register_forward_hook(partial(_check_captured, features, versions, parts)))
+        sums = [name for name in names if SUM in name]
+        if sums:  # registered after the check, so it runs after it
+            handles.append(model.register_forward_hook(partial(_add_sums, features, sums)))
         yield features
     finally:
         for handle in handles:
@@ -126,7 +147,8 @@ def probe_shapes(model: nn.Module, names: Sequence[str], images: Tensor) -> dict
 def default_layers(model: nn.Module) -> dict:
     """{"stages": stage output names in order, "embedding": the classifier's input} for a model of the zoo, and
     "preact" where the model declares it: each stage's output before its final ReLU, as hooks capture it exactly
-    ("a+b" names the sum of two captures), one per stage (ReviewKD's teacher levels).
+    ("a+b" names the sum of two captures), one per stage (ReviewKD's teacher levels, AB's features); "stem" where it
+    declares it: the output of the layers before the first stage (RepDistiller's first feature, FSP's first layer).
 
     Zoo models declare `feature_layers` (the features RepDistiller's `is_feat=True` returns, stem and logits left
     out); timm models list their stages in `feature_info`; other models fall back to torchvision's ResNet names
@@ -135,7 +157,8 @@ def default_layers(model: nn.Module) -> dict:
     declared = getattr(model, "feature_layers", None)
     if declared is not None:
         layers = {"stages": list(declared["stages"]), "embedding": declared["embedding"]}
-        return layers | ({"preact": list(declared["preact"])} if "preact" in declared else {})
+        layers |= {"preact": list(declared["preact"])} if "preact" in declared else {}
+        return layers | ({"stem": declared["stem"]} if "stem" in declared else {})
     listed = _feature_info_layers(model)
     if listed is not None:
         return listed

@@ -34,9 +34,9 @@ class CifarResNet(nn.Module):
     """3x3 stem, three stages of BasicBlocks (strides 1, 2, 2), global average pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (post-ReLU stage outputs, the pooled
-    # embedding); kd.methods.hooks.default_layers reads it. Each instance adds "preact" (preact_layer), which
-    # depends on the blocks it built.
-    feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "fc:in"}
+    # embedding, and as "stem" the stem's output, its first feature); kd.methods.hooks.default_layers reads it. Each
+    # instance adds "preact" (preact_layer), which depends on the blocks it built.
+    feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "fc:in", "stem": "layer1:in"}
 
     def __init__(self, depth: int, filters: list[int], num_classes: int) -> None:
         super().__init__()

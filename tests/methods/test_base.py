@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from kd.methods.ab import ABLoss
 from kd.methods.at import ATLoss, attention_loss
 from kd.methods.base import CELoss, Combined, Criterion, Step, average_pool_to
 from kd.methods.cc import CCLoss, correlation_congruence_loss
@@ -14,6 +15,7 @@ from kd.methods.crd import CRDLoss
 from kd.methods.dist import DISTLoss
 from kd.methods.dkd import DKDLoss
 from kd.methods.fitnet import FitNetLoss
+from kd.methods.fsp import FSPLoss
 from kd.methods.kd import KDLoss, kd_divergence
 from kd.methods.nst import NSTLoss, nst_loss
 from kd.methods.pkt import PKTLoss, pkt_loss
@@ -86,6 +88,16 @@ def test_combined_needs_the_teacher_when_any_term_does():
     assert Combined(ce=CELoss(), soft=SoftTargetsOnly()).needs_teacher is True
     with pytest.raises(ValueError, match=r"Combined with no criteria: add one"):
         Combined()
+
+
+def test_combined_hands_on_the_init_stage_of_its_one_term_that_has_one():
+    combined = Combined(ce=CELoss(), ab=ABLoss(init_epochs=3))
+    assert combined.init_epochs == 3 and Combined(ce=CELoss()).init_epochs == 0
+    bind(combined)
+    assert combined.init_stage().epochs == 3 and Combined(ce=CELoss()).init_stage() is None
+    with pytest.raises(ValueError, match=r"loss terms \['ab', 'fsp'\] each declare an init stage, and a run trains "
+                                         r"one: keep one of them \(or set the others' init_epochs=0\)"):
+        Combined(ab=ABLoss(), fsp=FSPLoss())
 
 
 @pytest.mark.parametrize(

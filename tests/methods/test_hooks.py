@@ -17,6 +17,8 @@ from kd.methods.base import Step
 from kd.methods.fitnet import FitNetLoss
 from kd.methods.hooks import capture, default_layers, probe_shapes
 from kd.models.cifar_resnet import resnet8
+from kd.models.vgg import vgg8
+from kd.models.wrn import wrn_16_1
 from kd.models.torchvision_models import torchvision_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -166,6 +168,42 @@ def test_a_layer_that_is_not_called_is_reported():
     with pytest.raises(RuntimeError, match=r"\['skipped'\] of Skipping were not called"):
         with capture(model, ["used", "skipped"]):
             model(torch.randn(2, 3))
+
+
+def test_a_sum_name_captures_the_sum_of_its_parts_with_their_graph():
+    """"a+b": a value no module outputs, such as a residual block's sum before its final ReLU (AB's features)."""
+    torch.manual_seed(0)
+    model, x = resnet8(num_classes=10, width=0.5).train(), images()
+    name = "layer2.0.bn2+layer2.0.downsample"
+    with capture(model, [name, "layer2"]) as features:
+        model(x)
+    assert_close(features[name], features["layer2.0.bn2"] + features["layer2.0.downsample"], rtol=0, atol=0)
+    assert_close(torch.relu(features[name]), features["layer2"])  # the block's output is the ReLU of that sum
+    assert features[name].requires_grad
+    with torch.inference_mode(), capture(model.eval(), [name]) as frozen:
+        model(x)
+        block, block_input = model.layer2[0], model.layer1(model.relu(model.bn1(model.conv1(x))))
+        residual = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(block_input)))))
+        assert_close(frozen[name], residual + block.downsample(block_input))
+    with pytest.raises(RuntimeError, match=r"layer 'layer1\+layer2' sums features of different shapes \[\(2, 8, 32, "
+                                           r"32\), \(2, 16, 16, 16\)\]"):
+        with capture(model, ["layer1+layer2"]):
+            model(x)
+
+
+@pytest.mark.parametrize("make, stem", [
+    (resnet8, lambda m, x: m.relu(m.bn1(m.conv1(x)))),  # RepDistiller resnet.py: f0 after conv1, bn1, relu
+    (wrn_16_1, lambda m, x: m.conv1(x)),  # wrn.py: f0 = conv1(x)
+    (vgg8, lambda m, x: torch.relu(m.block0(x))),  # vgg.py: f0 = relu(block0(x))
+])
+def test_the_declared_stem_is_repdistillers_first_feature(make, stem):
+    torch.manual_seed(0)
+    model, x = make(num_classes=10, width=0.25).eval(), images()
+    name = default_layers(model)["stem"]
+    with torch.no_grad(), capture(model, [name]) as features:
+        model(x)
+        expected = stem(model, x)
+    assert_close(features[name], expected)
 
 
 def test_probe_shapes_leaves_modes_and_batch_norm_statistics_alone():
