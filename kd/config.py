@@ -37,12 +37,14 @@ class LibraryModelConfig(ModelConfig):
 
 @dataclass
 class DatasetConfig:
+    # What a dataset is and how it is augmented: each conf/dataset option gives these (with their sources).
     name: str = MISSING
     num_classes: int = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
-    crop_padding: int = 4
-    hflip: bool = True
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
+    # The same default for every dataset: the fraction of the training split held out to validate, its draw's seed.
     val_fraction: float = 0.0
     split_seed: int = 0
     source: Any = MISSING  # a `_target_` node returning kd.data.Splits
@@ -62,11 +64,30 @@ class LoggerConfig:
 
 
 @dataclass
+class PairHparams:
+    """Per-pair values a method's paper tuned, set by the pair presets (conf/experiment/*.yaml) and read by the loss
+    options as ${coalesce:${pair_hparams.<key>},<the option's own value>}: None leaves the option's value."""
+
+    kd_alpha: Optional[float] = None  # kd
+    kd_temperature: Optional[float] = None  # kd
+    dkd_beta: Optional[float] = None  # dkd; dkd_ls without dkd_ls_beta
+    dkd_temperature: Optional[float] = None  # dkd
+    dkd_warmup_epochs: Optional[int] = None  # dkd
+    kd_ls_temperature: Optional[float] = None  # kd_ls
+    kd_ls_weight: Optional[float] = None  # kd_ls
+    dkd_ls_temperature: Optional[float] = None  # dkd_ls
+    dkd_ls_weight: Optional[float] = None  # dkd_ls
+    dkd_ls_beta: Optional[float] = None  # dkd_ls
+    reviewkd_weight: Optional[float] = None  # reviewkd
+
+
+@dataclass
 class Config:
     phase: Phase = Phase.teacher
     seed: int = 0
-    epochs: int = 240
-    batch_size: int = 64
+    # The student's recipe: conf/config.yaml gives epochs and batch_size (with their source), optimizer and scheduler.
+    epochs: int = MISSING
+    batch_size: int = MISSING
     eval_batch_size: int = 512
     device: str = "auto"
     # "auto" looks the teacher up in `teacher_store`; a path loads that checkpoint; "none" runs without one;
@@ -115,10 +136,8 @@ class Config:
     # null stores every logit (exact); k stores each view's k largest (an approximation: the teacher's distribution
     # renormalised over its top k, as Fast Knowledge Distillation does): ImageNet's 1000 classes in 1% of the space.
     teacher_cache_topk: Optional[int] = None
-    # Per-pair hyperparameters a method's paper tuned, set by the pair presets (conf/experiment/crd_*.yaml) and
-    # read by the loss options through ${oc.select:pair_hparams.<name>,<default>}: dkd_beta (dkd), kd_ls_temperature,
-    # kd_ls_weight (kd_ls), dkd_ls_temperature, dkd_ls_weight, dkd_ls_beta (dkd_ls).
-    pair_hparams: dict[str, float] = field(default_factory=dict)
+    # Typed, so a misspelt key (pair_hparams.dkd_betta=2) fails at composition instead of leaving the default.
+    pair_hparams: PairHparams = field(default_factory=PairHparams)
     dataset: DatasetConfig = MISSING
     teacher: ModelConfig = MISSING
     student: ModelConfig = MISSING
@@ -141,6 +160,16 @@ def job_dir_name(overrides: str, number: int) -> str:
 
 
 OmegaConf.register_new_resolver("kd_job_dir", job_dir_name, replace=True)
+
+
+def coalesce(*values: Any) -> Any:
+    """The first value that is not None (SQL's COALESCE): ${coalesce:${pair_hparams.dkd_beta},8.0} is the pair's
+    value when its preset or the command line sets one, else the loss option's own 8.0."""
+    return next((value for value in values if value is not None), None)
+
+
+# Not oc.select: it returns a key's None rather than its default, and falls back silently on a misspelt key.
+OmegaConf.register_new_resolver("coalesce", coalesce, replace=True)
 
 
 def value_problems(cfg: DictConfig) -> list[str]:
