@@ -1,8 +1,9 @@
 """Typed root schema: a typo or a wrong type in a config or an override fails at composition; what the schema cannot
 type (the `_target_` nodes' arguments, NaN and inf) is checked by `value_problems` before any work starts."""
+import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Iterator, Optional
 
@@ -173,11 +174,15 @@ OmegaConf.register_new_resolver("coalesce", coalesce, replace=True)
 
 
 def value_problems(cfg: DictConfig) -> list[str]:
-    """What no run can use, by dotted key: NaN or infinite floats anywhere in the resolved config, and values that
-    are not numbers where a `_target_` node's callable takes a number."""
+    """What no run can use, by dotted key: values never given (???), NaN or infinite floats anywhere in the resolved
+    config, and values that are not numbers where a `_target_` node's callable takes a number."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+    if missing:  # first: resolving the rest may read them
+        return [f"{', '.join(missing)}: no value given (???): set each on the command line ({missing[0]}=...) or in "
+                "the config option that should give it"]
+    problems = _undeclared(cfg)
     tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tree.pop("hydra", None)  # a multirun's sweep config
-    problems = []
     nonfinite = [f"{key}={value}" for key, value in _leaves(tree)
                  if isinstance(value, float) and not math.isfinite(value)]
     if nonfinite:
@@ -185,6 +190,24 @@ def value_problems(cfg: DictConfig) -> list[str]:
                         "finite number)")
     for key, node in _target_nodes(tree):
         problems += _non_numbers(key, node)
+    return problems
+
+
+def _undeclared(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added to a typed node (Hydra's + skips the schema's check): a misspelt setting, such as
+    +pair_hparams.dkd_betta=2, would otherwise be ignored."""
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    problems = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if declared is not None and key not in declared:
+            close = ", ".join(difflib.get_close_matches(str(key), sorted(declared), n=3)) or "none"
+            problems.append(f"{name}: {schema.__name__} has no such setting (it was added with +; close names: "
+                            f"{close}): set an existing one, without the +")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and name != "hydra":
+            problems += _undeclared(child, f"{name}.")
     return problems
 
 
