@@ -69,6 +69,28 @@ def test_strings_where_a_target_takes_a_number_are_refused_naming_the_key_and_ty
     assert message == f"invalid config: {named}"  # the teacher's recipe (quickstart) is its own: not named
 
 
+def test_a_value_that_no_config_option_gives_is_refused_naming_it(tmp_path):
+    """The schema holds no dataset's facts (kd.config.DatasetConfig): an option that leaves one out is refused."""
+    options = tmp_path / "conf" / "dataset"
+    options.mkdir(parents=True)
+    digits = (Path(__file__).resolve().parents[1] / "conf" / "dataset" / "digits.yaml").read_text()
+    (options / "no_flip_setting.yaml").write_text(digits.replace("hflip: false\n", ""))
+    cfg = compose_cfg(tmp_path, *PLAIN, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "dataset=no_flip_setting")
+    message = refused(cfg, tmp_path)
+    assert message == ("invalid config: dataset.hflip: no value given (???): set each on the command line "
+                       "(dataset.hflip=...) or in the config option that should give it")
+
+
+def test_a_setting_added_to_a_typed_node_with_plus_is_refused_naming_the_close_ones(tmp_path):
+    """Hydra's + adds a key that the schema would refuse: a misspelt pair value would be read by nothing."""
+    message = refused(compose_cfg(tmp_path, *PLAIN, "+pair_hparams.dkd_betta=2", "+seedd=1", "+loss.extra=1"),
+                      tmp_path)
+    assert message == (
+        "invalid config: pair_hparams.dkd_betta: PairHparams has no such setting (it was added with +; close names: "
+        "dkd_beta, dkd_ls_beta): set an existing one, without the +; seedd: Config has no such setting (it was added "
+        "with +; close names: seed): set an existing one, without the +")  # loss is untyped: its targets check it
+
+
 def test_negative_teacher_acc_tolerance_is_refused(tmp_path):
     message = refused(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=-1"), tmp_path)
     assert message == "invalid config: teacher_acc_tolerance=-1.0: must be >= 0 (percentage points)"
