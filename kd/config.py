@@ -201,12 +201,14 @@ def _undeclared(node: DictConfig, prefix: str = "") -> list[str]:
     problems = []
     for key in node.keys():
         name = f"{prefix}{key}"
+        if name == "hydra":  # a multirun's sweep config
+            continue
         if declared is not None and key not in declared:
             close = ", ".join(difflib.get_close_matches(str(key), sorted(declared), n=3)) or "none"
             problems.append(f"{name}: {schema.__name__} has no such setting (it was added with +; close names: "
                             f"{close}): set an existing one, without the +")
         child = node._get_node(key)
-        if isinstance(child, DictConfig) and name != "hydra":
+        if isinstance(child, DictConfig):
             problems += _undeclared(child, f"{name}.")
     return problems
 

@@ -91,6 +91,22 @@ def test_a_setting_added_to_a_typed_node_with_plus_is_refused_naming_the_close_o
         "with +; close names: seed): set an existing one, without the +")  # loss is untyped: its targets check it
 
 
+def test_a_sweep_over_a_value_no_config_option_gives_runs_and_one_that_leaves_it_out_stops(tmp_path, multirun):
+    """Hydra leaves a swept value out of the sweep's own config (???): its jobs give it, and each checks its own."""
+    options = tmp_path / "conf" / "dataset"
+    options.mkdir(parents=True)
+    digits = (Path(__file__).resolve().parents[1] / "conf" / "dataset" / "digits.yaml").read_text()
+    (options / "no_flip_setting.yaml").write_text(digits.replace("hflip: false\n", ""))
+    option = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "dataset=no_flip_setting"]
+    code, out = multirun(tmp_path / "sweep", *option, "dataset.hflip=true,false")
+    assert code == 0, out
+    assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/result.json")) == [
+        "dataset.hflip=False", "dataset.hflip=True"]
+    code, out = multirun(tmp_path / "unswept", *option, "seed=0,1")
+    assert code == 1 and "invalid config: dataset.hflip: no value given (???)" in out
+    assert "#0 :" not in out and not (tmp_path / "unswept").exists()
+
+
 def test_negative_teacher_acc_tolerance_is_refused(tmp_path):
     message = refused(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=-1"), tmp_path)
     assert message == "invalid config: teacher_acc_tolerance=-1.0: must be >= 0 (percentage points)"
