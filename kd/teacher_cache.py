@@ -9,11 +9,11 @@ the output for the exact view of that epoch, not one per image.
 An entry is a folder named by a hash of everything the outputs depend on (`key.json`): the training data's content,
 the teacher's weights (sha256), the code that computes the outputs (the teacher's own model code, model_code, and the
 rest by OUTPUT_CODE_VERSION), the views (seed, batch size, augmentation), the numerics (precision, memory layout,
-device type, torch version) and the storage dtype. It
-holds one `epoch_NNNN.pt` per epoch: rows in the order the epoch visits the training set, with the entry's key, the
-epoch and a sha256 of the rows, all verified when read; a file that fails is deleted, reported and recomputed, never
-used. Files are written through a temporary file and renamed, so parallel writers of the same epoch are harmless
-(their bytes are identical) and a reader never sees a partial file.
+device type, torch version) and the storage dtype. It holds one `epoch_NNNN.pt` per epoch: rows in the order the
+epoch visits the training set, with the entry's key, the epoch and a sha256 of the rows, all verified when read; a
+file that fails is deleted, reported and recomputed, never used. Files are written through a temporary file and
+renamed, so parallel writers of the same epoch are harmless (their bytes are identical) and a reader never sees a
+partial file.
 
 Eviction deletes only what the cache can prove it wrote: a folder named by the digest of the key.json it holds, with
 nothing in it but key.json, epoch files and the atomic writer's temporaries. Anything else in the cache folder (a
