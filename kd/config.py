@@ -1,8 +1,9 @@
 """Typed root schema: a typo or a wrong type in a config or an override fails at composition; what the schema cannot
 type (the `_target_` nodes' arguments, NaN and inf) is checked by `value_problems` before any work starts."""
+import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from typing import Any, Iterator, Optional
 
@@ -37,12 +38,14 @@ class LibraryModelConfig(ModelConfig):
 
 @dataclass
 class DatasetConfig:
+    # What a dataset is and how it is augmented: each conf/dataset option gives these (with their sources).
     name: str = MISSING
     num_classes: int = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
-    crop_padding: int = 4
-    hflip: bool = True
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
+    # The same default for every dataset: the fraction of the training split held out to validate, its draw's seed.
     val_fraction: float = 0.0
     split_seed: int = 0
     source: Any = MISSING  # a `_target_` node returning kd.data.Splits
@@ -62,11 +65,31 @@ class LoggerConfig:
 
 
 @dataclass
+class PairHparams:
+    """Per-pair values a method's paper tuned, set by the pair presets (conf/experiment/*.yaml) and read by the loss
+    options as ${coalesce:${pair_hparams.<key>},<the option's own value>}: None leaves the option's value."""
+
+    kd_alpha: Optional[float] = None  # kd
+    kd_temperature: Optional[float] = None  # kd
+    dkd_beta: Optional[float] = None  # dkd; dkd_ls without dkd_ls_beta
+    dkd_temperature: Optional[float] = None  # dkd
+    dkd_warmup_epochs: Optional[int] = None  # dkd
+    kd_ls_temperature: Optional[float] = None  # kd_ls
+    kd_ls_weight: Optional[float] = None  # kd_ls
+    dkd_ls_temperature: Optional[float] = None  # dkd_ls
+    dkd_ls_weight: Optional[float] = None  # dkd_ls
+    dkd_ls_beta: Optional[float] = None  # dkd_ls
+    reviewkd_weight: Optional[float] = None  # reviewkd
+    ft_init_lr: Optional[float] = None  # ft (its init stage's lr: 0.05 for vgg8 students)
+
+
+@dataclass
 class Config:
     phase: Phase = Phase.teacher
     seed: int = 0
-    epochs: int = 240
-    batch_size: int = 64
+    # The student's recipe: conf/config.yaml gives epochs and batch_size (with their source), optimizer and scheduler.
+    epochs: int = MISSING
+    batch_size: int = MISSING
     eval_batch_size: int = 512
     device: str = "auto"
     # "auto" looks the teacher up in `teacher_store`; a path loads that checkpoint; "none" runs without one;
@@ -115,10 +138,8 @@ class Config:
     # null stores every logit (exact); k stores each view's k largest (an approximation: the teacher's distribution
     # renormalised over its top k, as Fast Knowledge Distillation does): ImageNet's 1000 classes in 1% of the space.
     teacher_cache_topk: Optional[int] = None
-    # Per-pair hyperparameters a method's paper tuned, set by the pair presets (conf/experiment/crd_*.yaml) and
-    # read by the loss options through ${oc.select:pair_hparams.<name>,<default>}: dkd_beta (dkd), kd_ls_temperature,
-    # kd_ls_weight (kd_ls), dkd_ls_temperature, dkd_ls_weight, dkd_ls_beta (dkd_ls).
-    pair_hparams: dict[str, float] = field(default_factory=dict)
+    # Typed, so a misspelt key (pair_hparams.dkd_betta=2) fails at composition instead of leaving the default.
+    pair_hparams: PairHparams = field(default_factory=PairHparams)
     dataset: DatasetConfig = MISSING
     teacher: ModelConfig = MISSING
     student: ModelConfig = MISSING
@@ -143,12 +164,26 @@ def job_dir_name(overrides: str, number: int) -> str:
 OmegaConf.register_new_resolver("kd_job_dir", job_dir_name, replace=True)
 
 
+def coalesce(*values: Any) -> Any:
+    """The first value that is not None (SQL's COALESCE): ${coalesce:${pair_hparams.dkd_beta},8.0} is the pair's
+    value when its preset or the command line sets one, else the loss option's own 8.0."""
+    return next((value for value in values if value is not None), None)
+
+
+# Not oc.select: it returns a key's None rather than its default, and falls back silently on a misspelt key.
+OmegaConf.register_new_resolver("coalesce", coalesce, replace=True)
+
+
 def value_problems(cfg: DictConfig) -> list[str]:
-    """What no run can use, by dotted key: NaN or infinite floats anywhere in the resolved config, and values that
-    are not numbers where a `_target_` node's callable takes a number."""
+    """What no run can use, by dotted key: values never given (???), NaN or infinite floats anywhere in the resolved
+    config, and values that are not numbers where a `_target_` node's callable takes a number."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+    if missing:  # first: resolving the rest may read them
+        return [f"{', '.join(missing)}: no value given (???): set each on the command line ({missing[0]}=...) or in "
+                "the config option that should give it"]
+    problems = _undeclared(cfg)
     tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tree.pop("hydra", None)  # a multirun's sweep config
-    problems = []
     nonfinite = [f"{key}={value}" for key, value in _leaves(tree)
                  if isinstance(value, float) and not math.isfinite(value)]
     if nonfinite:
@@ -156,6 +191,26 @@ def value_problems(cfg: DictConfig) -> list[str]:
                         "finite number)")
     for key, node in _target_nodes(tree):
         problems += _non_numbers(key, node)
+    return problems
+
+
+def _undeclared(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added to a typed node (Hydra's + skips the schema's check): a misspelt setting, such as
+    +pair_hparams.dkd_betta=2, would otherwise be ignored."""
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    problems = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if name == "hydra":  # a multirun's sweep config
+            continue
+        if declared is not None and key not in declared:
+            close = ", ".join(difflib.get_close_matches(str(key), sorted(declared), n=3)) or "none"
+            problems.append(f"{name}: {schema.__name__} has no such setting (it was added with +; close names: "
+                            f"{close}): set an existing one, without the +")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            problems += _undeclared(child, f"{name}.")
     return problems
 
 

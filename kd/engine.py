@@ -34,7 +34,7 @@ from kd.datapath import DataPath, InMemoryData
 from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
 from kd.methods.base import CELoss, Criterion
 from kd.streaming import StreamingData
-from kd.teacher_cache import DTYPES, TeacherCache
+from kd.teacher_cache import DTYPES, TeacherCache, model_code
 
 log = logging.getLogger(__name__)
 
@@ -740,6 +740,8 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sh
     views = {k: v for k, v in records.plain_config(cfg.dataset).items() if k not in ("source", "name")}
     key = {
         "teacher_sha256": teacher_sha256, "teacher": records.plain_config(cfg.teacher),
+        # the code of the teacher's own model (its classes' and factory's files, its libraries' versions)
+        "model_code": model_code(job.teacher, cfg.teacher._target_),
         # which views, in which order: the training split's content, its augmentation, the order's seed
         "train_data_sha256": job.data.train_digest(), "views": views, "seed": cfg.seed, "batch_size": cfg.batch_size,
         # the numerics of the teacher pass:

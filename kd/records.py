@@ -53,8 +53,13 @@ TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint"
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python values (what W&B, result.json and checkpoints store)."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    """The resolved config as plain Python values (what W&B, result.json and checkpoints store); pair_hparams holds
+    only the keys set (None leaves the loss option's own value), as it did before it was typed, so runs recorded
+    then resume, and group in a report, with runs recorded now."""
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if isinstance(plain.get("pair_hparams"), dict):
+        plain["pair_hparams"] = {k: v for k, v in plain["pair_hparams"].items() if v is not None}
+    return plain
 
 
 def model_name(model_cfg: DictConfig) -> str:

@@ -153,8 +153,11 @@ def name_jobs_by_swept_keys(config: DictConfig, record: dict[str, Any]) -> None:
 
 def settings_refusal(config: DictConfig) -> Optional[str]:
     """engine.check_config's refusal of the sweep's settings (the swept values are checked by each job)."""
+    cfg = _without_hydra(config)
+    if set(OmegaConf.missing_keys(cfg)) & split_overrides(config)[0]:
+        return None  # a swept value that no config option gives: only the jobs hold it, and each checks its own
     try:
-        engine.check_config(engine.phase_config(_without_hydra(config)))
+        engine.check_config(engine.phase_config(cfg))
     except ValueError as error:
         return str(error)
     return None
