@@ -11,7 +11,6 @@ The jobs' configs are built without composing each job: each swept value is comp
 experiment=... or loss=...) or set directly (a plain value such as seed=3), and a job takes the config nodes its
 values change; a job whose values change one node differently is composed whole.
 """
-import copy
 import functools
 import json
 import logging
@@ -123,23 +122,30 @@ def criterion_needs(node: str) -> tuple[bool, int]:
 
 
 def job_configs(config: DictConfig, grid: Sequence[Sequence[str]]) -> list[tuple[DictConfig, int]]:
-    """The jobs' distinct resolved configs (without `hydra`), each with how many jobs have it (jobs that differ only
-    in a seed nothing reads but `seed` itself cost the same), from one composition per swept value."""
-    base = plain(config)
-    swept = swept_values(grid)
-    fixed = [o for o in grid[0] if o.split("=", 1)[0] not in swept] if grid else []
-    changes = {(key, value): value_change(config, base, fixed, key, value)
-               for key, values in swept.items() for value in values}
+    """The jobs' distinct resolved configs, each with how many jobs have it (jobs that differ only in a seed that
+    nothing but `seed` reads cost the same)."""
     distinct: dict[str, list] = {}
-    for job in grid:
-        pairs = [tuple(o.split("=", 1)) for o in job]
-        merged = merge(base, [changes[pair] for pair in pairs if pair[0] in swept])
-        tree = merged if merged is not None else plain(compose(config, list(job)))
+    for tree in job_trees(config, grid):
         text = json.dumps(tree, sort_keys=True, default=str)
         if "${seed}" not in text:
             text = json.dumps({**tree, "seed": None}, sort_keys=True, default=str)
         distinct.setdefault(text, [tree, 0])[1] += 1
     return [(resolved(tree), count) for tree, count in distinct.values()]
+
+
+def job_trees(config: DictConfig, grid: Sequence[Sequence[str]]) -> list[dict]:
+    """Each job's config (without `hydra`) as an unresolved plain tree, from one composition per swept value."""
+    base = plain(config)
+    swept = swept_values(grid)
+    fixed = [o for o in grid[0] if o.split("=", 1)[0] not in swept] if grid else []
+    changes = {(key, value): value_change(config, base, fixed, key, value)
+               for key, values in swept.items() for value in values}
+    trees = []
+    for job in grid:
+        pairs = [tuple(o.split("=", 1)) for o in job]
+        merged = merge(base, [changes[pair] for pair in pairs if pair[0] in swept])
+        trees.append(merged if merged is not None else plain(compose(config, list(job))))
+    return trees
 
 
 def resolved(tree: dict) -> DictConfig:
@@ -182,11 +188,11 @@ def merge(base: dict, changes: Sequence[dict[str, tuple]]) -> Optional[dict]:
         for path, setting in change.items():
             if seen.setdefault(path, setting) != setting:
                 return None
-    merged = copy.deepcopy(base)
+    merged = dict(base)  # copied on write (assign): the base and the changes are shared, never changed
     for kind in ("drop", "node", "leaf"):
         for path, (found, value) in seen.items():
             if found == kind:
-                assign(merged, path, copy.deepcopy(value), drop=kind == "drop")
+                assign(merged, path, value, drop=kind == "drop")
     return merged
 
 
@@ -200,10 +206,11 @@ def lookup(tree: dict, path: str) -> Any:
 
 
 def assign(tree: dict, path: str, value: Any, drop: bool = False) -> None:
-    """Set (or, with drop, remove) the value at a dotted path."""
+    """Set (or, with drop, remove) the value at a dotted path, copying the dicts on the way (never changing them)."""
     *parents, last = path.split(".")
     for part in parents:
-        tree = tree.setdefault(part, {})
+        tree[part] = dict(tree.get(part) or {})
+        tree = tree[part]
     if drop:
         tree.pop(last, None)  # a node the value's composition does not have
     else:
