@@ -100,7 +100,7 @@ def sweep_record(config: DictConfig) -> dict[str, Any]:
 
 
 def log_cost(config: DictConfig, record: dict[str, Any]) -> None:
-    """Log the sweep's runs, the teachers it trains first and its estimated GPU-hours (kd.sweep_cost), before any job."""
+    """Log the sweep's runs, the teachers it trains first and its estimated GPU-hours (kd.sweep_cost)."""
     grid = record["grid"]
     excluded = math.prod(len(values) for values in record["swept"].values()) - len(grid) if grid is not None else 0
     line = sweep_cost.describe(config, grid, excluded)

@@ -2,6 +2,7 @@
 rows and its teacher -> student pairs as columns in the paper's order, each cell ours beside theirs; and
 paper_<name>.csv."""
 import math
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from kd import published
@@ -14,6 +15,17 @@ FLAG = "†"
 FLAG_SIGMAS = 2.0  # a cell further from the paper than this many of our standard deviations is flagged
 
 
+@dataclass
+class Comparison:
+    """What the cells of one paper table share: the paper, how our runs differ from its setting (a short run), and
+    what the cells add as they are rendered (CSV records, the conventions used)."""
+
+    paper: "published.Paper"
+    short: list[str]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    conventions: set[str] = field(default_factory=set)
+
+
 def paper_section(rows: Sequence[Row], name: str) -> tuple[list[str], dict[str, list[dict[str, Any]]]]:
     """"Ours beside the paper": one method × pair table whose cells hold our mean ± std (n) at the paper's convention
     (its last or best epoch), the published figure and our difference, flagged beyond FLAG_SIGMAS of our std; the
@@ -23,19 +35,16 @@ def paper_section(rows: Sequence[Row], name: str) -> tuple[list[str], dict[str, 
     cells = paper_cells([row for row in rows if PAIR in row.group.key])
     if not cells:
         return [f"## Beside {paper.short}\n", "No student runs: nothing to compare.", ""], {}
-    methods = [TEACHER, *in_order(published.methods(paper), {published.REPORT_NAMES.get(m, m) for m, _ in cells})]
+    methods = in_order(published.methods(paper), {published.REPORT_NAMES.get(m, m) for m, _ in cells})
     pairs = in_order(published.pairs(paper), {pair for _, pair in cells})
-    records, conventions = [], set()
-    short = short_run(paper, cells)
-    lines = [[TEACHER, *[paper_cell(teacher_stat(cells, pair), paper, TEACHER, pair, records, conventions, short)
-                         for pair in pairs]]]
+    table = Comparison(paper, short_run(paper, cells))
+    lines = [[TEACHER, *[paper_cell(teacher_stat(cells, pair), TEACHER, pair, table) for pair in pairs]]]
     for method in (m for m in methods if m != TEACHER):
         shown = report_name(method)
-        lines.append([shown, *[paper_cell(cells.get((shown, pair)), paper, shown, pair, records, conventions, short)
-                               for pair in pairs]])
-    table = Table([f"{METHOD} \\ {PAIR}", *pairs], lines)
-    return [f"## Beside {paper.short}: ours / paper (ours − paper), test top-1 %\n", *short_lines(short),
-            markdown_table(table), *legend(paper, conventions, records, short)], {f"paper_{name}.csv": records}
+        lines.append([shown, *[paper_cell(cells.get((shown, pair)), shown, pair, table) for pair in pairs]])
+    markdown = markdown_table(Table([f"{METHOD} \\ {PAIR}", *pairs], lines))
+    return [f"## Beside {paper.short}: ours / paper (ours − paper), test top-1 %\n", *short_lines(table.short),
+            markdown, *legend(table)], {f"paper_{name}.csv": table.records}
 
 
 def paper_cells(rows: Sequence[Row]) -> dict[tuple[str, str], Row]:
@@ -99,10 +108,10 @@ def short_lines(short: Sequence[str]) -> list[str]:
             "table; their differences from the paper say nothing about the methods, and none is flagged.", ""]
 
 
-def paper_cell(ours: Any, paper: "published.Paper", method: str, pair: str, records: list, conventions: set,
-               short: Sequence[str] = ()) -> str:
+def paper_cell(ours: Any, method: str, pair: str, table: Comparison) -> str:
     """One cell: ours (mean ± std (n)) at the figure's convention, the figure, our difference, FLAG when it exceeds
     FLAG_SIGMAS of our std (n >= 2, not in a short run); N/A where the source leaves the cell empty."""
+    paper = table.paper
     figure = published.figure(paper, method, pair)
     convention = figure.convention if figure else paper.convention
     stat, n, expected = ours_stat(ours, convention)
@@ -112,17 +121,17 @@ def paper_cell(ours: Any, paper: "published.Paper", method: str, pair: str, reco
     text = "–" if stat is None else f"{fmt_stat(stat[:2])} ({fmt_count(n, expected)})"
     text += "" if convention == paper.convention else f" ({convention} epoch)"
     delta = None if stat is None or figure is None or math.isnan(stat[0]) else stat[0] - figure.top1
-    flagged = delta is not None and not short and n >= 2 and abs(delta) > FLAG_SIGMAS * stat[1]
+    flagged = delta is not None and not table.short and n >= 2 and abs(delta) > FLAG_SIGMAS * stat[1]
     if figure is not None:
-        text += f" / {figure.top1:.2f}" + ("" if delta is None else f" ({delta:+.2f})") + (f" {FLAG}" if flagged else "")
-        conventions.add(convention)
+        text += f" / {figure.top1:.2f}" + ("" if delta is None else f" ({delta:+.2f})") + (" " + FLAG) * flagged
+        table.conventions.add(convention)
     elif missing is not None:
         text += " / N/A"
-    records.append({"method": method, "pair": pair, "ours_mean": csv_value(stat[0]) if stat else "",
-                    "ours_std": csv_value(stat[1]) if stat else "", "n": n, "n_expected": expected,
-                    "ours_epoch": convention, "paper": figure.top1 if figure else "",
-                    "paper_source": f"{figure.table}: {figure.source}" if figure else "",
-                    "delta": csv_value(delta), "flagged": flagged})
+    table.records.append({"method": method, "pair": pair, "ours_mean": csv_value(stat[0]) if stat else "",
+                          "ours_std": csv_value(stat[1]) if stat else "", "n": n, "n_expected": expected,
+                          "ours_epoch": convention, "paper": figure.top1 if figure else "",
+                          "paper_source": f"{figure.table}: {figure.source}" if figure else "",
+                          "delta": csv_value(delta), "flagged": flagged})
     return text
 
 
@@ -139,14 +148,15 @@ def fmt_count(n: int, expected: int) -> str:
     return f"n={n}" if n >= expected else f"n={n} of {expected}"
 
 
-def legend(paper: "published.Paper", conventions: set, records: Sequence[dict], short: Sequence[str]) -> list[str]:
+def legend(table: Comparison) -> list[str]:
     """How to read the table: conventions, n, the flag, N/A, the paper's statistic and the sources shown."""
+    paper = table.paper
     sides = "; ".join(f"`{c}` = {'the final epoch (test/acc1)' if c == 'last' else 'the best epoch (test/acc1_best)'}"
-                      for c in sorted(conventions))
-    flag = ("none is flagged in a short run" if short else
+                      for c in sorted(table.conventions))
+    flag = ("none is flagged in a short run" if table.short else
             f"{FLAG}: ours is further from the paper than {FLAG_SIGMAS:g} of our standard deviations (tested where "
             "n >= 2; with n = 1 there is no spread, and the cell is not tested)")
-    sources = sorted({record["paper_source"] for record in records if record["paper_source"]})
+    sources = sorted({record["paper_source"] for record in table.records if record["paper_source"]})
     return ["", f"{paper.citation}. The paper reports the **{paper.convention}** epoch ({paper.convention_evidence}) "
             f"Each of our cells is taken at the convention of the figure beside it ({sides}; marked when it is not "
             f"the paper's): mean ± sample std over our seeds (n runs; `n of N` when the sweep asked for N); the "
