@@ -89,10 +89,12 @@ def sweep_record(config: DictConfig) -> dict[str, Any]:
     parser = OverridesParser.create()
     for override in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides):
         key = override.get_key_element()
-        if override.is_sweep_override():
+        if override.is_sweep_override():  # a later override of a key (the command line's) replaces the preset's
             swept[key] = list(override.sweep_string_iterator()) if basic else [override.get_value_element_as_str()]
+            fixed.pop(key, None)
         else:
             fixed[key] = override.get_value_element_as_str()
+            swept.pop(key, None)
     grid = None
     if basic:
         grid = [list(job) for job in records.sweep_grid(params, overrides) if not is_excluded(job, exclude)]

@@ -4,6 +4,7 @@ too."""
 import csv
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -102,6 +103,14 @@ def test_the_hook_logs_the_cost_and_records_the_exclusions_and_refuses_a_relaunc
             sweep.SweepChecks().on_multirun_start(config=composed(*more))
     assert tree_state(folder) == before
     assert "exclude: adds {'experiment': 'crd_resnet56_resnet20', 'loss': 'fsp'} (drops jobs)" in caplog.text
+
+
+def test_a_command_line_value_replaces_the_presets_swept_values_in_the_record_and_the_count():
+    with initialize(version_base="1.3", config_path="../conf"):
+        config = composed("sweep=crd_table1_quick", "experiment=crd_resnet56_resnet20", "seed=0")
+        record = sweep.sweep_record(config)
+    assert set(record["swept"]) == {"loss"} and record["fixed"]["experiment"] == "crd_resnet56_resnet20"
+    assert len(record["grid"]) == 3 == math.prod(len(values) for values in record["swept"].values())
 
 
 # ---------------------------------------------------------------------------------------------------------------
