@@ -102,6 +102,7 @@ def short_run(paper: "published.Paper", cells: dict[tuple[str, str], Row]) -> li
 
 
 def short_lines(short: Sequence[str]) -> list[str]:
+    """The short-run label above the table (nothing for runs of the paper's setting)."""
     if not short:
         return []
     return [f"**A short run, not the paper's setting** ({'; '.join(short)}): these cells show the path from sweep to "
@@ -145,6 +146,7 @@ def ours_stat(ours: Any, convention: str) -> tuple[Optional[tuple[float, float]]
 
 
 def fmt_count(n: int, expected: int) -> str:
+    """n, or `n of N` when the sweeps asked for more runs than finished."""
     return f"n={n}" if n >= expected else f"n={n} of {expected}"
 
 
