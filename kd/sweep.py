@@ -86,11 +86,12 @@ def sweep_record(config: DictConfig) -> dict[str, Any]:
     basic = sweeper.get("_target_") in (BASIC_SWEEPER, GRID_SWEEPER)
     exclude = check_exclude(sweeper.get("exclude"))
     fixed, swept = {}, {}
-    parser = OverridesParser.create()
-    for override in parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides):
+    arguments = [f"{k}={v}" for k, v in params.items()] + overrides
+    for argument, override in zip(arguments, OverridesParser.create().parse_overrides(arguments), strict=True):
         key = override.get_key_element()
         if override.is_sweep_override():  # a later override of a key (the command line's) replaces the preset's
-            swept[key] = list(override.sweep_string_iterator()) if basic else [override.get_value_element_as_str()]
+            # a search's distribution (optuna's interval(0, 1)) is recorded as written: it has no values to list
+            swept[key] = list(override.sweep_string_iterator()) if basic else [argument.split("=", 1)[1]]
             fixed.pop(key, None)
         else:
             fixed[key] = override.get_value_element_as_str()
