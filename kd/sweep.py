@@ -6,12 +6,14 @@
 2. Job folders are named by the swept keys only (`loss.alpha=0.9,seed=1`), so a job keeps its folder when a
    relaunch adds values; the constant overrides live in sweep.json and multirun.yaml. Long names are cut and
    completed with a hash (kd.records.bounded_name).
-3. The teacher: a student sweep whose jobs share one teacher finds it here, or fails here once with the command
+3. The cost: the number of runs, the teachers to train first and the estimated GPU-hours (kd.sweep_cost), logged.
+4. The teacher: a student sweep whose jobs share one teacher finds it here, or fails here once with the command
    that trains it (or, with train_missing_teacher=true, trains it here once, before the jobs).
 
 A single run's hook creates its folder before Hydra does, so that a read-only outputs/ is one line, not a traceback.
 """
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -21,10 +23,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
+from hydra_plugins.kd_grid_sweeper import check_exclude, is_excluded
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
-from kd import engine, records, stages, teachers
+from kd import engine, records, stages, sweep_cost, teachers
 from kd.config import Phase
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 # Config heads that can change which teacher a student job needs.
 TEACHER_HEADS = set(teachers.IDENTITY_KEYS) | {"teacher_seed", "teacher_store", "experiment", "sweep"}
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+GRID_SWEEPER = "hydra_plugins.kd_grid_sweeper.GridSweeper"  # the basic sweeper less its `exclude` jobs
 
 
 class SweepChecks(Callback):
@@ -41,7 +45,10 @@ class SweepChecks(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             record = sweep_record(config)
-            refusal = check_sweep_folder(sweep_dir, record) or settings_refusal(config) or teacher_preflight(config)
+            refusal = check_sweep_folder(sweep_dir, record) or settings_refusal(config)
+            if refusal is None:
+                log_cost(config, record)
+                refusal = teacher_preflight(config)
         except Exception as error:  # Hydra would turn it into a warning and run the sweep unchecked
             refusal = f"the sweep's checks failed before any job ({type(error).__name__}: {error})"
         if refusal is not None:
@@ -71,22 +78,37 @@ class SweepChecks(Callback):
 
 
 def sweep_record(config: DictConfig) -> dict[str, Any]:
-    """The sweep as sweep.json records it: constant overrides, swept keys with their values, the grid of jobs."""
+    """The sweep as sweep.json records it: constant overrides, swept keys with their values, the jobs `exclude` leaves
+    out of the grid (kd_grid_sweeper), the grid of jobs."""
     sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
     params = {k: str(v) for k, v in (sweeper.get("params") or {}).items()}
     overrides = [str(o) for o in config.hydra.overrides.task]
-    basic = sweeper.get("_target_") == BASIC_SWEEPER
+    basic = sweeper.get("_target_") in (BASIC_SWEEPER, GRID_SWEEPER)
+    exclude = check_exclude(sweeper.get("exclude"))
     fixed, swept = {}, {}
     arguments = [f"{k}={v}" for k, v in params.items()] + overrides
     for argument, override in zip(arguments, OverridesParser.create().parse_overrides(arguments), strict=True):
         key = override.get_key_element()
-        if override.is_sweep_override():
+        if override.is_sweep_override():  # a later override of a key (the command line's) replaces the preset's
             # a search's distribution (optuna's interval(0, 1)) is recorded as written: it has no values to list
             swept[key] = list(override.sweep_string_iterator()) if basic else [argument.split("=", 1)[1]]
+            fixed.pop(key, None)
         else:
             fixed[key] = override.get_value_element_as_str()
-    grid = [list(job) for job in records.sweep_grid(params, overrides)] if basic else None
-    return {"sweeper": sweeper.get("_target_"), "fixed": fixed, "swept": swept, "grid": grid}
+            swept.pop(key, None)
+    grid = None
+    if basic:
+        grid = [list(job) for job in records.sweep_grid(params, overrides) if not is_excluded(job, exclude)]
+    return {"sweeper": sweeper.get("_target_"), "fixed": fixed, "swept": swept, "exclude": exclude, "grid": grid}
+
+
+def log_cost(config: DictConfig, record: dict[str, Any]) -> None:
+    """Log the sweep's runs, the teachers it trains first and its estimated GPU-hours (kd.sweep_cost)."""
+    grid = record["grid"]
+    excluded = math.prod(len(values) for values in record["swept"].values()) - len(grid) if grid is not None else 0
+    line = sweep_cost.describe(config, grid, excluded)
+    if line is not None:
+        log.info("%s: %s", config.hydra.sweep.dir, line)
 
 
 def check_sweep_folder(sweep_dir: Path, new: dict[str, Any]) -> Optional[str]:
@@ -122,6 +144,8 @@ def sweep_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     for key in sorted(was.keys() | now.keys()):
         if was.get(key) != now.get(key):
             problems.append(f"{key}: {was.get(key, 'not set')} -> {now.get(key, 'not set')}")
+    added = [entry for entry in new.get("exclude", []) if entry not in old.get("exclude", [])]
+    problems += [f"exclude: adds {entry} (drops jobs)" for entry in added]
     if set(old.get("swept", {})) != set(new["swept"]):
         problems.append(f"swept keys: {', '.join(sorted(old.get('swept', {})))} -> {', '.join(sorted(new['swept']))} "
                         "(job folders are named by them)")
