@@ -3,6 +3,9 @@ agreement and a confusion matrix; a store's teacher.pt scores as its manifest sa
 nothing. In-process (kd.eval.main) on a tiny digits run."""
 import json
 import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from kd import engine, records
 from kd.eval import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +122,33 @@ def test_bad_input_is_one_line_and_writes_nothing(case, run, tmp_path, capsys):
     assert code == 1 and out == "" and err.startswith("Error: ") and err.count("\n") == 1, err
     assert message.format(**places) in err
     assert (tree_state(tmp_path), tree_state(run.parent)) == before
+
+
+@pytest.mark.slow
+def test_pip_install_e_gives_kd_report_and_kd_eval_in_any_folder(run, tmp_path):
+    """A real `pip install -e .` into a throwaway venv (its packages are this one's, through a .pth file: nothing is
+    downloaded, --no-index), then kd.report and kd.eval run as processes from a folder outside the checkout."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    (site,) = venv.glob("lib/python3*/site-packages")
+    (site / "this_venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = venv / "bin" / "python"
+    install = [sys.executable, "-m", "pip", "--python", python, "install", "--no-index", "--no-build-isolation",
+               "-e", REPO]
+    installed = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0 and "Successfully installed kd-" in installed.stdout, installed.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def module(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([python, "-m", *map(str, args)], cwd=elsewhere, capture_output=True, text=True,
+                              timeout=300)
+
+    report = module("kd.report", run, "--out", "report")  # --out relative to the current folder, like SWEEP_DIR
+    assert report.returncode == 0, report.stderr
+    assert (elsewhere / "report" / "report.md").is_file()
+    evaluated = module("kd.eval", run, "--out", "eval")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((elsewhere / "eval" / "eval.json").read_text())["test/acc1"] == json.loads(
+        (run / "result.json").read_text())["test/acc1"]
+    assert not list(REPO.glob("*.egg-info"))  # the editable build leaves nothing in the checkout
