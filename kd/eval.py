@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -117,10 +118,14 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 def run_config(checkpoint: dict[str, Any], overrides: Sequence[str]) -> DictConfig:
     """The run's resolved config, with KEY=VALUE changes to keys it has (a misspelt key is refused)."""
     cfg = OmegaConf.create(checkpoint["config"])
-    malformed = [o for o in overrides if "=" not in o or o.startswith(("+", "~"))]
-    if malformed:
-        raise ValueError(f"{' '.join(malformed)}: a change of the run's config is KEY=VALUE (dataset.source.root=DIR).")
-    for override in OverridesParser.create().parse_overrides(list(overrides)):  # values read as train.py reads them
+    form = "a change of the run's config is one KEY=VALUE (dataset.source.root=DIR)"
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))  # values read as train.py reads them
+    except HydraException as error:
+        raise ValueError(f"{str(error).splitlines()[0]}: {form}.") from None
+    for override in parsed:
+        if override.is_sweep_override() or override.is_add() or override.is_delete() or override.value() is None:
+            raise ValueError(f"{override.input_line}: {form}.")
         key = override.key_or_group
         if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
             raise ValueError(f"{override.input_line}: the run's config has no key {key} (kd.eval changes the config "

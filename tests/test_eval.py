@@ -104,6 +104,8 @@ BAD_INPUTS = {
                                                          "(dataset.val_fraction=0): score --split test"),
     "another-teacher": (["{run}", "--teacher", "{tmp}/weights.pt"], "is not the one the run was trained with"),
     "unknown-key": (["{run}", "eval_bach_size=8"], "eval_bach_size=8: the run's config has no key eval_bach_size"),
+    "not-key-value": (["{run}", "eval_batch_size=8,16"], "eval_batch_size=8,16: a change of the run's config is one "
+                                                          "KEY=VALUE"),
     "store-version": (["{teacher}"], "a version of the teacher store, which is never written after it is filed: give "
                                      "--out DIR"),
 }
