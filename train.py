@@ -12,10 +12,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import distributed, engine
+from kd import completion, distributed, engine
 from kd.records import CannotWrite, FolderBusy
 
 log = logging.getLogger(__name__)
+completion.install()  # tab completion of model@student= and of the Enum keys' values (-sc install=bash)
 
 # What the checks raise for bad input, with a message naming the problem and the fix; and CannotWrite, which the few
 # write points (kd.records) raise for a read-only folder or a full disk. Not OSError at large: that would print a bug

@@ -4,12 +4,13 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass, field, fields, is_dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationValidationError
 
 from kd.records import bounded_name
 
@@ -20,6 +21,21 @@ class Phase(Enum):
 
     def __str__(self) -> str:  # so ${phase} in paths reads "student", not "Phase.student"
         return self.value
+
+
+# StrEnums: a typo fails at composition with the valid values, and each member is also the string itself, so the code
+# and W&B that compare or pass the value as a string work unchanged (records store the plain string: plain_config).
+class LoggerMode(StrEnum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Precision(StrEnum):
+    auto = "auto"  # bf16 autocast on GPUs of compute capability 8.0 and up, fp16 below, fp32 on the CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # with a gradient scaler
 
 
 @dataclass
@@ -54,7 +70,7 @@ class DatasetConfig:
 @dataclass
 class LoggerConfig:
     # An explicit mode beats the WANDB_MODE variable, which beats the offline default.
-    mode: str = "${oc.env:WANDB_MODE,offline}"
+    mode: LoggerMode = "${oc.env:WANDB_MODE,offline}"  # a bad WANDB_MODE is refused by value_problems
     project: str = "kd"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -120,7 +136,7 @@ class Config:
     # True: bitwise-repeatable CUDA kernels (slower; ops without a deterministic kernel raise); False: cuDNN autotuning.
     deterministic: bool = False
     # auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 adds a gradient scaler.
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     # NHWC activations on CUDA (tensor cores prefer them); same results up to rounding. CPU runs stay NCHW:
     # torch 2.14's CPU NHWC backward corrupts the heap for some shapes (kd.engine.use_channels_last).
     channels_last: bool = True
@@ -152,8 +168,9 @@ class Config:
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
-# Used by a model option's defaults list (`/schema/library_model@_here_`), so its node is typed with `name`.
-ConfigStore.instance().store(group="schema", name="library_model", node=LibraryModelConfig)
+# Used by a model option's defaults list (`/library_model_schema@_here_`), so its node is typed with `name`. Stored
+# outside any group: `--help` lists the groups, and this is no option of the command line.
+ConfigStore.instance().store(name="library_model_schema", node=LibraryModelConfig)
 
 
 def job_dir_name(overrides: str, number: int) -> str:
@@ -176,7 +193,17 @@ OmegaConf.register_new_resolver("coalesce", coalesce, replace=True)
 
 def value_problems(cfg: DictConfig) -> list[str]:
     """What no run can use, by dotted key: values never given (???), NaN or infinite floats anywhere in the resolved
-    config, and values that are not numbers where a `_target_` node's callable takes a number."""
+    config, values that are not numbers where a `_target_` node's callable takes a number, and an environment
+    variable whose value the key it sets refuses (WANDB_MODE=loud for logger.mode, an Enum)."""
+    try:
+        return _resolved_problems(cfg)
+    except InterpolationValidationError as error:
+        reason = str(error.msg).splitlines()[0]  # its other lines repeat the key and name the schema's classes
+        return [f"{error.full_key}: {reason}: set that variable to one of these values (or unset it), or give "
+                f"{error.full_key}=... on the command line"]
+
+
+def _resolved_problems(cfg: DictConfig) -> list[str]:
     missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
     if missing:  # first: resolving the rest may read them
         return [f"{', '.join(missing)}: no value given (???): set each on the command line ({missing[0]}=...) or in "

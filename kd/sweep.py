@@ -9,8 +9,10 @@
 3. The cost: the number of runs, the teachers to train first and the estimated GPU-hours (kd.sweep_cost), logged.
 4. The teacher: a student sweep whose jobs share one teacher finds it here, or fails here once with the command
    that trains it (or, with train_missing_teacher=true, trains it here once, before the jobs).
+5. An Optuna search whose study its sweep folder holds continues it (kd.study).
 
-A single run's hook creates its folder before Hydra does, so that a read-only outputs/ is one line, not a traceback.
+A single run's hook refuses a student run of a sweep preset without -m (it would train one job, varying nothing), and
+creates the run's folder before Hydra does, so that a read-only outputs/ is one line, not a traceback.
 """
 import logging
 import math
@@ -27,7 +29,7 @@ from hydra_plugins.kd_grid_sweeper import check_exclude, is_excluded
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
-from kd import engine, records, stages, sweep_cost, teachers
+from kd import engine, records, stages, study, sweep_cost, teachers
 from kd.config import Phase
 
 log = logging.getLogger(__name__)
@@ -61,10 +63,15 @@ class SweepChecks(Callback):
         except records.CannotWrite as error:  # a read-only or full sweep folder: one line, before any job
             log.error("%s", error)
             raise SystemExit(1) from None
+        study.continue_study(config)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A single run: create its folder before Hydra does, so that an unwritable parent (a read-only outputs/) is
         one line naming it, not Hydra's traceback; with HYDRA_FULL_ERROR=1, Hydra's mkdir fails with the traceback."""
+        refusal = single_run_of_a_sweep(config)
+        if refusal is not None:
+            print(f"Error: {refusal}", file=sys.stderr)
+            raise SystemExit(1)
         run_dir = Path(config.hydra.run.dir)  # the path Hydra creates next: ${now:...} resolves once per config
         fix = "Make the folder it is in writable, or give this run another folder (hydra.run.dir=...)."
         try:
@@ -75,6 +82,19 @@ class SweepChecks(Callback):
                 return
             print(f"Error: {error}", file=sys.stderr)  # as train.py prints a refused run
             raise SystemExit(1) from None
+
+
+def single_run_of_a_sweep(config: DictConfig) -> Optional[str]:
+    """Why a single run (no -m) of a student sweep is refused: Hydra would run one job, with none of the keys of
+    hydra.sweeper.params varied. A teacher run of a sweep preset is what the sweep's missing-teacher message asks for
+    (the preset's dataset settings define the teacher), so it runs."""
+    params = config.hydra.sweeper.get("params")
+    if not params or Phase(config.phase) is not Phase.student:
+        return None
+    preset = config.hydra.runtime.choices.get("sweep")
+    what = f"sweep={preset} is a sweep preset: its" if preset else "this command sets"
+    return (f"{what} hydra.sweeper.params ({', '.join(params)}) vary only in a multirun, and without -m this would "
+            "train one student with none of them varied. Add -m to the same command (python train.py -m ...).")
 
 
 def sweep_record(config: DictConfig) -> dict[str, Any]:
