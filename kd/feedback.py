@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BEST_LINES = 5  # one best configuration per pair: a sweep of many pairs still ends in a few lines
+MAX_BEST_LINES = 3  # best configurations tied at the tables' precision shown at the end of a sweep
 
 
 class Progress:
@@ -146,29 +146,33 @@ def folder_state(folder: Path, damage: Any) -> str:
 
 
 def best_configurations(sweep_dir: Path) -> list[str]:
-    """The best configuration of each pair by kd.report's rows (mean over seeds) of the sweep metric: val/acc1 when
-    the runs have a validation split, else test/acc1; as the overrides that tell it from the sweep's other jobs."""
-    from kd.report.aggregate import best_rows, group_runs, recorded_metrics, summarize
-    from kd.report.collect import load_runs, normalize, seedless, swept_overrides
-    from kd.report.keys import PAIR
+    """The best configuration by kd.report's rows (mean over seeds) of the sweep metric, the one train.py returns to
+    the sweeper: val/acc1 when the runs have a validation split, else test/acc1; as the overrides that tell it from
+    the sweep's other jobs (several lines for a tie at the tables' precision)."""
+    from kd.report.aggregate import best_of, group_runs, recorded_metrics, summarize
+    from kd.report.collect import expected_jobs, load_runs, swept_overrides
+    from kd.report.keys import metric_key
 
-    runs = load_runs([sweep_dir])
-    finished = [run for run in runs if run.result is not None]
-    if not finished:
+    runs = [run for run in load_runs([sweep_dir]) if run.result is not None]
+    if not runs:
         return []
-    metric = "val/acc1" if "val/acc1" in recorded_metrics(finished) else "last"
+    metric = "val/acc1" if "val/acc1" in recorded_metrics(runs) else "last"
     rows = summarize(group_runs(runs, [sweep_dir]), [metric] if metric == "val/acc1" else [])
-    jobs = [tuple(f"{k}={v}" for k, v in sorted(seedless(normalize(run.overrides)))) for run in finished]
-    name = "val/acc1" if metric == "val/acc1" else "test/acc1"
+    students = [row for row in rows if row.group.key.get("phase") != "teacher"] or rows  # as kd.report's best_rows
+    jobs = [job_setting(job) for job in [*(expected_jobs(sweep_dir) or []), *(run.overrides for run in runs)]]
     lines = []
-    for row in sorted((row for row in rows if row.index in best_rows(rows, metric)), key=lambda row: row.index):
-        run = row.group.runs[0]
-        job = tuple(f"{k}={v}" for k, v in sorted(seedless(normalize(run.overrides))))
-        setting = " ".join(swept_overrides(job, jobs)) or "the sweep's one configuration"
-        pair = row.group.key.get(PAIR)
-        lines.append(f"best{f' {pair}' if pair else ''}: {setting} ({name} {row.stats[metric][0]:.2f}, mean of "
-                     f"{row.n} run{'s' if row.n > 1 else ''})")
+    for row in sorted((row for row in students if row.index in best_of(students, metric)), key=lambda r: r.index):
+        setting = " ".join(swept_overrides(job_setting(row.group.runs[0].overrides), jobs))
+        lines.append(f"best: {setting or 'the sweep has one configuration'} ({metric_key(metric)} "
+                     f"{row.stats[metric][0]:.2f}, mean of {row.n} run{'s' if row.n > 1 else ''})")
     return lines[:MAX_BEST_LINES]
+
+
+def job_setting(overrides: Any) -> tuple[str, ...]:
+    """A job's overrides without its seed and the settings that change no result (kd.report's seedless)."""
+    from kd.report.collect import normalize, seedless
+
+    return tuple(f"{key}={value}" for key, value in sorted(seedless(normalize(overrides))))
 
 
 def sweep_summary(sweep_dir: Path) -> list[str]:

@@ -258,6 +258,7 @@ def stored_alternatives(cfg: DictConfig) -> str:
             continue
         stored = records.flatten_config(manifest.get("identity") or {})
         keys = sorted(k for k in stored.keys() | asked.keys() if stored.get(k, _ABSENT) != asked.get(k, _ABSENT))
+        keys = [k for k in keys if not follows_another(cfg, k)] or keys  # scheduler.epochs: ${..epochs}
         if keys:  # none: the asked identity itself, trained on other images (the message says so)
             found.append((len(keys), str(version), version, stored, keys, manifest["result"].get("test/acc1")))
     if not found:
@@ -270,6 +271,13 @@ def stored_alternatives(cfg: DictConfig) -> str:
     if len(found) > MAX_ALTERNATIVES:
         lines.append(f"  ... and {len(found) - MAX_ALTERNATIVES} more in {cfg.teacher_store}")
     return "\n".join(lines)
+
+
+def follows_another(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted config key is an interpolation of another (its override would be redundant)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
 
 
 def same_model_versions(cfg: DictConfig) -> list[Path]:
