@@ -126,7 +126,7 @@ def job_states(sweep_dir: Path) -> dict[str, int]:
     no folder)."""
     from kd.report.collect import expected_jobs, result_damage  # here: kd.report's package imports matplotlib
 
-    counts = {"finished": 0, "failed": 0, "skipped": 0, "not run": 0}
+    counts = {"finished": 0, "failed": 0, "not run": 0, "skipped": 0}
     folders = [p for p in Path(sweep_dir).iterdir() if p.is_dir()] if Path(sweep_dir).is_dir() else []
     for folder in folders:
         counts[folder_state(folder, result_damage)] += 1
@@ -179,8 +179,9 @@ def sweep_summary(sweep_dir: Path) -> list[str]:
     """The lines a multirun ends with: its jobs' counts, the best configuration, the report command."""
     counts = job_states(sweep_dir)
     shown = ", ".join(f"{n} {state}" for state, n in counts.items() if n or state == "finished")
-    lines = [f"sweep {sweep_dir}: {shown}"
-             + (" (skipped: another process runs them; relaunch once it has ended)" if counts["skipped"] else "")]
+    if counts["skipped"]:  # last of the counts
+        shown += ": another process runs them, relaunch once it has ended"
+    lines = [f"sweep {sweep_dir}: {shown}"]
     lines += best_configurations(Path(sweep_dir))
     lines.append(f"report: {shell_command(['python', '-m', 'kd.report', str(sweep_dir)])}")
     return lines

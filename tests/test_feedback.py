@@ -328,8 +328,8 @@ def test_a_multirun_ends_with_its_counts_its_best_configuration_and_the_report_c
         assert train_py(argv) == 1  # the basic sweeper raises the failed job's error after the last job
         out, err = capsys.readouterr()
         acc1 = json.loads((sweep / "student.width=0.25" / "result.json").read_text())["test/acc1"]
-        summary = [f"sweep {sweep}: 1 finished, 1 failed, 1 skipped (skipped: another process runs them; relaunch "
-                   "once it has ended)", f"best: student.width=0.25 (test/acc1 {acc1:.2f}, mean of 1 run)",
+        summary = [f"sweep {sweep}: 1 finished, 1 failed, 1 skipped: another process runs them, relaunch once it "
+                   "has ended", f"best: student.width=0.25 (test/acc1 {acc1:.2f}, mean of 1 run)",
                    f"report: python -m kd.report {sweep}"]
         assert [line.split(" - ", 1)[1] for line in out.splitlines() if "[kd.sweep]" in line] == summary
         assert "student.width=-1.0: the width multiplier must be > 0" in err
