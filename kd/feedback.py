@@ -8,7 +8,7 @@ import shlex
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -134,7 +134,7 @@ def job_states(sweep_dir: Path) -> dict[str, int]:
     return counts
 
 
-def folder_state(folder: Path, damage: Any) -> str:
+def folder_state(folder: Path, damage: Callable[[dict[str, Any]], str]) -> str:
     """finished, skipped or failed (see job_states); `damage`: kd.report's check of a result.json."""
     try:
         result = records.read_json(folder / "result.json", "")

@@ -10,7 +10,6 @@ handler raises it in a real process (one subprocess test sends a real SIGINT).
 """
 import json
 import logging
-import math
 import re
 import runpy
 import shlex
