@@ -149,6 +149,16 @@ def test_ctrl_c_in_a_sweep_stops_it_with_one_line_and_the_relaunch_resumes_it(tm
                        f"report: python -m kd.report {sweep.relative_to(tmp_path)}"]
 
 
+def test_ctrl_c_before_the_run_starts_is_one_line_too(tmp_path, capsys, monkeypatch):
+    def interrupted(self, config, **kwargs):  # while Hydra starts the run, before train.py's main
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(SweepChecks, "on_run_start", interrupted)
+    assert train_py(ARGS) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 @pytest.mark.slow
 def test_a_real_sigint_ends_the_run_with_one_line_and_status_130(tmp_path):
     """A subprocess: only a real process shows what the signal does wherever it lands (inside torch, a log write)."""
