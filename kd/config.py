@@ -133,6 +133,12 @@ class Config:
     # Measure batch-1 latency and throughput at batch_size of the trained model (seconds of work).
     profile: bool = True
     progress_bar: Optional[bool] = None  # None: only when stderr is a terminal
+    # Without a progress bar (a log file: SLURM, nohup, joblib): a line every this many seconds with img/s and the
+    # run's ETA (0: every step; None: none).
+    progress_every_s: Optional[float] = 60.0
+    # run_name=NAME runs in outputs/runs/NAME (a multirun in outputs/multirun/NAME) instead of a folder named by the
+    # time, so that rerunning the same command resumes it (conf/config.yaml's hydra.run.dir).
+    run_name: Optional[str] = None
     # True: bitwise-repeatable CUDA kernels (slower; ops without a deterministic kernel raise); False: cuDNN autotuning.
     deterministic: bool = False
     # auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 adds a gradient scaler.
@@ -179,6 +185,15 @@ def job_dir_name(overrides: str, number: int) -> str:
 
 
 OmegaConf.register_new_resolver("kd_job_dir", job_dir_name, replace=True)
+
+
+def named_dir(parent: str, name: Optional[str], default: str) -> str:
+    """A run's (or a sweep's) folder: parent/name when run_name gives a name (the same command finds the same folder
+    again), else the default one, named by the time."""
+    return f"{parent}/{name}" if name else default
+
+
+OmegaConf.register_new_resolver("kd_named_dir", named_dir, replace=True)
 
 
 def coalesce(*values: Any) -> Any:

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, pretrained, records, stages, teachers, tracking
+from kd import distributed, feedback, pretrained, records, stages, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, value_problems
 from kd.data import FileSplits, Splits, hold_out
@@ -44,13 +44,15 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 
 def run(
-    cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None
+    cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None,
+    resume_with: str = "",
 ) -> dict[str, Any]:
     """Train the phase's model, write the run's records into out_dir; return its result.
 
     Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished. One
     process at a time may use out_dir (its lock). Under torchrun every rank trains its share of each batch; rank 0
     alone holds the lock, logs and writes. `file_into`: the store version folder an on-demand teacher is filed in.
+    `resume_with`: the command that resumes this run, logged once its checks have passed.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -77,6 +79,9 @@ def run(
         # Every check has passed: from here on the run writes into its folder.
         record = distributed.broadcast_object(record or start_record(cfg, out_dir, overrides))
         commit_log()
+        log.info(feedback.start_line(cfg, job, precision_name(job.amp_dtype), out_dir))
+        if resume_with:
+            log.info("resume with: %s", resume_with)
         if checkpoint is not None:
             restore(job, checkpoint)
         result, info = train(job, cfg, out_dir, record, checkpoint, facts, info)
@@ -502,6 +507,9 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"epochs={cfg.epochs}: need at least 1")
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}: need at least 1")
+    if cfg.progress_every_s is not None and not cfg.progress_every_s >= 0:
+        problems.append(f"progress_every_s={cfg.progress_every_s}: must be >= 0 seconds (0: a line every step), or "
+                        "null for no progress lines")
     if cfg.threads is not None and cfg.threads < 1:
         problems.append(f"threads={cfg.threads}: need at least 1 (or null for torch's default)")
     for role in ("teacher", "student"):
@@ -669,6 +677,8 @@ def build_job(
         progress, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
     )
     job.forward = training_forward(job, cfg.compile_mode if cfg.compile else None)
+    if not progress and cfg.progress_every_s is not None:  # a log file, not a terminal: plain lines instead of a bar
+        job.progress = feedback.Progress(cfg.progress_every_s, cfg.epochs)
     return job
 
 

@@ -42,6 +42,8 @@ SOURCE_NEUTRAL = ("download", "cache_dir", "num_workers", "path", "in_memory_max
 RESULT_NEUTRAL = (
     "logger", "device", "progress_bar", "threads", "profile", "eval_batch_size", "teacher_store",
     "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance", "retrain_teacher",
+    # What a run shows while it runs, and the name of its folder.
+    "progress_every_s", "run_name",
     *(f"dataset.source.{key}" for key in SOURCE_NEUTRAL),
     # float32 cache entries are bit-exact, so reading the teacher from the cache or live gives the same run.
     "teacher_cache", "teacher_cache_dir", "teacher_cache_max_gb",

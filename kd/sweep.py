@@ -10,6 +10,8 @@
 4. The teacher: a student sweep whose jobs share one teacher finds it here, or fails here once with the command
    that trains it (or, with train_missing_teacher=true, trains it here once, before the jobs).
 5. An Optuna search whose study its sweep folder holds continues it (kd.study).
+6. The end: a few lines with the jobs finished, failed, skipped (another process runs them) and not run, the best
+   configuration, and the kd.report command (kd.feedback.sweep_summary).
 
 A single run's hook refuses a student run of a sweep preset without -m (it would train one job, varying nothing), and
 creates the run's folder before Hydra does, so that a read-only outputs/ is one line, not a traceback.
@@ -24,12 +26,13 @@ from typing import Any, Optional
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from hydra_plugins.kd_grid_sweeper import check_exclude, is_excluded
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
-from kd import engine, records, stages, study, sweep_cost, teachers
+from kd import engine, feedback, records, stages, study, sweep_cost, teachers
 from kd.config import Phase
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,16 @@ GRID_SWEEPER = "hydra_plugins.kd_grid_sweeper.GridSweeper"  # the basic sweeper 
 
 
 class SweepChecks(Callback):
-    """Checks the sweep folder, names the job folders by the swept keys, records the sweep, finds its teacher."""
+    """Checks the sweep folder, names the job folders by the swept keys, records the sweep, finds its teacher; sums
+    the sweep up at its end."""
+
+    def __init__(self) -> None:
+        self.jobs_left: Optional[int] = None  # the grid's jobs still to end in this process (the basic launcher's)
+        self.pid, self.summarized = os.getpid(), False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        self.pid, self.summarized = os.getpid(), False
         try:
             record = sweep_record(config)
             refusal = check_sweep_folder(sweep_dir, record) or settings_refusal(config)
@@ -64,6 +73,27 @@ class SweepChecks(Callback):
             log.error("%s", error)
             raise SystemExit(1) from None
         study.continue_study(config)
+        self.jobs_left = len(record["grid"]) if record["grid"] is not None else None
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """The basic sweeper raises a failed job's error once its jobs have run, and on_multirun_end never comes: the
+        sweep is summed up when the last of its jobs run in this process ends."""
+        if self.jobs_left is None or os.getpid() != self.pid or config.hydra.mode != RunMode.MULTIRUN:
+            return
+        self.jobs_left -= 1
+        if self.jobs_left == 0:
+            self.summarize(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.summarize(Path(config.hydra.sweep.dir))
+
+    def summarize(self, sweep_dir: Path) -> None:
+        """Log the sweep's summary once (kd.feedback.sweep_summary)."""
+        if self.summarized:
+            return
+        self.summarized = True
+        for line in feedback.sweep_summary(sweep_dir):
+            log.info("%s", line)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         """A single run: create its folder before Hydra does, so that an unwritable parent (a read-only outputs/) is
