@@ -36,7 +36,8 @@ def main(cfg: DictConfig) -> Optional[float]:
         if cfg.threads is None:
             cfg.threads = threads_per_job(hydra_cfg.launcher)
     try:
-        result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task))
+        choices = dict(hydra_cfg.runtime.choices)  # which option of each config group (loss=kd): W&B tags
+        result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task), choices=choices)
     except USER_ERRORS as error:
         # A refused input, a busy or unwritable folder: its message says what is wrong and how to fix it, so a single
         # run prints that alone (HYDRA_FULL_ERROR=1 shows the traceback); a multirun job raises it to its launcher as
