@@ -6,6 +6,7 @@ the lineage; under W&B's own sweep agent a run logs under the agent's run id and
 off: one line of ours says where a run is (once per sweep for offline jobs). A resumed run's W&B segment logs the
 epochs before its checkpoint again, so the newest segment holds the whole history.
 """
+import copy
 import hashlib
 import json
 import logging
@@ -104,9 +105,9 @@ def start(
     """
     args = init_args(cfg, out_dir, run_id, extra, choices)
     if not distributed.is_main():  # under torchrun, rank 0 alone logs
-        return wandb.init(mode="disabled", **args)
+        return _init(cfg, "disabled", args)
     try:
-        run = wandb.init(mode=cfg.logger.mode, **args)
+        run = _init(cfg, cfg.logger.mode, args)
     except Exception as error:  # wandb raises UsageError, CommError, or its own timeouts
         if cfg.logger.mode != "online":
             raise
@@ -117,7 +118,7 @@ def start(
             type(error).__name__, reason, cfg.logger.init_timeout_s, out_dir,
         )
         wandb.teardown()  # the failed start keeps the run id registered in W&B's service process: end it first
-        run = wandb.init(mode="offline", **args)
+        run = _init(cfg, "offline", args)
     announce(run, out_dir)
     use_teacher(run, cfg, extra or {})
     return run
@@ -142,8 +143,8 @@ def tracked(
 def init_args(
     cfg: DictConfig, out_dir: Path, run_id: str, extra: Optional[dict[str, Any]], choices: Optional[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """wandb.init's arguments but the mode. Under W&B's sweep agent: the agent's run id, project and entity (W&B
-    would take them over ours anyway), so the sweep sees its run and run.json names the run W&B has."""
+    """wandb.init's arguments but the mode and settings. Under W&B's sweep agent: the agent's run id, project and
+    entity (W&B would take them over ours anyway), so the sweep sees its run and run.json names the run W&B has."""
     agent_id = agent_run_id()
     if agent_id is not None and agent_id != run_id:
         log.warning("%s/run.json names W&B run %s, but W&B's sweep agent started this process for run %s: logging "
@@ -159,9 +160,15 @@ def init_args(
         job_type=Phase(cfg.phase).value,
         tags=run_tags(cfg, choices),
         config={**plain_config(cfg), **(extra or {})},
-        # silent: W&B's banners were most of a sweep's console output (announce says where the run is instead)
-        settings=wandb.Settings(console="off", silent=True, init_timeout=cfg.logger.init_timeout_s),
     )
+
+
+def _init(cfg: DictConfig, mode: str, args: dict[str, Any]):
+    # silent: W&B's banners were most of a sweep's console output (announce says where the run is instead). New
+    # Settings and copies of the arguments per call: wandb.init writes into what it is given, and a failed online
+    # start is tried again offline.
+    settings = wandb.Settings(console="off", silent=True, init_timeout=cfg.logger.init_timeout_s)
+    return wandb.init(mode=mode, settings=settings, **copy.deepcopy(args))
 
 
 def announce(run, out_dir: Path) -> None:
