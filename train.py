@@ -39,7 +39,8 @@ def main(cfg: DictConfig) -> Optional[float]:
         if cfg.threads is None:
             cfg.threads = threads_per_job(hydra_cfg.launcher)
     try:
-        result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task),
+        choices = dict(hydra_cfg.runtime.choices)  # which option of each config group (loss=kd): W&B tags
+        result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task), choices=choices,
                             resume_with="" if multirun else resume_command(cfg, hydra_cfg))
     except KeyboardInterrupt:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -45,14 +45,15 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 def run(
     cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None,
-    resume_with: str = "",
+    resume_with: str = "", choices: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Train the phase's model, write the run's records into out_dir; return its result.
 
     Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished. One
     process at a time may use out_dir (its lock). Under torchrun every rank trains its share of each batch; rank 0
     alone holds the lock, logs and writes. `file_into`: the store version folder an on-demand teacher is filed in.
-    `resume_with`: the command that resumes this run, logged once its checks have passed.
+    `resume_with`: the command that resumes this run, logged once its checks have passed. `choices`: Hydra's runtime
+    choices of the config groups (the loss option's name tags the W&B run).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -84,12 +85,15 @@ def run(
             log.info("resume with: %s", resume_with)
         if checkpoint is not None:
             restore(job, checkpoint)
-        result, info = train(job, cfg, out_dir, record, checkpoint, facts, info)
+        teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
+        with tracking.tracked(cfg, out_dir, record["wandb_id"], teacher_facts, choices) as tracker:
+            result, info = train(job, cfg, out_dir, tracker, checkpoint, facts, info)
+            if Phase(cfg.phase) is Phase.teacher and distributed.is_main():
+                checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data, file_into)
+                result["teacher_checkpoint"] = str(checkpoint_path)
+                tracking.log_teacher(tracker, checkpoint_path)  # the students' runs use it
         if not distributed.is_main():
             return result
-        if Phase(cfg.phase) is Phase.teacher:
-            checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data, file_into)
-            result["teacher_checkpoint"] = str(checkpoint_path)
         info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
         info["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
         result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
@@ -125,23 +129,16 @@ def check_recipe_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
 
 
 def train(
-    job: Job, cfg: DictConfig, out_dir: Path, record: dict[str, Any], checkpoint: Optional[dict],
-    facts: dict[str, Any], info: dict[str, Any],
+    job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict], facts: dict[str, Any],
+    info: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The epochs, logged to W&B (one run per folder: its id is in run.json); returns (result, info)."""
-    teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
-    tracker = tracking.start(cfg, out_dir, record["wandb_id"], teacher_facts)
-    try:
-        tracker.summary.update({**facts, **info})
-        teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
-        result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
-        if job.cache is not None:
-            info.update(teacher_cache_summary(job.cache))
-        tracker.summary.update({**result, **info})
-    except BaseException:
-        tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
-        raise
-    tracker.finish()
+    """The epochs, logged to the folder's W&B run `tracker` (its id is in run.json); returns (result, info)."""
+    tracker.summary.update({**facts, **info})
+    teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
+    result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
+    if job.cache is not None:
+        info.update(teacher_cache_summary(job.cache))
+    tracker.summary.update({**result, **info})
     return result, info
 
 
@@ -544,7 +541,7 @@ def logger_problems(logger: DictConfig) -> list[str]:
     forbidden = sorted(set(logger.project) & set(tracking.PROJECT_FORBIDDEN))
     if forbidden:
         problems.append(f"logger.project={logger.project}: W&B project names cannot hold {' '.join(forbidden)}")
-    return problems
+    return problems + tracking.tag_problems(list(logger.tags))
 
 
 def dataset_problems(dataset: DictConfig) -> list[str]:
@@ -780,6 +777,7 @@ def fit(
     main = distributed.is_main()
     if main:
         records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+        tracking.log_history(tracker, metrics_file)  # a resumed run's new W&B segment gets the epochs before it
     before_epoch_1 = lambda: checkpoint_payload(job, cfg, None, None, teacher or {})  # noqa: E731
     stages.run_init_stage(job, cfg, out_dir, checkpoint, before_epoch_1)
     for epoch in range(done + 1, cfg.epochs + 1):

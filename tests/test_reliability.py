@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, records, teachers
+from support import wandb_history, wandb_segments
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny and fast: 16x16 digits, quarter-width CNNs, one thread (the 2 cores are shared), no profiling, no W&B; the
@@ -115,6 +116,8 @@ def test_killed_run_resumes_to_the_same_bits(point, uninterrupted, tmp_path):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
     assert len(runs) == 2 and {p.name.rsplit("-", 1)[1] for p in runs} == {wandb_id}
+    # Its newest segment logged the epochs before the kill again: a sync of the segments gives the whole history.
+    assert [row["_step"] for row in wandb_history(wandb_segments(run)[-1])] == [1, 2, 3]
 
 
 @pytest.mark.slow
