@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import distributed, engine
-from kd.records import CannotWrite, FolderBusy
+from kd.fileio import CannotWrite, FolderBusy
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, pretrained, records, stages, teachers, tracking
+from kd import distributed, fileio, pretrained, profiling, records, stages, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, value_problems
 from kd.data import FileSplits, Splits, hold_out
@@ -88,8 +88,8 @@ def run(
         info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
         info["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
         result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
-        records.write_json(out_dir / "run_info.json", info)
-        records.write_json(out_dir / "result.json", result)  # the commit point: the run is finished
+        fileio.write_json(out_dir / "run_info.json", info)
+        fileio.write_json(out_dir / "result.json", result)  # the commit point: the run is finished
         return result
 
 
@@ -141,15 +141,15 @@ def train(
 
 
 @contextmanager
-def run_folder(out_dir: Path) -> Iterator[Optional[records.CannotWrite]]:
+def run_folder(out_dir: Path) -> Iterator[Optional[fileio.CannotWrite]]:
     """Rank 0 holds out_dir's lock for the run's life; every rank learns whether it got it. Yields the CannotWrite
-    to raise before the first write when out_dir exists but cannot be written (records.folder_lock)."""
+    to raise before the first write when out_dir exists but cannot be written (fileio.folder_lock)."""
     with ExitStack() as stack:
         refusal, unwritable = None, None
         if distributed.is_main():
             try:
-                unwritable = stack.enter_context(records.folder_lock(out_dir))
-            except (records.FolderBusy, records.CannotWrite) as error:
+                unwritable = stack.enter_context(fileio.folder_lock(out_dir))
+            except (fileio.FolderBusy, fileio.CannotWrite) as error:
                 refusal = error
         refusal, unwritable = distributed.broadcast_object((refusal, unwritable))
         if refusal is not None:
@@ -193,7 +193,7 @@ def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> di
     record = {"overrides": list(overrides), "config": records.plain_config(cfg), "wandb_id": tracking.new_run_id(),
               "seed_linked": sorted(k for k, v in unresolved.items() if v == "${seed}")}
     if distributed.is_main():
-        records.write_json(out_dir / "run.json", record)
+        fileio.write_json(out_dir / "run.json", record)
     return record
 
 
@@ -223,11 +223,11 @@ def set_up(
         teacher_path, teacher_file = teacher_for_data(cfg, required, overrides, data, (teacher_path, teacher_file))
     teacher = frozen_teacher(teacher_file, cfg.teacher, data) if teacher_file is not None else None
     job = build_job(cfg, phase, criterion, data, device, teacher, resumed.get("precision") if resumed else None)
-    facts = {"phase": phase.value, "params": records.count_parameters(job.model)}
-    facts["adapter_params"] = records.count_parameters(job.criterion)
+    facts = {"phase": phase.value, "params": profiling.count_parameters(job.model)}
+    facts["adapter_params"] = profiling.count_parameters(job.criterion)
     image_shape = data.image_shape
-    facts["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
-    info = records.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
+    facts["flops_per_image"] = profiling.forward_flops(job.model, image_shape, device)
+    info = profiling.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
     if teacher is not None:
         facts.update(check_teacher(job, cfg, teacher_path, teacher_file))
         job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
@@ -252,11 +252,11 @@ def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Option
     """(result, None, record) when out_dir holds this run finished, (None, last.pt, record) when interrupted after a
     checkpoint, (None, None, record or None) otherwise; a folder another config wrote is refused."""
     fix = f"Delete {out_dir} to start this run over, or give the run another folder (hydra.run.dir=...)."
-    record = records.read_json(out_dir / "run.json", fix) if (out_dir / "run.json").is_file() else None
+    record = fileio.read_json(out_dir / "run.json", fix) if (out_dir / "run.json").is_file() else None
     if (out_dir / "result.json").is_file():
         if record is not None:
             check_same_config(cfg, _recorded_config(record, out_dir / "run.json", fix), out_dir / "run.json")
-        result = records.read_json(out_dir / "result.json", fix)
+        result = fileio.read_json(out_dir / "result.json", fix)
         check_same_config(cfg, _recorded_config(result, out_dir / "result.json", fix), out_dir / "result.json")
         return result, None, record
     checkpoint = last_checkpoint(out_dir)
@@ -279,9 +279,9 @@ def last_checkpoint(out_dir: Path) -> Optional[dict[str, Any]]:
     if not last.is_file():
         return None
     try:
-        checkpoint = records.load_checkpoint(last, RESUME_KEYS)
-    except records.UnusableCheckpoint as error:
-        raise records.UnusableCheckpoint(
+        checkpoint = fileio.load_checkpoint(last, RESUME_KEYS)
+    except fileio.UnusableCheckpoint as error:
+        raise fileio.UnusableCheckpoint(
             f"cannot resume: {error} Delete it to start this run over in {out_dir}, or pick another hydra.run.dir."
         ) from None
     return {**checkpoint, "path": last}
@@ -298,7 +298,7 @@ def teacher_named_freely(checkpoint: dict[str, Any]) -> bool:
 
 def _recorded_config(record: dict[str, Any], path: Path, fix: str) -> dict[str, Any]:
     if not isinstance(record.get("config"), dict):
-        raise records.CorruptRecord(f"{path} is damaged (it holds no config). {fix}")
+        raise fileio.CorruptRecord(f"{path} is damaged (it holds no config). {fix}")
     return record["config"]
 
 
@@ -341,7 +341,7 @@ def stored_teacher_result(
              "(retrain_teacher=true trains a new version)", path, result["test/acc1"], manifest["run_dir"])
     if record is None and not (out_dir / "last.pt").exists() and distributed.is_main():
         start_record(cfg, out_dir, overrides)
-        records.write_json(out_dir / "result.json", result)
+        fileio.write_json(out_dir / "result.json", result)
     return result, None
 
 
@@ -420,7 +420,7 @@ def resumed_teacher(cfg: DictConfig, required: bool, overrides: Sequence[str], r
         return None  # trained without a teacher (a baseline), it goes on without one
     if not teachers.from_store(cfg):
         now = teachers.resolve(cfg, required, list(overrides))
-        now_sha256 = records.sha256_file(now) if now is not None else None
+        now_sha256 = fileio.sha256_file(now) if now is not None else None
         if now_sha256 != sha256:
             raise ValueError(teacher_switch(resumed, now, now_sha256, ""))
         return now
@@ -697,7 +697,7 @@ def check_teacher(job: Job, cfg: DictConfig, path: Path, teacher: TeacherFile) -
              "none" if recorded is None else f"{recorded:.2f}")
     facts = {f"teacher/{name}/{key}": value for name, m in measured.items() for key, value in m.items()}
     facts.update({"teacher/acc1": accuracy, "teacher_checkpoint": str(path), "teacher/format": teacher.format,
-                  "teacher/sha256": records.sha256_file(path), "teacher/source": teacher_source(cfg, path)})
+                  "teacher/sha256": fileio.sha256_file(path), "teacher/source": teacher_source(cfg, path)})
     if recorded is not None:
         facts["teacher/recorded_acc1"] = recorded
     return facts
@@ -770,7 +770,7 @@ def fit(
     metrics, best = (checkpoint["metrics"], checkpoint["best"]) if checkpoint else (None, None)
     main = distributed.is_main()
     if main:
-        records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+        fileio.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
     before_epoch_1 = lambda: checkpoint_payload(job, cfg, None, None, teacher or {})  # noqa: E731
     stages.run_init_stage(job, cfg, out_dir, checkpoint, before_epoch_1)
     for epoch in range(done + 1, cfg.epochs + 1):
@@ -779,7 +779,7 @@ def fit(
         tracker.log(metrics, step=epoch)
         log.info(epoch_line(metrics, cfg.epochs))
         if main:
-            records.append_jsonl(metrics_file, metrics)
+            fileio.append_jsonl(metrics_file, metrics)
             save_checkpoints(job, cfg, out_dir, metrics, best, teacher or {})
     return summarize(metrics, best, best_key)
 
@@ -790,9 +790,9 @@ def save_checkpoints(
     """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
     payload = checkpoint_payload(job, cfg, metrics, best, teacher)
     if best is metrics:
-        records.save_checkpoint(out_dir / "best.pt", payload)
+        fileio.save_checkpoint(out_dir / "best.pt", payload)
     # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
-    records.save_checkpoint(out_dir / "last.pt", payload)
+    fileio.save_checkpoint(out_dir / "last.pt", payload)
 
 
 def checkpoint_payload(

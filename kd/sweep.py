@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
-from kd import engine, records, stages, teachers
+from kd import engine, fileio, records, stages, teachers
 from kd.config import Phase
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ class SweepChecks(Callback):
             raise SystemExit(1)
         name_jobs_by_swept_keys(config, record)
         try:
-            records.write_json(sweep_dir / "sweep.json", record)
-        except records.CannotWrite as error:  # a read-only or full sweep folder: one line, before any job
+            fileio.write_json(sweep_dir / "sweep.json", record)
+        except fileio.CannotWrite as error:  # a read-only or full sweep folder: one line, before any job
             log.error("%s", error)
             raise SystemExit(1) from None
 
@@ -61,9 +61,9 @@ class SweepChecks(Callback):
         run_dir = Path(config.hydra.run.dir)  # the path Hydra creates next: ${now:...} resolves once per config
         fix = "Make the folder it is in writable, or give this run another folder (hydra.run.dir=...)."
         try:
-            with records.writing(run_dir, fix):
+            with fileio.writing(run_dir, fix):
                 run_dir.mkdir(parents=True, exist_ok=True)
-        except records.CannotWrite as error:
+        except fileio.CannotWrite as error:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 return
             print(f"Error: {error}", file=sys.stderr)  # as train.py prints a refused run
@@ -100,10 +100,10 @@ def check_sweep_folder(sweep_dir: Path, new: dict[str, Any]) -> Optional[str]:
         return None
     unchecked = f"This relaunch cannot be checked against the sweep it records, so no job was started. {fix}"
     try:
-        old = records.read_json(path, unchecked)
+        old = fileio.read_json(path, unchecked)
     except OSError as error:
         return f"{path} cannot be read ({error.strerror or error}). {unchecked}"
-    except records.CorruptRecord as error:
+    except fileio.CorruptRecord as error:
         return str(error)
     if not isinstance(old.get("fixed"), dict) or not isinstance(old.get("swept"), dict):
         return f"{path} is damaged (it holds no fixed and swept overrides). {unchecked}"

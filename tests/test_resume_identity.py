@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, records, teachers
+from kd import engine, fileio, teachers
 from support import tree_state
 from test_records import CLASSES, FOLDER, trained, write_folder
 from test_reliability import compose_cfg
@@ -52,7 +52,7 @@ def state(folder: Path) -> dict[str, str]:
 
 
 def sha(path: Path) -> str:
-    return records.sha256_file(path)
+    return fileio.sha256_file(path)
 
 
 def stored_teacher(tmp_path: Path, folder: str, *overrides: str) -> Path:
@@ -198,7 +198,7 @@ def test_a_stored_manifest_without_config_is_refused_naming_it(tmp_path):
     message = (f"{v1.parent / 'manifest.json'} is damaged \\(it holds no config\\). Delete the version folder "
                f"{v1.parent} to train that teacher again.")
     for phase, folder in ((TEACHER, "teacher_2"), (STUDENT, "student")):
-        with pytest.raises(records.CorruptRecord, match=message):
+        with pytest.raises(fileio.CorruptRecord, match=message):
             engine.run(compose_cfg(tmp_path, *phase), tmp_path / folder)
         assert not [p for p in (tmp_path / folder).iterdir() if p.name != ".lock"]
     assert {k: v for k, v in state(tmp_path).items() if k not in ("teacher_2", "student")} == before

@@ -49,7 +49,7 @@ if __package__ in (None, ""):  # python tools/bench.py: kd and tools import from
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import datapath, engine, loop, records
+from kd import datapath, engine, fileio, loop, profiling, records
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, args.num_classes, (len(images),), generator=torch.Generator().manual_seed(1))
     amp_dtype = engine.resolve_precision(cfg.precision, device)
-    flops = {role: records.forward_flops(instantiate(cfg[role]).to(device), (3, 32, 32), device)
+    flops = {role: profiling.forward_flops(instantiate(cfg[role]).to(device), (3, 32, 32), device)
              for role in ("teacher", "student")}
     ceilings = measured_ceilings(device, amp_dtype)
     results = {"device": records.environment(device), "config": {**vars(args), "precision": str(amp_dtype)},
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["sweep"] = sweep_ratio(args)
     print_table(results)
     if args.json:
-        records.write_json(Path(args.json), results)
+        fileio.write_json(Path(args.json), results)
     return results
 
 
@@ -170,10 +170,10 @@ def timed_rounds(variants: dict[str, Callable[[int], None]], windows: int, devic
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for window in range(windows + 1):
         for name, run_window in variants.items():
-            records.synchronize(device)
+            profiling.synchronize(device)
             start = time.perf_counter()
             run_window(window)
-            records.synchronize(device)
+            profiling.synchronize(device)
             if window > 0:
                 seconds[name].append(time.perf_counter() - start)
     return seconds

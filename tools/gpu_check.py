@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # python tools/gpu_check.py: kd and tools import 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import engine, loop, records
+from kd import engine, fileio, loop, records
 from kd.config import Phase
 from kd.teacher_cache import TeacherCache
 from tools import bench
@@ -112,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             print(f"[gpu_check] {summary_line(name, report['items'][name])}", flush=True)
             report["wall_s"] = time.perf_counter() - started
             report["statuses"] = {name: item["status"].split(":")[0] for name, item in report["items"].items()}
-            records.write_json(args.out, report)  # after every item: a run cut short keeps what it finished
+            fileio.write_json(args.out, report)  # after every item: a run cut short keeps what it finished
     print_summary(report)
     return report
 
