@@ -2,7 +2,7 @@
 
 1. The sweep folder: a relaunch into a folder that holds a sweep (its `sweep.json`) may resume it or add jobs (more
    values of the keys it sweeps), nothing else; anything else, or a sweep.json that cannot be read, is refused
-   before Hydra rewrites a file there. So are the sweep's constant settings that engine.check_config refuses.
+   before Hydra rewrites a file there. So are the sweep's constant settings that kd.config.check_config refuses.
 2. Job folders are named by the swept keys only (`loss.alpha=0.9,seed=1`), so a job keeps its folder when a
    relaunch adds values; the constant overrides live in sweep.json and multirun.yaml. Long names are cut and
    completed with a hash (kd.records.bounded_name).
@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
 from kd import engine, fileio, records, stages, teachers
-from kd.config import Phase
+from kd.config import Phase, check_config
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,9 @@ def name_jobs_by_swept_keys(config: DictConfig, record: dict[str, Any]) -> None:
 
 
 def settings_refusal(config: DictConfig) -> Optional[str]:
-    """engine.check_config's refusal of the sweep's settings (the swept values are checked by each job)."""
+    """check_config's refusal of the sweep's settings (the swept values are checked by each job)."""
     try:
-        engine.check_config(engine.phase_config(_without_hydra(config)))
+        check_config(engine.phase_config(_without_hydra(config)))
     except ValueError as error:
         return str(error)
     return None

@@ -14,10 +14,6 @@ from kd.records import model_name, plain_config
 
 log = logging.getLogger(__name__)
 
-MODES = ("online", "offline", "disabled")
-# W&B's rules for a project name (wandb.Settings validates them in every mode, disabled too).
-PROJECT_MAX_CHARS, PROJECT_FORBIDDEN = 128, "/\\#?%:"
-
 
 def run_tags(cfg: DictConfig) -> list[str]:
     """Tags that let a sweep's runs be filtered by dataset, pair and loss."""

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 import kd.config  # noqa: F401  (registers the schema)
 import train
 from kd import checkpoints, engine, fileio
+from kd.config import check_config
 from kd.sweep import SweepChecks
 from support import tree_state
 from test_reliability import PLAIN, TINY, compose_cfg, no_data
@@ -72,7 +73,7 @@ def test_strings_where_a_target_takes_a_number_are_refused_naming_the_key_and_ty
 def test_negative_teacher_acc_tolerance_is_refused(tmp_path):
     message = refused(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=-1"), tmp_path)
     assert message == "invalid config: teacher_acc_tolerance=-1.0: must be >= 0 (percentage points)"
-    engine.check_config(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=0"))  # exact agreement: allowed
+    check_config(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=0"))  # exact agreement: allowed
 
 
 def test_a_project_name_wandb_refuses_is_refused_before_run_json_even_with_wandb_disabled(tmp_path):
@@ -81,7 +82,7 @@ def test_a_project_name_wandb_refuses_is_refused_before_run_json_even_with_wandb
     assert message == ("invalid config: logger.project is 129 characters long: W&B allows at most 128, shorten it")
     message = refused(compose_cfg(tmp_path, *PLAIN, "logger.project='kd:cifar'"), tmp_path)
     assert message == "invalid config: logger.project=kd:cifar: W&B project names cannot hold :"
-    engine.check_config(compose_cfg(tmp_path, *PLAIN, f"logger.project={'p' * 128}"))
+    check_config(compose_cfg(tmp_path, *PLAIN, f"logger.project={'p' * 128}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torchvision
 from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import checkpoints, engine, fileio, pretrained, teachers
+from kd import checkpoints, engine, fileio, pretrained, teacher_checks, teachers
 from test_reliability import compose_cfg as tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -206,7 +206,7 @@ def test_the_record_names_the_library_as_the_teachers_source(torch_hub, tmp_path
     cfg = tiny_cfg(tmp_path, "phase=student", "epochs=1", "model@teacher=torchvision", "teacher.name=resnet18",
                    "teacher.width=1", f"teacher_checkpoint={RESNET18}")
     located = teachers.resolve(cfg, True, [])
-    assert engine.teacher_source(cfg, located) == "torchvision"
+    assert teacher_checks.teacher_source(cfg, located) == "torchvision"
 
 
 def test_densenets_published_key_names_are_renamed_as_torchvision_does():

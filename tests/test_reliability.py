@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, fileio, records, teachers
+from kd import engine, fileio, hardware, records, teachers
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny and fast: 16x16 digits, quarter-width CNNs, one thread (the 2 cores are shared), no profiling, no W&B; the
@@ -462,7 +462,7 @@ def test_deterministic_flag_sets_the_switches_and_changes_no_cpu_result(tmp_path
         default = engine.run(compose_cfg(tmp_path, *PLAIN, "epochs=1"), tmp_path / "default")
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     finally:
-        engine.configure_determinism(False)
+        hardware.configure_determinism(False)
         torch.backends.cudnn.benchmark = False
     keys = [k for k in strict if k.startswith(("train/", "test/"))]
     assert keys and {k: strict[k] for k in keys} == {k: default[k] for k in keys}
