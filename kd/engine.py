@@ -94,16 +94,8 @@ def run(
         return result
 
 
-def phase_config(cfg: DictConfig) -> DictConfig:
-    """The config as the phase runs it: the teacher phase trains with teacher_recipe, which replaces the top-level
-    recipe (the student's), so a teacher run's records show the recipe that trained it."""
-    if Phase(cfg.phase) is not Phase.teacher:
-        return cfg
-    recipe = OmegaConf.to_container(cfg.teacher_recipe, resolve=True)
-    cfg = copy.deepcopy(cfg)
-    for key in teachers.RECIPE_KEYS:
-        cfg[key] = recipe[key]
-    return cfg
+# ---------------------------------------------------------------------------------------------------------------
+# checks before any work: the phase's config
 
 
 def check_recipe_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -120,25 +112,20 @@ def check_recipe_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         )
 
 
-def train(
-    job: Job, cfg: DictConfig, out_dir: Path, record: dict[str, Any], checkpoint: Optional[dict],
-    facts: dict[str, Any], info: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The epochs, logged to W&B (one run per folder: its id is in run.json); returns (result, info)."""
-    teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
-    tracker = tracking.start(cfg, out_dir, record["wandb_id"], teacher_facts)
-    try:
-        tracker.summary.update({**facts, **info})
-        teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
-        result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
-        if job.cache is not None:
-            info.update(teacher_cache_summary(job.cache))
-        tracker.summary.update({**result, **info})
-    except BaseException:
-        tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
-        raise
-    tracker.finish()
-    return result, info
+def phase_config(cfg: DictConfig) -> DictConfig:
+    """The config as the phase runs it: the teacher phase trains with teacher_recipe, which replaces the top-level
+    recipe (the student's), so a teacher run's records show the recipe that trained it."""
+    if Phase(cfg.phase) is not Phase.teacher:
+        return cfg
+    recipe = OmegaConf.to_container(cfg.teacher_recipe, resolve=True)
+    cfg = copy.deepcopy(cfg)
+    for key in teachers.RECIPE_KEYS:
+        cfg[key] = recipe[key]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run folder: its lock and its log
 
 
 @contextmanager
@@ -187,52 +174,8 @@ def run_log(out_dir: Path) -> Iterator[Callable[[], None]]:
             handler.close()
 
 
-def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """run.json: the run's own record (overrides, resolved config, the keys tied to the seed, its W&B id), written
-    once, by the run that passed its checks; kd.report lists a sweep's jobs from it."""
-    unresolved = records.flatten(OmegaConf.to_container(cfg, resolve=False))
-    record = {"overrides": list(overrides), "config": records.plain_config(cfg), "wandb_id": tracking.new_run_id(),
-              "seed_linked": sorted(k for k, v in unresolved.items() if v == "${seed}")}
-    if distributed.is_main():
-        fileio.write_json(out_dir / "run.json", record)
-    return record
-
-
-def set_up(
-    cfg: DictConfig, overrides: Sequence[str], resumed: Optional[dict] = None, data: Optional[DataPath] = None
-) -> tuple[Job, dict[str, Any], dict[str, Any]]:
-    """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; returns the job,
-    the run's facts (part of result.json) and what varies between executions (speed: run_info.json). `resumed`: the
-    last.pt the run goes on from (it keeps that one's teacher, training data and precision); `data`: already loaded."""
-    phase = Phase(cfg.phase)
-    hardware.configure_determinism(cfg.deterministic)
-    device = hardware.resolve_device(cfg.device)
-    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    required = wants_teacher(cfg, stages.needs_teacher(criterion))
-    teacher_path = first_teacher(cfg, required, overrides, resumed) if phase is Phase.student else None
-    teacher_file = None  # read and checked before any data is decoded
-    if teacher_path is not None:
-        teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
-    if data is None:
-        data = load_data(cfg.dataset, device, hardware.use_channels_last(cfg.channels_last, device))
-    # last.pt records it: on every rank now, not on rank 0 alone after epoch 1 (a streamed folder's takes minutes)
-    data.train_digest()
-    check_resumed_data(cfg, resumed, data)
-    if teacher_path is not None and resumed is None and teachers.from_store(cfg):
-        teacher_path, teacher_file = teacher_for_data(cfg, required, overrides, data, (teacher_path, teacher_file))
-    teacher = teachers.build(teacher_file, cfg.teacher, data.device) if teacher_file is not None else None
-    job = build_job(cfg, phase, criterion, data, device, teacher, resumed.get("precision") if resumed else None)
-    facts = {"phase": phase.value, "params": profiling.count_parameters(job.model)}
-    facts["adapter_params"] = profiling.count_parameters(job.criterion)
-    image_shape = data.image_shape
-    facts["flops_per_image"] = profiling.forward_flops(job.model, image_shape, device)
-    info = profiling.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
-    if teacher is not None:
-        facts.update(teacher_checks.check_teacher(job, cfg, teacher_path, teacher_file))
-        job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
-    return job, facts, info
+# ---------------------------------------------------------------------------------------------------------------
+# what the folder holds already: a finished run, a last.pt to resume, or the store's teacher
 
 
 def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Optional[dict], Optional[dict]]:
@@ -332,24 +275,64 @@ def stored_teacher_result(
     return result, None
 
 
-def restore(job: Job, checkpoint: dict[str, Any]) -> None:
-    """Put the model, optimizer, schedule and global RNG back as they were when last.pt was written."""
-    job.model.load_state_dict(checkpoint["model"])
-    job.criterion.load_state_dict(checkpoint["criterion"])  # adapters (FitNet regressor, CRD embeddings, memory)
-    job.optimizer.load_state_dict(checkpoint["optimizer"])
-    job.scaler.load_state_dict(checkpoint["scaler"])
-    job.scheduler.load_state_dict(checkpoint["scheduler"])
-    # Batches come from epoch_generator; the global RNG matters only to models with dropout.
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for index, state in enumerate(checkpoint["rng"]["cuda"][:visible]):
-        torch.cuda.set_rng_state(state, index)
+# ---------------------------------------------------------------------------------------------------------------
+# set up: the teacher, the data, the job
+
+
+def set_up(
+    cfg: DictConfig, overrides: Sequence[str], resumed: Optional[dict] = None, data: Optional[DataPath] = None
+) -> tuple[Job, dict[str, Any], dict[str, Any]]:
+    """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; returns the job,
+    the run's facts (part of result.json) and what varies between executions (speed: run_info.json). `resumed`: the
+    last.pt the run goes on from (it keeps that one's teacher, training data and precision); `data`: already loaded."""
+    phase = Phase(cfg.phase)
+    hardware.configure_determinism(cfg.deterministic)
+    device = hardware.resolve_device(cfg.device)
+    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    required = wants_teacher(cfg, stages.needs_teacher(criterion))
+    teacher_path = first_teacher(cfg, required, overrides, resumed) if phase is Phase.student else None
+    teacher_file = None  # read and checked before any data is decoded
+    if teacher_path is not None:
+        teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
+    if data is None:
+        data = load_data(cfg.dataset, device, hardware.use_channels_last(cfg.channels_last, device))
+    # last.pt records it: on every rank now, not on rank 0 alone after epoch 1 (a streamed folder's takes minutes)
+    data.train_digest()
+    check_resumed_data(cfg, resumed, data)
+    if teacher_path is not None and resumed is None and teachers.from_store(cfg):
+        teacher_path, teacher_file = teacher_for_data(cfg, required, overrides, data, (teacher_path, teacher_file))
+    teacher = teachers.build(teacher_file, cfg.teacher, data.device) if teacher_file is not None else None
+    job = build_job(cfg, phase, criterion, data, device, teacher, resumed.get("precision") if resumed else None)
+    facts = {"phase": phase.value, "params": profiling.count_parameters(job.model)}
+    facts["adapter_params"] = profiling.count_parameters(job.criterion)
+    image_shape = data.image_shape
+    facts["flops_per_image"] = profiling.forward_flops(job.model, image_shape, device)
+    info = profiling.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
+    if teacher is not None:
+        facts.update(teacher_checks.check_teacher(job, cfg, teacher_path, teacher_file))
+        job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
+    return job, facts, info
 
 
 def wants_teacher(cfg: DictConfig, loss_needs_it: bool) -> bool:
     """Whether a student run must have its teacher: when its loss reads it, and with train_missing_teacher=true also
     when it does not (a baseline), so that every row of a table records its pair's teacher and agreement with it."""
     return loss_needs_it or (cfg.train_missing_teacher and cfg.teacher_checkpoint == "auto")
+
+
+def first_teacher(
+    cfg: DictConfig, required: bool, overrides: Sequence[str], resumed: Optional[dict]
+) -> Optional[Path]:
+    """The student's teacher as far as it is known before the data is decoded: a resumed run's is the one its
+    last.pt records (resumed_teacher); otherwise the config's (teacher_for_data may still take another version)."""
+    if resumed is not None and "train_digest" in resumed:
+        return teacher_checks.resumed_teacher(cfg, required, overrides, resumed)
+    path = find_or_train_teacher(cfg, required, overrides)
+    if resumed is not None and path is not None and teachers.from_store(cfg):
+        teacher_checks.check_unrecorded_teacher(resumed["path"], path.parent.parent)
+    return path
 
 
 def find_or_train_teacher(
@@ -375,19 +358,6 @@ def find_or_train_teacher(
                 log.info("training the missing teacher into %s", version)
                 run(teachers.teacher_config(cfg), version / "run", file_into=version)
         return version / "teacher.pt"
-
-
-def first_teacher(
-    cfg: DictConfig, required: bool, overrides: Sequence[str], resumed: Optional[dict]
-) -> Optional[Path]:
-    """The student's teacher as far as it is known before the data is decoded: a resumed run's is the one its
-    last.pt records (resumed_teacher); otherwise the config's (teacher_for_data may still take another version)."""
-    if resumed is not None and "train_digest" in resumed:
-        return teacher_checks.resumed_teacher(cfg, required, overrides, resumed)
-    path = find_or_train_teacher(cfg, required, overrides)
-    if resumed is not None and path is not None and teachers.from_store(cfg):
-        teacher_checks.check_unrecorded_teacher(resumed["path"], path.parent.parent)
-    return path
 
 
 def teacher_for_data(
@@ -491,6 +461,12 @@ def build_job(
     return job
 
 
+def _stderr_is_terminal() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
 def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sha256: str) -> Optional[TeacherCache]:
     """The cache entry for this teacher, training data, views and numerics; None when the cache cannot serve the run."""
     if not cfg.teacher_cache or not job.criterion.needs_teacher:
@@ -518,10 +494,54 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sh
                         cfg.teacher_cache_topk)
 
 
-def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
-    return {"teacher_cache/hits": cache.hits, "teacher_cache/misses": cache.misses,
-            "teacher_cache/rejected": cache.rejected, "teacher_cache/bytes": cache.size_bytes(),
-            "teacher_cache/dir": str(cache.dir)}
+# ---------------------------------------------------------------------------------------------------------------
+# training and its records
+
+
+def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """run.json: the run's own record (overrides, resolved config, the keys tied to the seed, its W&B id), written
+    once, by the run that passed its checks; kd.report lists a sweep's jobs from it."""
+    unresolved = records.flatten(OmegaConf.to_container(cfg, resolve=False))
+    record = {"overrides": list(overrides), "config": records.plain_config(cfg), "wandb_id": tracking.new_run_id(),
+              "seed_linked": sorted(k for k, v in unresolved.items() if v == "${seed}")}
+    if distributed.is_main():
+        fileio.write_json(out_dir / "run.json", record)
+    return record
+
+
+def restore(job: Job, checkpoint: dict[str, Any]) -> None:
+    """Put the model, optimizer, schedule and global RNG back as they were when last.pt was written."""
+    job.model.load_state_dict(checkpoint["model"])
+    job.criterion.load_state_dict(checkpoint["criterion"])  # adapters (FitNet regressor, CRD embeddings, memory)
+    job.optimizer.load_state_dict(checkpoint["optimizer"])
+    job.scaler.load_state_dict(checkpoint["scaler"])
+    job.scheduler.load_state_dict(checkpoint["scheduler"])
+    # Batches come from epoch_generator; the global RNG matters only to models with dropout.
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, state in enumerate(checkpoint["rng"]["cuda"][:visible]):
+        torch.cuda.set_rng_state(state, index)
+
+
+def train(
+    job: Job, cfg: DictConfig, out_dir: Path, record: dict[str, Any], checkpoint: Optional[dict],
+    facts: dict[str, Any], info: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The epochs, logged to W&B (one run per folder: its id is in run.json); returns (result, info)."""
+    teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
+    tracker = tracking.start(cfg, out_dir, record["wandb_id"], teacher_facts)
+    try:
+        tracker.summary.update({**facts, **info})
+        teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
+        result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
+        if job.cache is not None:
+            info.update(teacher_cache_summary(job.cache))
+        tracker.summary.update({**result, **info})
+    except BaseException:
+        tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
+        raise
+    tracker.finish()
+    return result, info
 
 
 def fit(
@@ -600,7 +620,7 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
     return " | ".join(parts + [f"lr {m['lr']:.4g}", f"{m['time/epoch_s']:.1f}s"])
 
 
-def _stderr_is_terminal() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
+def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
+    return {"teacher_cache/hits": cache.hits, "teacher_cache/misses": cache.misses,
+            "teacher_cache/rejected": cache.rejected, "teacher_cache/bytes": cache.size_bytes(),
+            "teacher_cache/dir": str(cache.dir)}
