@@ -91,7 +91,7 @@ def test_a_resumed_student_goes_on_with_its_teacher_after_a_retrain_filed_a_newe
     v2 = stored_teacher(tmp_path, "teacher_2", "retrain_teacher=true")
     assert v2 == v1.parent.parent / "v2" / "teacher.pt" and sha(v2) != sha(v1)
 
-    with caplog.at_level(logging.INFO, logger="kd.engine"):
+    with caplog.at_level(logging.INFO, logger="kd.teacher_checks"):
         resumed = engine.run(compose_cfg(tmp_path, *STUDENT), run)
     assert f"resuming with {v1.parent}, the teacher {run / 'last.pt'} was trained with" in caplog.text
     assert (resumed["teacher_checkpoint"], resumed["teacher/sha256"]) == (str(v1), sha(v1))
@@ -208,7 +208,7 @@ def test_a_last_pt_of_an_earlier_version_resumes_unless_the_store_holds_several_
                                                                                         caplog):
     v1 = stored_teacher(tmp_path, "teacher_1")
     run = tmp_path / "student"
-    with caplog.at_level(logging.INFO, logger="kd.engine"):  # train.py logs INFO lines into train.log
+    with caplog.at_level(logging.INFO, logger="kd.teacher_checks"):  # train.py logs INFO lines into train.log
         interrupt(monkeypatch, compose_cfg(tmp_path, *STUDENT), run)
     last = torch.load(run / "last.pt", weights_only=True)
     for key in ("teacher_sha256", "teacher_checkpoint", "train_digest"):  # as the previous code wrote it
