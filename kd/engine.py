@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, fileio, hardware, profiling, records, stages, teacher_checks, teachers, tracking
+from kd import distributed, feedback, fileio, hardware, profiling, records, stages, teacher_checks, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, check_config
 from kd.data import FileSplits, Splits, hold_out
@@ -35,7 +35,7 @@ from kd.datapath import DataPath, InMemoryData
 from kd.loop import Job, run_epoch, training_forward
 from kd.methods.base import CELoss, Criterion
 from kd.streaming import StreamingData
-from kd.teacher_cache import TeacherCache
+from kd.teacher_cache import TeacherCache, model_code
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,16 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 
 def run(
-    cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None
+    cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None,
+    resume_with: str = "", choices: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Train the phase's model, write the run's records into out_dir; return its result.
 
     Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished. One
     process at a time may use out_dir (its lock). Under torchrun every rank trains its share of each batch; rank 0
     alone holds the lock, logs and writes. `file_into`: the store version folder an on-demand teacher is filed in.
+    `resume_with`: the command that resumes this run, logged once its checks have passed. `choices`: Hydra's runtime
+    choices of the config groups (the loss option's name tags the W&B run).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -78,14 +81,20 @@ def run(
         # Every check has passed: from here on the run writes into its folder.
         record = distributed.broadcast_object(record or start_record(cfg, out_dir, overrides))
         commit_log()
+        log.info(feedback.start_line(cfg, job, hardware.precision_name(job.amp_dtype), out_dir))
+        if resume_with:
+            log.info("resume with: %s", resume_with)
         if checkpoint is not None:
             restore(job, checkpoint)
-        result, info = train(job, cfg, out_dir, record, checkpoint, facts, info)
+        teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
+        with tracking.tracked(cfg, out_dir, record["wandb_id"], teacher_facts, choices) as tracker:
+            result, info = train(job, cfg, out_dir, tracker, checkpoint, facts, info)
+            if Phase(cfg.phase) is Phase.teacher and distributed.is_main():
+                checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data, file_into)
+                result["teacher_checkpoint"] = str(checkpoint_path)
+                tracking.log_teacher(tracker, checkpoint_path)  # the students' runs use it
         if not distributed.is_main():
             return result
-        if Phase(cfg.phase) is Phase.teacher:
-            checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data, file_into)
-            result["teacher_checkpoint"] = str(checkpoint_path)
         info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
         info["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
         result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
@@ -458,6 +467,8 @@ def build_job(
         progress, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
     )
     job.forward = training_forward(job, cfg.compile_mode if cfg.compile else None)
+    if not progress and cfg.progress_every_s is not None:  # a log file, not a terminal: plain lines instead of a bar
+        job.progress = feedback.Progress(cfg.progress_every_s, cfg.epochs)
     return job
 
 
@@ -480,6 +491,8 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sh
     views = {k: v for k, v in records.plain_config(cfg.dataset).items() if k not in ("source", "name")}
     key = {
         "teacher_sha256": teacher_sha256, "teacher": records.plain_config(cfg.teacher),
+        # the code of the teacher's own model (its classes' and factory's files, its libraries' versions)
+        "model_code": model_code(job.teacher, cfg.teacher._target_),
         # which views, in which order: the training split's content, its augmentation, the order's seed
         "train_data_sha256": job.data.train_digest(), "views": views, "seed": cfg.seed, "batch_size": cfg.batch_size,
         # the numerics of the teacher pass:
@@ -524,23 +537,16 @@ def restore(job: Job, checkpoint: dict[str, Any]) -> None:
 
 
 def train(
-    job: Job, cfg: DictConfig, out_dir: Path, record: dict[str, Any], checkpoint: Optional[dict],
-    facts: dict[str, Any], info: dict[str, Any],
+    job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict], facts: dict[str, Any],
+    info: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The epochs, logged to W&B (one run per folder: its id is in run.json); returns (result, info)."""
-    teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
-    tracker = tracking.start(cfg, out_dir, record["wandb_id"], teacher_facts)
-    try:
-        tracker.summary.update({**facts, **info})
-        teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
-        result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
-        if job.cache is not None:
-            info.update(teacher_cache_summary(job.cache))
-        tracker.summary.update({**result, **info})
-    except BaseException:
-        tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
-        raise
-    tracker.finish()
+    """The epochs, logged to the folder's W&B run `tracker` (its id is in run.json); returns (result, info)."""
+    tracker.summary.update({**facts, **info})
+    teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
+    result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
+    if job.cache is not None:
+        info.update(teacher_cache_summary(job.cache))
+    tracker.summary.update({**result, **info})
     return result, info
 
 
@@ -557,6 +563,7 @@ def fit(
     main = distributed.is_main()
     if main:
         fileio.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+        tracking.log_history(tracker, metrics_file)  # a resumed run's new W&B segment gets the epochs before it
     before_epoch_1 = lambda: checkpoint_payload(job, cfg, None, None, teacher or {})  # noqa: E731
     stages.run_init_stage(job, cfg, out_dir, checkpoint, before_epoch_1)
     for epoch in range(done + 1, cfg.epochs + 1):

@@ -298,5 +298,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"kd.teachers: cannot write {args.dir} ({error}): point --dir at a writable folder.", file=sys.stderr)
         return 1
     print("\n".join(done.values()))
-    print(f"Use them with teachers_dir={args.dir} (e.g. python train.py -m sweep=crd_table teachers_dir={args.dir}).")
+    print(f"Use them with teachers_dir={args.dir} (e.g. python train.py -m sweep=crd_table1 teachers_dir={args.dir}).")
     return 0

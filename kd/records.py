@@ -29,6 +29,8 @@ SOURCE_NEUTRAL = ("download", "cache_dir", "num_workers", "path", "in_memory_max
 RESULT_NEUTRAL = (
     "logger", "device", "progress_bar", "threads", "profile", "eval_batch_size", "teacher_store",
     "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance", "retrain_teacher",
+    # What a run shows while it runs, and the name of its folder.
+    "progress_every_s", "run_name",
     *(f"dataset.source.{key}" for key in SOURCE_NEUTRAL),
     # float32 cache entries are bit-exact, so reading the teacher from the cache or live gives the same run.
     "teacher_cache", "teacher_cache_dir", "teacher_cache_max_gb",
@@ -40,8 +42,13 @@ TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint"
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python values (what W&B, result.json and checkpoints store)."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    """The resolved config as plain Python values (what W&B, result.json and checkpoints store); pair_hparams holds
+    only the keys set (None leaves the loss option's own value), as it did before it was typed, so runs recorded
+    then resume, and group in a report, with runs recorded now."""
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if isinstance(plain.get("pair_hparams"), dict):
+        plain["pair_hparams"] = {k: v for k, v in plain["pair_hparams"].items() if v is not None}
+    return plain
 
 
 def model_name(model_cfg: DictConfig) -> str:

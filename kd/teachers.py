@@ -13,6 +13,7 @@ that existing entries keep their names): each manifest records the digest of the
 trained on that data, never one trained on other images. Images added to or replaced in a folder thus get a version
 of their own in the same entry.
 """
+import glob
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kd import fileio, pretrained, published_teachers
+from kd import fileio, pretrained, published_teachers, records
 from kd.checkpoints import TeacherFile, read_teacher_file
 from kd.datapath import DataPath
 from kd.published_teachers import PUBLISHED_LAYOUT
@@ -235,8 +236,96 @@ def resolve(cfg: DictConfig, required: bool, overrides: list[str], train_digest:
     raise MissingTeacher(
         entry,
         f"no trained teacher {what} in {entry}. Train it first:\n  {teacher_command(cfg, overrides)}\n"
-        "or pass teacher_checkpoint=PATH, or train_missing_teacher=true to train it on demand.",
+        "or pass teacher_checkpoint=PATH, or train_missing_teacher=true to train it on demand."
+        + stored_alternatives(cfg),
     )
+
+
+MAX_ALTERNATIVES = 5  # stored teachers a missing teacher's message lists, closest first
+MAX_OVERRIDES = 6  # beyond as many differing settings, an alternative is selected by its path
+
+
+def stored_alternatives(cfg: DictConfig) -> str:
+    """The store's teachers of the same dataset and model as the one asked for (any width, seed, recipe): how each
+    one's identity differs from it, as "key: stored X, asked Y", and the overrides that select it; "" when none."""
+    asked = records.flatten_config(identity(cfg, cfg.teacher_seed))
+    found = []
+    for version in same_model_versions(cfg):
+        try:
+            manifest = read_manifest(version)
+        except (OSError, fileio.CorruptRecord):  # a damaged version: its own lookup names it
+            continue
+        stored = records.flatten_config(manifest.get("identity") or {})
+        keys = sorted(k for k in stored.keys() | asked.keys() if stored.get(k, _ABSENT) != asked.get(k, _ABSENT))
+        keys = [k for k in keys if not follows_another(cfg, k)] or keys  # scheduler.epochs: ${..epochs}
+        if keys:  # none: the asked identity itself, trained on other images (the message says so)
+            found.append((len(keys), str(version), version, stored, keys, manifest["result"].get("test/acc1")))
+    if not found:
+        return ""
+    found.sort(key=lambda item: item[:2])
+    lines = [f"\nThe store holds {len(found)} other teacher{'s' if len(found) > 1 else ''} of "
+             f"{model_name(cfg.teacher)} on {cfg.dataset.name} (closest first; add the overrides to use one):"]
+    for _, _, version, stored, keys, acc1 in found[:MAX_ALTERNATIVES]:
+        lines += alternative_lines(version, stored, asked, keys, acc1)
+    if len(found) > MAX_ALTERNATIVES:
+        lines.append(f"  ... and {len(found) - MAX_ALTERNATIVES} more in {cfg.teacher_store}")
+    return "\n".join(lines)
+
+
+def follows_another(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted config key is an interpolation of another (its override would be redundant)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
+
+
+def same_model_versions(cfg: DictConfig) -> list[Path]:
+    """The newest complete version of each store entry of cfg's dataset name and teacher model (entries are named
+    `<dataset>_<model>_w<width>_seed<seed>_<hash>`)."""
+    pattern = f"{glob.escape(cfg.dataset.name)}_{glob.escape(model_name(cfg.teacher))}_w*_seed*_*"
+    entries = sorted(p for p in Path(cfg.teacher_store).glob(pattern) if p.is_dir())
+    return [version for version in map(newest_complete, entries) if version is not None]
+
+
+def alternative_lines(version: Path, stored: dict[str, Any], asked: dict[str, Any], keys: list[str],
+                      acc1: Any) -> list[str]:
+    """A stored teacher's lines in a missing teacher's message: where, how it differs, the overrides selecting it."""
+    show = lambda tree, key: json.dumps(tree[key]) if key in tree else "absent"  # noqa: E731
+    differences = [f"{key}: {show(stored, key)} stored, {show(asked, key)} asked" for key in keys]
+    accuracy = f" (test/acc1 {acc1:.2f})" if isinstance(acc1, (int, float)) else ""
+    shown = "; ".join(differences[:4]) + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")
+    if len(keys) > MAX_OVERRIDES:
+        selection = [f"teacher_checkpoint={version / 'teacher.pt'}"]
+    else:
+        selection = [selecting_override(key, stored, asked) for key in keys]
+    return [f"  {version}{accuracy}: {shown}", f"    {' '.join(shlex.quote(o) for o in selection)}"]
+
+
+def selecting_override(key: str, stored: dict[str, Any], asked: dict[str, Any]) -> str:
+    """The override that gives identity key `key` the stored teacher's value (the identity's seed is teacher_seed)."""
+    name = "teacher_seed" if key == "seed" else key
+    if key not in stored:
+        return f"~{name}"
+    return f"{'' if key in asked else '+'}{name}={override_value(stored[key])}"
+
+
+def override_value(value: Any) -> str:
+    """A plain value in Hydra's override syntax: null, true, 0.05, [0.9,0.999], a string quoted where it must be."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if re.fullmatch(r"[A-Za-z_/.][\w/.\-]*", text) and text.lower() not in ("null", "true", "false", "nan", "inf"):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+_ABSENT = object()
 
 
 def published_teacher(folder: Path, model: str) -> Path:

@@ -471,7 +471,7 @@ def test_mobilenetv1_width_is_the_papers_multiplier(width, channels):
 def test_library_options_name_their_factory_and_a_default_model(option, name):
     cfg = OmegaConf.load(CONF_DIR / f"{option}.yaml")
     assert OmegaConf.to_container(cfg, resolve=False) == {
-        "defaults": ["/schema/library_model@_here_", "_self_"],
+        "defaults": ["/library_model_schema@_here_", "_self_"],
         "_target_": f"kd.models.{option}_models.{option}_model",
         "name": name,
         "num_classes": "${dataset.num_classes}",

@@ -12,7 +12,7 @@ from kd.report import keys as report
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PAPER_PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem.startswith(("crd_", "imagenet_")))
-PAPER_SWEEPS = ("crd_table", "crd_table2", "methods_table", "imagenet_table")
+PAPER_SWEEPS = ("crd_table1", "crd_table2", "methods_table", "imagenet_table")
 
 
 def composed(*overrides: str):

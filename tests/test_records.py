@@ -3,6 +3,7 @@ sweeps that change nothing on disk, an immutable teacher store, bounded job fold
 file and the fix. The seven numbered tests are the seven cases of the issue, each of which gave a wrong or misleading
 record silently before.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 import kd.config  # noqa: F401  (registers the schema)
+import kd.models
 from kd import data, engine, fileio, records, report, teacher_cache, teachers
 from test_reliability import REPO, TINY, compose_cfg, launch, no_data
 
@@ -93,6 +95,8 @@ def test_2_tampered_cache_entries_are_deleted_recomputed_and_never_used(tmp_path
     live = engine.run(compose_cfg(tmp_path, *student, "teacher_cache=false"), tmp_path / "live")
     engine.run(compose_cfg(tmp_path, *student), tmp_path / "writer")
     entry = Path(info(tmp_path / "writer")["teacher_cache/dir"])
+    key = json.loads((entry / "key.json").read_text())
+    assert key["model_code"]["modules"] == ["kd.models", "kd.models.simple_cnn"]  # the teacher's own model code
     files = [entry / f"epoch_{epoch:04d}.pt" for epoch in (1, 2, 3)]
     shape = torch.load(files[0], weights_only=True)["logits"].shape
     shutil.copy(files[0], files[2])  # a valid file of another epoch, under this epoch's name
@@ -319,6 +323,55 @@ def test_the_code_behind_cached_teacher_outputs_matches_its_recorded_version():
         f"{newest + 1}: {digest!r} to OUTPUT_CODE_VERSIONS in kd/teacher_cache.py, so no output of the old code is "
         "read again"
     )
+
+
+NEW_MODEL = """from torch import nn
+
+from kd.models import GlobalAvgPool
+
+
+def new_net(num_classes: int, width: float = 1.0) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, num_classes, 1), GlobalAvgPool(), nn.Flatten())
+"""
+
+
+def test_a_teachers_cache_key_covers_its_own_model_code_and_no_other_model_file(tmp_path, monkeypatch):
+    """A new model file (imported, as the zoo's are) changes no existing key and needs no version bump; editing another
+    model's file leaves the key; editing the teacher's own file, or its library's version, changes it."""
+    import torchvision
+
+    from kd.models import cifar_resnet, vgg
+    from kd.models.torchvision_models import torchvision_model
+
+    teacher = cifar_resnet.resnet8(10, width=0.25)
+    key = lambda: teacher_cache.model_code(teacher, "kd.models.cifar_resnet.resnet8")  # noqa: E731
+    before, digest = key(), teacher_cache.output_code_digest()
+    assert (before["modules"], before["libraries"]) == (["kd.models", "kd.models.cifar_resnet"], {})
+    (tmp_path / "new_net.py").write_text(NEW_MODEL)
+    spec = importlib.util.spec_from_file_location("kd.models.new_net", tmp_path / "new_net.py")
+    new_net = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "kd.models.new_net", new_net)
+    spec.loader.exec_module(new_net)
+    monkeypatch.setattr(kd.models, "new_net", new_net, raising=False)
+    assert key() == before and teacher_cache.output_code_digest() == digest
+    assert teacher_cache.model_code(new_net.new_net(10), "kd.models.new_net.new_net")["modules"] == [
+        "kd.models", "kd.models.new_net"]
+
+    def edit(module) -> None:  # the module's file, as it reads after an edit
+        copy = tmp_path / Path(module.__file__).name
+        copy.write_text(Path(module.__file__).read_text() + "\n# an edit\n")
+        monkeypatch.setattr(module, "__file__", str(copy))
+
+    edit(vgg)  # another model's file
+    assert key() == before
+    edit(cifar_resnet)  # the teacher's own
+    assert key()["sha256"] != before["sha256"]
+    library = lambda: teacher_cache.model_code(  # noqa: E731
+        torchvision_model("resnet18", 10), "kd.models.torchvision_models.torchvision_model")
+    assert library()["libraries"] == {"torchvision": torchvision.__version__}
+    old = library()
+    monkeypatch.setattr(torchvision, "__version__", "0.0.1")
+    assert library()["libraries"] == {"torchvision": "0.0.1"} and library()["sha256"] == old["sha256"]
 
 
 def test_cached_teacher_equals_the_live_one_under_bf16_autocast(tmp_path):

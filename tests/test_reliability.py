@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fileio, hardware, records, teachers
+from support import wandb_history, wandb_segments
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny and fast: 16x16 digits, quarter-width CNNs, one thread (the 2 cores are shared), no profiling, no W&B; the
@@ -115,6 +116,8 @@ def test_killed_run_resumes_to_the_same_bits(point, uninterrupted, tmp_path):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
     assert len(runs) == 2 and {p.name.rsplit("-", 1)[1] for p in runs} == {wandb_id}
+    # Its newest segment logged the epochs before the kill again: a sync of the segments gives the whole history.
+    assert [row["_step"] for row in wandb_history(wandb_segments(run)[-1])] == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -279,9 +282,7 @@ BAD_RUNS = {
     "batch-size-zero": (["batch_size=0"], r"batch_size=0, eval_batch_size=512: need at least 1", True),
     "eval-batch-size-zero": (["eval_batch_size=0"], r"eval_batch_size=0: need at least 1", True),
     "val-fraction-one": (["dataset.val_fraction=1.0"], r"dataset\.val_fraction=1\.0: must be in \[0, 1\)", True),
-    "logger-mode": (["logger.mode=loud"], r"logger\.mode=loud: must be one of online, offline, disabled", True),
     "wandb-timeout": (["logger.init_timeout_s=0"], r"logger\.init_timeout_s=0\.0: must be > 0", True),
-    "precision": (["precision=fp8"], r"precision=fp8: must be auto, fp32, bf16, fp16", True),
     "teacher-cache-dtype": (
         ["teacher_cache_dtype=float64"], r"teacher_cache_dtype=float64: must be one of float32, bfloat16, float16", True
     ),
@@ -329,6 +330,8 @@ BAD_COMPOSITIONS = {
     "misspelt-key": ("epoch=3", ["Could not override 'epoch'"]),
     "wrong-type": ("epochs=abc", ["epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"]),
     "unknown-phase": ("phase=distill", ["Invalid value 'distill', expected one of [teacher, student]"]),
+    "logger-mode": ("logger.mode=loud", ["Invalid value 'loud', expected one of [online, offline, disabled]"]),
+    "precision": ("precision=fp8", ["Invalid value 'fp8', expected one of [auto, fp32, bf16, fp16]"]),
 }
 
 

@@ -8,12 +8,12 @@ from torch import Tensor
 from kd.methods.base import FeatureCriterion, Step, autocast_off, check_spatial, pool_to_common_size
 
 
-def attention_map(feature: Tensor, p: float = 2.0) -> Tensor:
+def attention_map(feature: Tensor, p: float) -> Tensor:
     """Zagoruyko & Komodakis ICLR 2017: at(f) = normalize(mean_c |f_c|^p), flattened per sample (N, H*W)."""
     return F.normalize(feature.pow(p).mean(dim=1).flatten(1), dim=1)
 
 
-def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
+def attention_loss(student: Tensor, teacher: Tensor, p: float) -> Tensor:
     """AT for one stage pair: mean over samples and positions of (at(f_s) - at(f_t))^2.
 
     As RepDistiller (distiller_zoo/AT.py), the larger map is first average-pooled to the smaller one's size.
@@ -25,14 +25,14 @@ def attention_loss(student: Tensor, teacher: Tensor, p: float = 2.0) -> Tensor:
 class ATLoss(FeatureCriterion):
     """Zagoruyko & Komodakis ICLR 2017 (AT): weight * sum over stage pairs of mean (at(f_s) - at(f_t))^2.
 
-    at(f) = normalize(mean_c f_c^p), p = 2 (attention_loss). As RepDistiller (helper/loops.py, feat[1:-1]): every
-    stage output, stem and embedding left out; weight (beta) 1000.
+    at(f) = normalize(mean_c f_c^p) (attention_loss). As RepDistiller (helper/loops.py, feat[1:-1]): every stage
+    output, stem and embedding left out. Its values (weight, p), with their sources: conf/loss/at.yaml.
     """
 
     term = "loss_at"
     one_pair = False
 
-    def __init__(self, weight: float = 1000.0, p: float = 2.0, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: float, p: float, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         self.p = p

@@ -25,13 +25,13 @@ class CCLoss(FeatureCriterion):
     """Peng et al. ICCV 2019 (CC): weight * correlation_congruence_loss(W_s e_s + b_s, W_t e_t + b_t).
 
     Both embeddings (the classifiers' inputs) go through a learned linear map to feat_dim, without normalisation.
-    As RepDistiller (train_student.py --distill correlation: LinearEmbed of models/util.py to feat_dim 128 on
-    feat[-1]; distiller_zoo/CC.py; scripts/run_cifar_distill.sh weight (beta) 0.02).
+    As RepDistiller (train_student.py --distill correlation: LinearEmbed of models/util.py on feat[-1];
+    distiller_zoo/CC.py). Its values (weight, feat_dim), with their sources: conf/loss/cc.yaml.
     """
 
     term = "loss_cc"
 
-    def __init__(self, weight: float = 0.02, feat_dim: int = 128, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: float, feat_dim: int, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         if feat_dim < 1:

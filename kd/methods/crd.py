@@ -121,17 +121,16 @@ class CRDLoss(FeatureCriterion):
     banks, one row per training sample, hold momentum averages of the normalised student and teacher embeddings.
     For an anchor v of sample i, P_j = exp(<m_j, v> / T) / Z over j = i (the positive) and num_negatives samples of
     other classes; Z = N * mean(exp(<m_j, v> / T)) is set on the first batch and then fixed (nce_loss gives the
-    NCE). Defaults from RepDistiller (train_student.py, crd/memory.py, crd/criterion.py): feat_dim 128, 16384
-    negatives in 'exact' mode, T 0.07, momentum 0.5, weight (beta) 0.8. The banks and Z are buffers (checkpointed);
-    the banks are updated in training mode only. The negatives are drawn for the global batch from a generator keyed
-    by (seed, epoch, step) (sample_negatives), so any number of ranks, and a resumed run, draw the same ones.
+    NCE), as RepDistiller's 'exact' mode; its values, with their sources: conf/loss/crd.yaml. The banks and Z are
+    buffers (checkpointed); the banks are updated in training mode only. The negatives are drawn for the global batch
+    from a generator keyed by (seed, epoch, step) (sample_negatives), so any number of ranks, and a resumed run, draw
+    the same ones.
     """
 
     term = "loss_crd"
 
-    def __init__(self, weight: float = 0.8, feat_dim: int = 128, num_negatives: int = 16384,
-                 temperature: float = 0.07, momentum: float = 0.5, student_layers: Optional[Sequence[str]] = None,
-                 teacher_layers: Optional[Sequence[str]] = None):
+    def __init__(self, weight: float, feat_dim: int, num_negatives: int, temperature: float, momentum: float,
+                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         if feat_dim < 1 or num_negatives < 1:
             raise ValueError(f"CRD: feat_dim={feat_dim} and num_negatives={num_negatives} must be >= 1.")

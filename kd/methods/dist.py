@@ -38,11 +38,10 @@ def dist_divergence(
 class DISTLoss(Criterion):
     """Huang et al. NeurIPS 2022 (DIST): ce_weight * CE + tau^2 * (beta * L_inter + gamma * L_intra), L = 1 - Pearson.
 
-    Defaults are DIST's CIFAR-100 setting: CE weight 1, tau 4, beta = gamma = 2 (hunto/DIST_KD runs it as
-    classification/configs/strategies/distill/dist_cifar.yaml: KD weight 2 on DIST(beta=1, gamma=1) at tau 4).
+    Its values are DIST's CIFAR-100 setting, with their sources: conf/loss/dist.yaml.
     """
 
-    def __init__(self, ce_weight: float = 1.0, beta: float = 2.0, gamma: float = 2.0, temperature: float = 4.0):
+    def __init__(self, ce_weight: float, beta: float, gamma: float, temperature: float):
         super().__init__()
         check_non_negative(ce_weight=ce_weight, beta=beta, gamma=gamma)
         check_temperature(temperature)

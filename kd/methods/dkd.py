@@ -47,9 +47,9 @@ def dkd_divergence(
 class DKDLoss(Criterion):
     """Zhao et al. CVPR 2022 (DKD): ce_weight * CE + min(epoch / warmup_epochs, 1) * (alpha * TCKD + beta * NCKD).
 
-    Defaults are mdistiller's (mdistiller/engine/cfg.py: CE 1, alpha 1, beta 8, T 4, warm-up 20 epochs); beta is
-    tuned per pair (configs/cifar100/dkd/*.yaml, set by the pair presets through pair_hparams.dkd_beta). The
-    warm-up ramps the KD term linearly over the first epochs (epoch is 1-based, as in mdistiller's trainer).
+    Its values, with their sources (mdistiller), are in conf/loss/dkd.yaml; beta is tuned per pair (set by the pair
+    presets through pair_hparams.dkd_beta). The warm-up ramps the KD term linearly over the first epochs (epoch is
+    1-based, as in mdistiller's trainer).
     standardize=true applies logit standardisation (Sun et al. CVPR 2024) to both logits before the DKD term only
     (sunshangquan/logit-standardization-KD, mdistiller/distillers/DKD.py); CE stays on the raw logits. kd_weight
     multiplies alpha and beta, as that repository's --kd-weight does (tools/train.py).
@@ -57,13 +57,13 @@ class DKDLoss(Criterion):
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        alpha: float = 1.0,
-        beta: float = 8.0,
-        temperature: float = 4.0,
-        warmup_epochs: int = 20,
+        ce_weight: float,
+        alpha: float,
+        beta: float,
+        temperature: float,
+        warmup_epochs: int,
         standardize: bool = False,
-        kd_weight: float = 1.0,
+        kd_weight: float = 1.0,  # 1: plain DKD; logit standardisation's --kd-weight scales alpha and beta
     ):
         super().__init__()
         check_non_negative(ce_weight=ce_weight, alpha=alpha, beta=beta, kd_weight=kd_weight)
@@ -76,7 +76,7 @@ class DKDLoss(Criterion):
         self.standardize = standardize
 
     def warmup_factor(self, epoch: int) -> float:
-        """min(epoch / warmup_epochs, 1): 1/20 in epoch 1, 1 from epoch 20 on (the default)."""
+        """min(epoch / warmup_epochs, 1): with 20 warm-up epochs (dkd.yaml), 1/20 in epoch 1, 1 from epoch 20 on."""
         return 1.0 if self.warmup_epochs == 0 else min(epoch / self.warmup_epochs, 1.0)
 
     def forward(self, step: Step) -> dict[str, Tensor]:

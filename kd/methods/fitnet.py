@@ -44,12 +44,13 @@ class FitNetLoss(FeatureCriterion):
 
     Trained in one stage with CE as RepDistiller does (train_student.py, --distill hint, hint_layer=2: the second
     stage's output, i.e. the middle one of a 3-stage CIFAR ResNet and the second of 4 in VGG, MobileNetV2 and
-    ResNet-18), weight (beta) 100. The regressor (hint_regressor) is built in bind() and trained with the student.
+    ResNet-18); its weight (beta), with its source: conf/loss/fitnet.yaml. The regressor (hint_regressor) is built in
+    bind() and trained with the student.
     """
 
     term = "loss_fitnet"
 
-    def __init__(self, weight: float = 100.0, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: float, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         self.regressor: Optional[nn.Module] = None

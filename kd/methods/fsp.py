@@ -50,7 +50,7 @@ class FSPLoss(FeatureCriterion):
     one_pair = False
     needs_teacher = False  # the training step reads no teacher; the init stage does (kd.stages)
 
-    def __init__(self, weight: float = 1.0, init_epochs: int = 30, init_lr: Optional[float] = None,
+    def __init__(self, weight: float, init_epochs: int, init_lr: Optional[float],
                  student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         check_init_stage("FSP", init_epochs, init_lr, minimum=1)

@@ -73,8 +73,8 @@ class FTLoss(FeatureCriterion):
     term = "loss_ft"
     init_term = "loss_ft_reconstruction"
 
-    def __init__(self, weight: float = 200.0, rate: float = 0.5, init_epochs: int = 30,
-                 init_lr: Optional[float] = 0.01, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: float, rate: float, init_epochs: int, init_lr: Optional[float],
+                 student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         check_init_stage("FT", init_epochs, init_lr, minimum=0)

@@ -31,7 +31,7 @@ class KDLoss(Criterion):
     then their "base temperature".
     """
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, standardize: bool = False):
+    def __init__(self, alpha: float, temperature: float, standardize: bool = False):
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"loss.alpha={alpha} is outside [0, 1]: it weights the KD term against CE.")
@@ -60,7 +60,7 @@ class SoftTargets(Criterion):
     """Hinton's soft-target term alone, weight * T^2 * KL(softmax(teacher/T) || softmax(student/T)), for
     compositions that weight CE separately (the CRD paper's CE + KD + CRD; logit standardisation's 0.1 CE + 9 KD)."""
 
-    def __init__(self, weight: float = 1.0, temperature: float = 4.0, standardize: bool = False):
+    def __init__(self, weight: float, temperature: float, standardize: bool = False):
         super().__init__()
         check_non_negative(weight=weight)
         check_temperature(temperature)

@@ -28,13 +28,13 @@ class NSTLoss(FeatureCriterion):
     """Huang & Wang 2017 (NST): weight * sum over stage pairs of MMD^2 with the kernel (x.y)^2 between channels.
 
     nst_loss compares the L2-normalised channel maps. As RepDistiller (helper/loops.py feat[1:-1]: every stage
-    output; scripts/run_cifar_distill.sh weight (beta) 50); no adapters: the channel counts may differ.
+    output; its weight (beta), with its source: conf/loss/nst.yaml); no adapters: the channel counts may differ.
     """
 
     term = "loss_nst"
     one_pair = False
 
-    def __init__(self, weight: float = 50.0, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: float, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
 

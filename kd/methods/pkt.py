@@ -28,12 +28,13 @@ def pkt_loss(student: Tensor, teacher: Tensor, eps: float = 1e-7) -> Tensor:
 class PKTLoss(FeatureCriterion):
     """Passalis & Tefas ECCV 2018 (PKT): weight * mean q log(q / p), p, q the batch's cosine-kernel distributions.
 
-    As RepDistiller (helper/loops.py, feat[-1]): on the embedding (the classifier's input); weight (beta) 30000.
+    As RepDistiller (helper/loops.py, feat[-1]): on the embedding (the classifier's input); its weight (beta), with
+    its source: conf/loss/pkt.yaml.
     """
 
     term = "loss_pkt"
 
-    def __init__(self, weight: float = 30000.0, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: float, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
 

@@ -22,7 +22,7 @@ from kd.methods.hooks import default_layers, probe_shapes
 SUM = "+"  # a teacher layer "a+b" is the sum of the features captured at a and b
 
 
-def hierarchical_context_loss(student: Tensor, teacher: Tensor, levels: Sequence[int] = (4, 2, 1)) -> Tensor:
+def hierarchical_context_loss(student: Tensor, teacher: Tensor, levels: Sequence[int]) -> Tensor:
     """Chen et al. CVPR 2021 (HCL): (MSE(f_s, f_t) + sum_k 2^-k MSE(P_k f_s, P_k f_t)) / (1 + sum_k 2^-k).
 
     P_k is adaptive average pooling to levels[k] x levels[k]; only levels smaller than the map's height count, and
@@ -123,16 +123,16 @@ class ReviewKDLoss(FeatureCriterion):
     Levels: every stage output and the pooled embedding of the student (mdistiller's "feats" + pooled_feat,
     STU_PREACT False for CIFAR-100); of the teacher, the same with each stage taken before its final ReLU where its
     model declares it (teacher_levels; mdistiller's "preact_feats"). The ABFs' channels and sizes come from the probed
-    shapes (review_layout). Defaults: mdistiller/engine/cfg.py (CE 1, warm-up 20, MAX_MID_CHANNEL 512) and
-    configs/cifar100/reviewkd.yaml (REVIEWKD_WEIGHT 5); epoch is 1-based as in mdistiller's trainer.
+    shapes (review_layout). Its values, with their sources (mdistiller): conf/loss/reviewkd.yaml; epoch is 1-based as
+    in mdistiller's trainer.
     """
 
     term = "loss_reviewkd"
     one_pair = False
 
-    def __init__(self, weight: float = 5.0, warmup_epochs: int = 20, max_mid_channels: int = 512,
-                 teacher_preact: bool = True, levels: Sequence[int] = (4, 2, 1),
-                 student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
+    def __init__(self, weight: float, warmup_epochs: int, max_mid_channels: int, teacher_preact: bool,
+                 levels: Sequence[int], student_layers: Optional[Sequence[str]] = None,
+                 teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         if warmup_epochs < 0 or max_mid_channels < 1:
             raise ValueError(f"ReviewKD: warmup_epochs={warmup_epochs} must be >= 0 and "
@@ -148,7 +148,7 @@ class ReviewKDLoss(FeatureCriterion):
         return [*layers["stages"], layers["embedding"]]
 
     def warmup_factor(self, epoch: int) -> float:
-        """min(epoch / warmup_epochs, 1): 1/20 in epoch 1, 1 from epoch 20 on (the default)."""
+        """min(epoch / warmup_epochs, 1): 20 warm-up epochs (reviewkd.yaml) give 1/20 in epoch 1, 1 from epoch 20."""
         return 1.0 if self.warmup_epochs == 0 else min(epoch / self.warmup_epochs, 1.0)
 
     def bind(self, student: nn.Module, teacher: Optional[nn.Module], images: Tensor, train_labels: Tensor) -> None:

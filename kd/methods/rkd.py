@@ -43,20 +43,21 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return F.smooth_l1_loss(angles(student), angles(teacher))
 
 
-def rkd_loss(student: Tensor, teacher: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0) -> Tensor:
-    """Park et al. CVPR 2019 (RKD): distance_weight * RKD-D + angle_weight * RKD-A (RepDistiller's w_d=25, w_a=50)."""
+def rkd_loss(student: Tensor, teacher: Tensor, distance_weight: float, angle_weight: float) -> Tensor:
+    """Park et al. CVPR 2019 (RKD): distance_weight * RKD-D + angle_weight * RKD-A (RepDistiller's w_d, w_a)."""
     return distance_weight * rkd_distance_loss(student, teacher) + angle_weight * rkd_angle_loss(student, teacher)
 
 
 class RKDLoss(FeatureCriterion):
     """Park et al. CVPR 2019 (RKD): weight * (distance_weight * RKD-D + angle_weight * RKD-A) on the embedding.
 
-    As RepDistiller (distiller_zoo/RKD.py w_d=25, w_a=50; helper/loops.py feat[-1]); weight (beta) 1.
+    As RepDistiller (distiller_zoo/RKD.py; helper/loops.py feat[-1]); its values, with their sources:
+    conf/loss/rkd.yaml.
     """
 
     term = "loss_rkd"
 
-    def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0,
+    def __init__(self, weight: float, distance_weight: float, angle_weight: float,
                  student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         self.distance_weight = distance_weight

@@ -20,14 +20,14 @@ def similarity_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class SPLoss(FeatureCriterion):
     """Tung & Mori ICCV 2019 (SP): weight * ||G_s - G_t||_F^2 / b^2, G the row-normalised batch similarity f f^T.
 
-    As RepDistiller (helper/loops.py, feat[-2]): the last stage output; weight (beta) 3000. Several equally long
-    student_layers / teacher_layers are summed pair by pair.
+    As RepDistiller (helper/loops.py, feat[-2]): the last stage output; its weight (beta), with its source:
+    conf/loss/sp.yaml. Several equally long student_layers / teacher_layers are summed pair by pair.
     """
 
     term = "loss_sp"
     one_pair = False
 
-    def __init__(self, weight: float = 3000.0, student_layers: Optional[Sequence[str]] = None,
+    def __init__(self, weight: float, student_layers: Optional[Sequence[str]] = None,
                  teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
 

@@ -42,15 +42,15 @@ class VIDLoss(FeatureCriterion):
     """Ahn et al. CVPR 2019 (VID): weight * sum over stage pairs of mean 0.5 * (log var_c + (t - mu(f_s))^2 / var_c).
 
     mu is a learned 1x1-conv regressor (vid_regressor) and var_c = softplus(alpha_c) + eps a learned variance per
-    teacher channel, starting at init_variance. As RepDistiller (distiller_zoo/VID.py init_pred_var=5, eps=1e-5;
-    helper/loops.py feat[1:-1]: every stage output; scripts/run_cifar_distill.sh weight (beta) 1). The larger of
-    two maps is average-pooled to the other's size before the regressor, as there.
+    teacher channel, starting at init_variance. As RepDistiller (distiller_zoo/VID.py; helper/loops.py feat[1:-1]:
+    every stage output); its values, with their sources: conf/loss/vid.yaml. The larger of two maps is
+    average-pooled to the other's size before the regressor, as there.
     """
 
     term = "loss_vid"
     one_pair = False
 
-    def __init__(self, weight: float = 1.0, init_variance: float = 5.0, eps: float = 1e-5,
+    def __init__(self, weight: float, init_variance: float, eps: float,
                  student_layers: Optional[Sequence[str]] = None, teacher_layers: Optional[Sequence[str]] = None):
         super().__init__(weight, student_layers, teacher_layers)
         if not init_variance > eps > 0:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from kd import fileio, published
 from kd.report import latency
 from kd.report.aggregate import SORT_BY_METRIC, Row, check_metric, check_pivots, group_runs, summarize
-from kd.report.collect import Problem, Run, find_problems, job_dirs, load_runs
+from kd.report.collect import Problem, Run, check_repeated_runs, find_problems, job_dirs, load_runs
 from kd.report.figures import write_plots
 from kd.report.keys import METHOD, METRICS, metric_name
 from kd.report.paper import paper_section
@@ -62,6 +62,7 @@ class Report:
 
 def tabulate(sweep_dirs: Sequence[Path], runs: Sequence[Run], options: Options) -> list[Row]:
     """The rows, after the checks of the options that need them (ValueError naming the problem and the fix)."""
+    check_repeated_runs(runs)
     check_metric(runs, metric_name(options.metric))
     sort = [name.replace(SORT_BY_METRIC, options.primary) if name.lstrip("-") == SORT_BY_METRIC else name
             for name in options.sort]
@@ -121,7 +122,9 @@ def load(sweep_dir: Path | str, *more: Path | str) -> "pandas.DataFrame":
     missing = [str(d) for d in sweep_dirs if not d.is_dir()]
     if missing:
         raise FileNotFoundError(f"kd.report.load: no such folder: {', '.join(missing)}")
-    return pd.DataFrame.from_records(run_records(summarize(group_runs(load_runs(sweep_dirs), sweep_dirs))))
+    runs = load_runs(sweep_dirs)
+    check_repeated_runs(runs)
+    return pd.DataFrame.from_records(run_records(summarize(group_runs(runs, sweep_dirs))))
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

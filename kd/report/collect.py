@@ -1,5 +1,6 @@
 """Job folders -> runs and problems: what a sweep has (run.json, result.json, run_info.json, metrics.jsonl) and what
 it should have (sweep.json's grid); a missing, unfinished or damaged job is a Problem, never a row."""
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -96,8 +97,35 @@ def result_damage(result: dict[str, Any]) -> str:
 
 
 def load_runs(sweep_dirs: Sequence[Path]) -> list[Run]:
-    """Every job folder of the sweeps, finished or not."""
-    return [load_run(path, Path(d)) for d in sweep_dirs for path in job_dirs(Path(d))]
+    """Every job folder of the sweeps, finished or not, each once: a job under two of the folders given (one inside
+    the other) belongs to the innermost."""
+    owner: dict[Path, tuple[Path, Path]] = {}
+    for sweep_dir in map(Path, sweep_dirs):
+        for path in job_dirs(sweep_dir):
+            known = owner.get(path.resolve())
+            if known is None or len(sweep_dir.resolve().parts) > len(known[1].resolve().parts):
+                owner[path.resolve()] = (path, sweep_dir)
+    return [load_run(path, sweep_dir) for path, sweep_dir in owner.values()]
+
+
+def check_repeated_runs(runs: Sequence[Run]) -> None:
+    """Refuse runs of one experiment and seed in two of the folders reported together (a sweep repeated into
+    another folder): each run is counted once, and which copy counts is the user's choice. ValueError naming them."""
+    first: dict[tuple[str, str], Run] = {}
+    repeated = []
+    for run in runs:
+        if run.result is None:
+            continue
+        key = (json.dumps(run.key, sort_keys=True, default=str), json.dumps(run.seed))
+        other = first.setdefault(key, run)
+        if other is not run and other.sweep_dir != run.sweep_dir:
+            repeated.append(f"{other.path} and {run.path} (seed {run.seed})")
+    if repeated:
+        more = f"; and {len(repeated) - 3} more" if len(repeated) > 3 else ""
+        raise ValueError(
+            f"Runs of one config and seed are in two of the folders given: {'; '.join(repeated[:3])}{more}. Each "
+            "run is counted once: report those folders apart, or move one copy of each out of the folders you report "
+            "(a sweep relaunched into a new folder repeats the jobs the old one finished).")
 
 
 def _progress(path: Path) -> str:
@@ -133,11 +161,18 @@ def expected_jobs(sweep_dir: Path) -> Optional[list[tuple[str, ...]]]:
 
 def normalize(overrides: Sequence[str]) -> frozenset[tuple[str, str]]:
     """Overrides as (key, value) pairs, parsed by Hydra, so that equal overrides compare equal."""
+    return frozenset(parse_override(o) for o in overrides)
+
+
+@functools.lru_cache(maxsize=100_000)
+def parse_override(override: str) -> tuple[str, str]:
+    """One override as (key, value); cached, as a table's hundreds of jobs share a few dozen overrides and Hydra's
+    parser takes milliseconds for each."""
     try:
-        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        (parsed,) = OverridesParser.create().parse_overrides([override])
     except Exception:  # an override Hydra cannot parse here still matches itself
-        return frozenset((o, "") for o in overrides)
-    return frozenset((o.get_key_element(), o.get_value_element_as_str()) for o in parsed)
+        return override, ""
+    return parsed.get_key_element(), parsed.get_value_element_as_str()
 
 
 def seedless(job: frozenset[tuple[str, str]]) -> frozenset[tuple[str, str]]:

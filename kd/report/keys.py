@@ -1,10 +1,12 @@
 """What a run is to the report: the config keys that make an experiment (group_key), the names the papers' tables
-give a method and a pair, the metrics a table may show, and how a key's value is shown."""
+give a method and a pair (kd.labels, which W&B's tags share), the metrics a table may show, and how a key's value is
+shown."""
 import json
 import math
 from typing import Any, Sequence
 
 from kd import records
+from kd.labels import BASELINE, CRITERION_NAMES, criterion_name, method_name, model_label, pair_label  # noqa: F401
 from kd.records import RESULT_NEUTRAL, is_under
 
 # Config keys (and their subtrees) that do not change the experiment: runs differing only here are one group.
@@ -40,45 +42,10 @@ def group_key(result: dict[str, Any], linked: set[str] = frozenset()) -> dict[st
     flat.update({k: "${" + SEED_KEY + "}" for k in linked if k in flat})
     pseudo = {METHOD: method_name(config)}
     if config.get("phase") == "student" and "teacher" in config and "student" in config:
-        pseudo[PAIR] = f"{model_label(config['teacher'])} -> {model_label(config['student'])}"
+        pseudo[PAIR] = pair_label(config)
     if result.get(TEACHER_SHA):
         pseudo[TEACHER_SHA] = "${" + SEED_KEY + "}" if "teacher_seed" in linked else result[TEACHER_SHA]
     return {**pseudo, **flat}
-
-
-def model_label(node: dict[str, Any]) -> str:
-    """A model as a pair names it: its factory (resnet20), or for a library option the model's name (resnet34);
-    with its width when not 1."""
-    name = node.get("name") or str(node.get("_target_", "?")).rsplit(".", 1)[-1]
-    return name if node.get("width", 1.0) == 1.0 else f"{name} x{node['width']:g}"
-
-
-# Short names of criteria whose class name is not "<name>Loss".
-CRITERION_NAMES = {"SoftTargets": "KD", "Combined": ""}
-
-
-BASELINE = "CE (no teacher)"  # the papers' "Student" row: the student trained on the labels alone
-
-
-def method_name(config: dict[str, Any]) -> str:
-    """The loss as the papers' tables name it: the criterion class without "Loss" (KD, DKD), "-LS" with logit
-    standardisation, and for a combination its terms but CE joined by "+" (FitNet, KD+CRD); the baseline (CE alone,
-    or KD with alpha 0, which is the same training) is BASELINE; the teacher phase always trains with cross-entropy."""
-    if config.get("phase") == "teacher":
-        return "teacher (CE)"
-    loss = config.get("loss", {})
-    if str(loss.get("_target_", "")).endswith(".Combined"):
-        terms = [criterion_name(term) for term in loss.values() if isinstance(term, dict)]
-        name = "+".join(name for name in terms if name != "CE") or "CE"
-    else:
-        name = criterion_name(loss)
-    return BASELINE if name == "CE" or (name == "KD" and loss.get("alpha") == 0) else name
-
-
-def criterion_name(node: dict[str, Any]) -> str:
-    name = str(node.get("_target_", "?")).rsplit(".", 1)[-1]
-    name = CRITERION_NAMES.get(name, name[: -len("Loss")] if name.endswith("Loss") and name != "Loss" else name)
-    return name + ("-LS" if node.get("standardize") else "")
 
 
 def fmt_value(value: Any, key: str = "") -> str:

@@ -2,12 +2,12 @@
 connectors, its layers (before the final ReLU) and where its gradients go: only its init stage distils."""
 import pytest
 import torch
+from support.criteria import LABELS, bind, compose_loss, configured, forward_step, probe_images, randn, tiny_models
 from torch import nn
 
 from kd.methods.ab import ABLoss, ab_loss, boundary_loss, connector
 from kd.methods.base import Step
 from kd.methods.hooks import capture
-from support.criteria import LABELS, bind, compose_loss, forward_step, probe_images, randn, tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,7 +47,7 @@ def test_connector_is_the_identity_or_a_conv_with_batchnorm_and_no_relu():
 
 
 def test_ab_reads_the_stages_before_their_relu_and_distils_in_its_init_stage_only():
-    criterion = ABLoss()
+    criterion = configured(ABLoss)
     student, teacher = bind(criterion)
     preact = ["layer1.0.bn2+layer1.0:in", "layer2.0.bn2+layer2.0.downsample", "layer3.0.bn2+layer3.0.downsample"]
     stage = criterion.init_stage()
@@ -74,7 +74,7 @@ def init_step(criterion: ABLoss, student: nn.Module, teacher: nn.Module) -> tupl
 
 
 def test_init_term_is_the_weighted_loss_of_the_connected_features_and_trains_student_and_connectors():
-    criterion = ABLoss(weight=2.0, margin=0.5)
+    criterion = configured(ABLoss, weight=2.0, margin=0.5)
     student, teacher = bind(criterion)
     step, terms = init_step(criterion, student, teacher)
     names = criterion.init_stage().layers[0]
@@ -93,11 +93,12 @@ def test_init_term_is_the_weighted_loss_of_the_connected_features_and_trains_stu
 
 def test_ab_refuses_settings_it_cannot_train():
     with pytest.raises(ValueError, match=r"AB: init_epochs=0 must be >= 1 \(it distils in that stage alone\)"):
-        ABLoss(init_epochs=0)
+        configured(ABLoss, init_epochs=0)
     with pytest.raises(ValueError, match=r"AB: init_lr=0.0 must be > 0, or null for the optimizer's lr"):
-        ABLoss(init_lr=0.0)
+        configured(ABLoss, init_lr=0.0)
     with pytest.raises(ValueError, match=r"AB: margin=0.0 must be > 0"):
-        ABLoss(margin=0.0)
+        configured(ABLoss, margin=0.0)
     student, teacher = tiny_models()
     with pytest.raises(ValueError, match=r"AB compares spatial maps"):
-        ABLoss(student_layers=["fc:in"], teacher_layers=["fc:in"]).bind(student, teacher, probe_images(), LABELS)
+        pooled = configured(ABLoss, student_layers=["fc:in"], teacher_layers=["fc:in"])
+        pooled.bind(student, teacher, probe_images(), LABELS)

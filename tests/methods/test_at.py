@@ -35,7 +35,7 @@ def ref_attention_loss(fs: torch.Tensor, ft: torch.Tensor, p: float = 2.0) -> fl
 @pytest.mark.parametrize("student_size, teacher_size", [(4, 4), (8, 4), (4, 8)])
 def test_attention_loss_matches_the_formula(student_size, teacher_size):
     fs, ft = randn(3, 5, student_size, student_size, seed=1), randn(3, 7, teacher_size, teacher_size, seed=2)
-    assert attention_loss(fs, ft).item() == pytest.approx(ref_attention_loss(fs, ft), rel=1e-10)
+    assert attention_loss(fs, ft, 2.0).item() == pytest.approx(ref_attention_loss(fs, ft), rel=1e-10)
 
 
 def test_attention_loss_with_p_4():

@@ -2,6 +2,8 @@
 and the contract of the feature criteria across methods: default layers, layer errors, bind, the weighted term,
 zero on equal features, gradients to the student and the adapters but never the teacher, and the conf/loss presets
 bound to real (tiny) models."""
+import functools
+
 import pytest
 import torch
 from torch import nn
@@ -24,7 +26,8 @@ from kd.methods.sp import SPLoss, similarity_loss
 from kd.methods.vid import VIDLoss
 from kd.models.cifar_resnet import resnet8
 from support.criteria import (
-    BATCH, LABELS, bind, forward_step, frozen_teacher_logits, make_logits, preset, probe_images, randn, reference_ce,
+    BATCH, LABELS, bind, configured, forward_step, frozen_teacher_logits, make_logits, preset, probe_images, randn,
+    reference_ce,
     reference_kl, reference_softmax, tiny_models,
 )
 
@@ -91,13 +94,13 @@ def test_combined_needs_the_teacher_when_any_term_does():
 
 
 def test_combined_hands_on_the_init_stage_of_its_one_term_that_has_one():
-    combined = Combined(ce=CELoss(), ab=ABLoss(init_epochs=3))
+    combined = Combined(ce=CELoss(), ab=configured(ABLoss, init_epochs=3))
     assert combined.init_epochs == 3 and Combined(ce=CELoss()).init_epochs == 0
     bind(combined)
     assert combined.init_stage().epochs == 3 and Combined(ce=CELoss()).init_stage() is None
     with pytest.raises(ValueError, match=r"loss terms \['ab', 'fsp'\] each declare an init stage, and a run trains "
                                          r"one: keep one of them \(or set the others' init_epochs=0\)"):
-        Combined(ab=ABLoss(), fsp=FSPLoss())
+        Combined(ab=configured(ABLoss), fsp=configured(FSPLoss))
 
 
 @pytest.mark.parametrize(
@@ -119,22 +122,22 @@ def test_combined_hands_on_the_init_stage_of_its_one_term_that_has_one():
 )
 def test_bad_hyperparameters_are_rejected_naming_the_key_and_the_fix(factory, key, value):
     with pytest.raises(ValueError, match=rf"loss\.{key}={value}") as error:
-        factory(**{key: value})
+        configured(factory, **{key: value})
     assert any(fix in str(error.value) for fix in ("must be > 0", "must be >= 0", "use 0"))
 
 
 @pytest.mark.parametrize("factory", [DKDLoss, DISTLoss])
 def test_zero_weights_are_accepted(factory):
     weights = {"ce_weight": 0.0, "beta": 0.0}
-    criterion = factory(**weights)
+    criterion = configured(factory, **weights)
     student, teacher, targets = make_logits(10, seed=80)
     assert all(torch.isfinite(value) for value in criterion(Step(student, targets, teacher)).values())
 
 
 NEW_CRITERIA = {
-    "dkd": lambda: DKDLoss(),
-    "dkd_standardized": lambda: DKDLoss(temperature=2.0, kd_weight=9.0, standardize=True),
-    "dist": lambda: DISTLoss(),
+    "dkd": lambda: configured(DKDLoss),
+    "dkd_standardized": lambda: configured(DKDLoss, temperature=2.0, kd_weight=9.0, standardize=True),
+    "dist": lambda: configured(DISTLoss),
     "kd_standardized": lambda: KDLoss(alpha=0.9, temperature=2.0, standardize=True),
 }
 
@@ -185,7 +188,10 @@ def test_average_pool_to_is_adaptive_pooling(shape, size):
 
 
 @pytest.mark.parametrize(
-    "loss", [similarity_loss, pkt_loss, rkd_loss, correlation_congruence_loss], ids=["sp", "pkt", "rkd", "cc"]
+    "loss",
+    [similarity_loss, pkt_loss, functools.partial(rkd_loss, distance_weight=25.0, angle_weight=50.0),
+     correlation_congruence_loss],
+    ids=["sp", "pkt", "rkd", "cc"],
 )
 def test_batch_losses_are_finite_on_a_batch_of_one(loss):
     student = randn(1, 5, seed=1).requires_grad_()
@@ -196,7 +202,9 @@ def test_batch_losses_are_finite_on_a_batch_of_one(loss):
 
 
 @pytest.mark.parametrize(
-    "loss", [attention_loss, similarity_loss, pkt_loss, rkd_loss, nst_loss, correlation_congruence_loss],
+    "loss",
+    [functools.partial(attention_loss, p=2.0), similarity_loss, pkt_loss,
+     functools.partial(rkd_loss, distance_weight=25.0, angle_weight=50.0), nst_loss, correlation_congruence_loss],
     ids=["at", "sp", "pkt", "rkd", "nst", "cc"],
 )
 def test_zero_when_the_student_features_are_the_teachers(loss):
@@ -207,12 +215,12 @@ def test_zero_when_the_student_features_are_the_teachers(loss):
 
 def test_layers_default_to_repdistillers_features():
     stages = {"stages": ["s1", "s2", "s3", "s4"], "embedding": "e:in"}
-    assert FitNetLoss().pick(stages) == ["s2"]  # hint_layer=2 with the stem as feature 0
-    assert ATLoss().pick(stages) == ["s1", "s2", "s3", "s4"]
-    assert SPLoss().pick(stages) == ["s4"]
-    for criterion in (PKTLoss(), RKDLoss(), CRDLoss(), CCLoss()):
+    assert configured(FitNetLoss).pick(stages) == ["s2"]  # hint_layer=2 with the stem as feature 0
+    assert configured(ATLoss).pick(stages) == ["s1", "s2", "s3", "s4"]
+    assert configured(SPLoss).pick(stages) == ["s4"]
+    for criterion in (configured(PKTLoss), configured(RKDLoss), configured(CRDLoss), configured(CCLoss)):
         assert criterion.pick(stages) == ["e:in"]
-    for criterion in (VIDLoss(), NSTLoss()):  # helper/loops.py feat[1:-1]
+    for criterion in (configured(VIDLoss), configured(NSTLoss)):  # helper/loops.py feat[1:-1]
         assert criterion.pick(stages) == ["s1", "s2", "s3", "s4"]
     expected_layers = {
         FitNetLoss: (["layer2"], ["layer2"]),
@@ -225,26 +233,26 @@ def test_layers_default_to_repdistillers_features():
     }
     student, teacher = tiny_models()
     for cls, expected in expected_layers.items():
-        criterion = cls()
+        criterion = configured(cls)
         bind(criterion, student, teacher)
         assert criterion.layers() == expected
 
 
 def test_layer_errors_are_clear():
     with pytest.raises(RuntimeError, match="before bind"):
-        ATLoss().layers()
+        configured(ATLoss).layers()
     with pytest.raises(ValueError, match="equally many layers"):
-        bind(ATLoss(student_layers=["layer1", "layer2"]))
+        bind(configured(ATLoss, student_layers=["layer1", "layer2"]))
     with pytest.raises(ValueError, match="one layer each"):
-        bind(PKTLoss(student_layers=["fc:in", "layer3"]))
+        bind(configured(PKTLoss, student_layers=["fc:in", "layer3"]))
     with pytest.raises(ValueError, match="no module 'layer7'"):
-        bind(SPLoss(teacher_layers=["layer7"]))
+        bind(configured(SPLoss, teacher_layers=["layer7"]))
     with pytest.raises(ValueError, match="needs a teacher"):
-        SPLoss().bind(resnet8(4, 0.25), None, probe_images(), LABELS)
+        configured(SPLoss).bind(resnet8(4, 0.25), None, probe_images(), LABELS)
     for cls in (ATLoss, VIDLoss, NSTLoss):
         with pytest.raises(ValueError, match="spatial maps"):
-            bind(cls(student_layers=["fc:in"], teacher_layers=["fc:in"]))
-    criterion = SPLoss()
+            bind(configured(cls, student_layers=["fc:in"], teacher_layers=["fc:in"]))
+    criterion = configured(SPLoss)
     bind(criterion)
     step = Step(torch.zeros(4, 4), LABELS[:4], torch.zeros(4, 4), {}, {})
     with pytest.raises(KeyError, match="capture criterion.layers"):
@@ -254,8 +262,8 @@ def test_layer_errors_are_clear():
 def test_bind_leaves_the_models_as_they_were():
     student, teacher = tiny_models()
     states = [{k: v.clone() for k, v in m.state_dict().items()} for m in (student, teacher)]
-    bind(CRDLoss(num_negatives=4), student, teacher)
-    bind(FitNetLoss(), student, teacher)
+    bind(configured(CRDLoss, num_negatives=4), student, teacher)
+    bind(configured(FitNetLoss), student, teacher)
     assert student.training and not teacher.training
     for model, state in zip((student, teacher), states):
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
@@ -264,10 +272,10 @@ def test_bind_leaves_the_models_as_they_were():
 @pytest.mark.parametrize(
     "criterion, function",
     [
-        (ATLoss(weight=3.0), lambda s, t: sum(attention_loss(a, b) for a, b in zip(s, t))),
+        (ATLoss(weight=3.0, p=2.0), lambda s, t: sum(attention_loss(a, b, 2.0) for a, b in zip(s, t))),
         (SPLoss(weight=3.0), lambda s, t: similarity_loss(s[0], t[0])),
         (PKTLoss(weight=3.0), lambda s, t: pkt_loss(s[0], t[0])),
-        (RKDLoss(weight=3.0), lambda s, t: rkd_loss(s[0], t[0])),
+        (RKDLoss(weight=3.0, distance_weight=25.0, angle_weight=50.0), lambda s, t: rkd_loss(s[0], t[0], 25.0, 50.0)),
         (NSTLoss(weight=3.0), lambda s, t: sum(nst_loss(a, b) for a, b in zip(s, t))),
     ],
     ids=["at", "sp", "pkt", "rkd", "nst"],
@@ -281,8 +289,9 @@ def test_criterion_returns_its_weighted_term(criterion, function):
     assert_close(terms[criterion.term], 3.0 * expected)
 
 
-ALL = [FitNetLoss, ATLoss, SPLoss, PKTLoss, RKDLoss, lambda: CRDLoss(num_negatives=6, feat_dim=8), VIDLoss, NSTLoss,
-       CCLoss]
+ALL = [*(functools.partial(configured, cls) for cls in (FitNetLoss, ATLoss, SPLoss, PKTLoss, RKDLoss)),
+       lambda: configured(CRDLoss, num_negatives=6, feat_dim=8),
+       *(functools.partial(configured, cls) for cls in (VIDLoss, NSTLoss, CCLoss))]
 
 
 @pytest.mark.parametrize("make", ALL, ids=["fitnet", "at", "sp", "pkt", "rkd", "crd", "vid", "nst", "cc"])

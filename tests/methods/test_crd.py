@@ -8,7 +8,7 @@ from torch.testing import assert_close
 
 from kd.methods.base import Step
 from kd.methods.crd import CRDLoss, momentum_update, nce_loss, negative_pool, sample_negatives, step_generator
-from support.criteria import F64, LABELS, bind, forward_step, preset, randn
+from support.criteria import F64, LABELS, bind, configured, forward_step, preset, randn
 from syncs import SyncCounter
 
 # Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.
@@ -140,7 +140,7 @@ def test_momentum_update_mixes_and_renormalises_only_the_batch_rows():
 
 
 def bound_crd(k: int = 5) -> CRDLoss:
-    criterion = CRDLoss(weight=0.8, feat_dim=6, num_negatives=k)
+    criterion = configured(CRDLoss, weight=0.8, feat_dim=6, num_negatives=k)
     bind(criterion)
     return criterion.double()
 

@@ -61,7 +61,8 @@ def test_dist_term_is_zero_for_identical_logits_up_to_eps(temperature):
         return (1e-8 / (norms2 + 1e-8)).mean()
 
     expected = temperature**2 * (2.0 * residual(y) + 2.0 * residual(y.T))
-    got = DISTLoss(temperature=temperature)(Step(student, targets, student.clone()))["loss_dist"]
+    criterion = DISTLoss(ce_weight=1.0, beta=2.0, gamma=2.0, temperature=temperature)
+    got = criterion(Step(student, targets, student.clone()))["loss_dist"]
     assert_close(got, expected, rtol=1e-6, atol=1e-15)
     assert got.item() < 1e-4
 

@@ -62,6 +62,10 @@ def test_dkd_with_coupled_weights_is_kd(temperature):
     assert_close(got, kd_divergence(student, teacher, temperature), rtol=1e-10, atol=1e-12)
 
 
+# mdistiller's DKD values (conf/loss/dkd.yaml), written out: the reference computations below use them.
+DKD = {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20}
+
+
 def test_dkd_loss_returns_weighted_ce_and_dkd_terms():
     student, teacher, targets = make_logits(100, seed=33)
     criterion = DKDLoss(ce_weight=0.5, alpha=1.0, beta=6.0, temperature=4.0, warmup_epochs=20)
@@ -74,7 +78,7 @@ def test_dkd_loss_returns_weighted_ce_and_dkd_terms():
 
 def test_dkd_kd_weight_multiplies_alpha_and_beta():
     student, teacher, targets = make_logits(10, seed=34)
-    scaled = DKDLoss(alpha=1.0, beta=8.0, kd_weight=9.0)(Step(student, targets, teacher, epoch=20))["loss_dkd"]
+    scaled = DKDLoss(**DKD, kd_weight=9.0)(Step(student, targets, teacher, epoch=20))["loss_dkd"]
     expected = reference_dkd(student, teacher, targets, 9.0, 72.0, 4.0)
     assert_close(scaled, expected, rtol=1e-9, atol=1e-12)
 
@@ -82,7 +86,7 @@ def test_dkd_kd_weight_multiplies_alpha_and_beta():
 @pytest.mark.parametrize("epoch, factor", [(1, 1 / 20), (10, 0.5), (20, 1.0), (40, 1.0)])
 def test_dkd_warmup_ramps_the_kd_term_only(epoch, factor):
     student, teacher, targets = make_logits(10, seed=35)
-    criterion = DKDLoss(warmup_epochs=20)
+    criterion = DKDLoss(**DKD)
     terms = criterion(Step(student, targets, teacher, epoch=epoch))
     full = reference_dkd(student, teacher, targets, 1.0, 8.0, 4.0)
     assert_close(terms["loss_dkd"], factor * full, rtol=1e-9, atol=1e-12)
@@ -91,7 +95,7 @@ def test_dkd_warmup_ramps_the_kd_term_only(epoch, factor):
 
 def test_dkd_without_warmup_is_full_from_the_first_epoch():
     student, teacher, targets = make_logits(10, seed=36)
-    terms = DKDLoss(warmup_epochs=0)(Step(student, targets, teacher, epoch=1))
+    terms = DKDLoss(**DKD | {"warmup_epochs": 0})(Step(student, targets, teacher, epoch=1))
     assert_close(terms["loss_dkd"], reference_dkd(student, teacher, targets, 1.0, 8.0, 4.0), rtol=1e-9, atol=1e-12)
 
 
@@ -100,7 +104,7 @@ def test_dkd_term_is_zero_for_identical_logits(temperature):
     student, _, targets = make_logits(100, seed=37)
     zero = torch.tensor(0.0, dtype=torch.float64)
     assert_close(dkd_divergence(student, student.clone(), targets, 1.0, 8.0, temperature), zero)
-    terms = DKDLoss(temperature=temperature)(Step(student, targets, student.clone(), epoch=30))
+    terms = DKDLoss(**DKD | {"temperature": temperature})(Step(student, targets, student.clone(), epoch=30))
     assert_close(terms["loss_dkd"], zero)
     assert terms["loss_ce"].item() > 0.0
 

@@ -6,7 +6,7 @@ from torch.testing import assert_close
 
 from kd.methods.base import Step
 from kd.methods.fitnet import FitNetLoss, hint_loss, hint_regressor
-from support.criteria import LABELS, bind, forward_step, randn, tiny_models
+from support.criteria import LABELS, bind, configured, forward_step, randn, tiny_models
 
 # Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +42,7 @@ def test_hint_regressor_refuses_shapes_it_cannot_map():
 
 
 def test_configured_layers_replace_the_defaults():
-    criterion = FitNetLoss(student_layers=["layer3"], teacher_layers=["layer2"])
+    criterion = configured(FitNetLoss, student_layers=["layer3"], teacher_layers=["layer2"])
     bind(criterion)
     assert criterion.layers() == (["layer3"], ["layer2"])
     assert isinstance(criterion.regressor[0], nn.ConvTranspose2d)  # 2x2 student hint up to the teacher's 4x4
@@ -57,7 +57,7 @@ def test_fitnet_term_is_the_weighted_mse_of_the_regressed_hint():
 
 
 def test_fitnet_with_an_identity_regressor_is_zero_on_equal_features():
-    criterion = FitNetLoss(student_layers=["layer2"], teacher_layers=["layer2"])
+    criterion = configured(FitNetLoss, student_layers=["layer2"], teacher_layers=["layer2"])
     student, _ = tiny_models()
     bind(criterion, student, student)
     criterion.regressor = nn.Identity()

@@ -2,6 +2,7 @@
 every stage), the refusal of unequal widths, and where its gradients go: only its init stage distils."""
 import pytest
 import torch
+from support.criteria import LABELS, compose_loss, configured, forward_step, probe_images, randn, ref_average_pool
 from torch.testing import assert_close
 
 from kd.methods.base import Step
@@ -10,7 +11,6 @@ from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8
 from kd.models.vgg import vgg8
 from kd.models.wrn import wrn_16_1
-from support.criteria import LABELS, compose_loss, forward_step, probe_images, randn, ref_average_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,7 +61,7 @@ def test_fsp_reads_the_stem_and_every_stage_as_repdistiller(make, stem):
     ReLU'd output for VGG), then every stage output."""
     torch.manual_seed(0)
     student, teacher = make(num_classes=4, width=0.25).train(), make(num_classes=4, width=0.25).eval()
-    criterion = FSPLoss()
+    criterion = configured(FSPLoss)
     criterion.bind(student, teacher, probe_images(32), LABELS)
     names = criterion.init_stage().layers[0]
     assert names[0] == stem and names[1:] == list(student.feature_layers["stages"])
@@ -102,6 +102,6 @@ def test_fsp_refuses_a_student_narrower_than_its_teacher():
     student, teacher = resnet8(num_classes=4, width=0.25), resnet8(num_classes=4, width=0.5)
     with pytest.raises(ValueError, match=r"FSP .* teacher's channel counts in the student's: got student \[4, 4, "
                                          r"8, 16\], teacher \[8, 8, 16, 32\]\. Use a pair of equal widths"):
-        FSPLoss().bind(student, teacher, probe_images(), LABELS)
+        configured(FSPLoss).bind(student, teacher, probe_images(), LABELS)
     with pytest.raises(ValueError, match=r"FSP: init_epochs=0 must be >= 1"):
-        FSPLoss(init_epochs=0)
+        configured(FSPLoss, init_epochs=0)

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from support.criteria import bind, compose_loss, configured, forward_step, randn, ref_average_pool
 from torch import nn
 from torch.testing import assert_close
 
 from kd.methods.base import Step
 from kd.methods.ft import FTLoss, factor_loss, paraphraser, translator
-from support.criteria import bind, compose_loss, forward_step, randn, ref_average_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def test_paraphraser_and_translator_are_repdistillers():
 
 
 def test_ft_term_is_the_weighted_factor_loss_and_never_trains_the_paraphraser():
-    criterion = FTLoss(weight=3.0)
+    criterion = configured(FTLoss, weight=3.0)
     student, teacher = bind(criterion)
     step, terms = forward_step(criterion, student, teacher)
     assert criterion.layers() == (["layer3"], ["layer3"])  # the last stage output of both
@@ -74,7 +74,7 @@ def test_ft_term_is_the_weighted_factor_loss_and_never_trains_the_paraphraser():
 
 
 def test_init_stage_trains_the_paraphraser_alone_on_its_reconstruction_error():
-    criterion = FTLoss()
+    criterion = configured(FTLoss)
     student, teacher = bind(criterion)
     stage = criterion.init_stage()
     assert (stage.epochs, stage.lr, stage.trains_student) == (30, 0.01, False)
@@ -92,8 +92,8 @@ def test_ft_preset_and_its_settings():
     combined = compose_loss("loss=ft")
     ft = combined.terms["ft"]
     assert (ft.weight, ft.rate, ft.init_epochs, ft.init_lr) == (200.0, 0.5, 30, 0.01) and combined.needs_teacher
-    assert FTLoss(init_epochs=0).init_stage() is None  # no init stage: the paraphraser stays as initialised
+    assert configured(FTLoss, init_epochs=0).init_stage() is None  # no init stage: the paraphraser stays as initialised
     with pytest.raises(ValueError, match=r"FT: rate=0.0 must be in \(0, 1\]"):
-        FTLoss(rate=0.0)
+        configured(FTLoss, rate=0.0)
     with pytest.raises(ValueError, match=r"FT: init_epochs=-1 must be >= 0"):
-        FTLoss(init_epochs=-1)
+        configured(FTLoss, init_epochs=-1)

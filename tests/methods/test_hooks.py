@@ -283,7 +283,7 @@ def test_default_layers_of_an_unknown_model_say_what_to_set():
         default_layers(model)
 
 
-@pytest.mark.parametrize("criterion", [ATLoss(), FitNetLoss()], ids=["at", "fitnet"])
+@pytest.mark.parametrize("criterion", [ATLoss(weight=1.0, p=2.0), FitNetLoss(weight=1.0)], ids=["at", "fitnet"])
 def test_a_feature_method_binds_a_torchvision_teacher_to_a_timm_student_by_default_layers(criterion):
     """ImageNet-style models from both libraries pair stage by stage (strides 4..32) with no layer names set."""
     from kd.models.timm_models import timm_model  # here: importing timm takes seconds

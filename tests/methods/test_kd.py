@@ -253,8 +253,8 @@ def test_standardize_is_invariant_to_per_row_shift_and_positive_scale():
 @pytest.mark.parametrize(
     "make_criterion, key",
     [
-        (lambda standardized: DKDLoss(standardize=standardized), "loss_dkd"),
-        (lambda standardized: DKDLoss(temperature=2.0, kd_weight=9.0, standardize=standardized), "loss_dkd"),
+        (lambda standardized: DKDLoss(1.0, 1.0, 8.0, 4.0, 20, standardize=standardized), "loss_dkd"),
+        (lambda standardized: DKDLoss(1.0, 1.0, 8.0, 2.0, 20, standardize=standardized, kd_weight=9.0), "loss_dkd"),
         (lambda standardized: KDLoss(alpha=0.9, temperature=2.0, standardize=standardized), "loss_kd"),
     ],
 )
@@ -278,7 +278,7 @@ def test_soft_targets_is_the_weighted_kd_term_of_kd_loss():
     expected = reference_kl(standardize(student), standardize(teacher), 2.0) * 4.0
     assert_close(standardized["loss_kd"], expected, rtol=1e-10, atol=0)
     with pytest.raises(ValueError, match="loss.weight=-1"):
-        SoftTargets(weight=-1.0)
+        SoftTargets(weight=-1.0, temperature=4.0)
 
 
 def test_dist_and_kd_ls_options_hold_their_papers_settings():

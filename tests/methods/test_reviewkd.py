@@ -2,12 +2,8 @@
 sizes derived from the bound models against mdistiller's / the paper code's tables, the teacher's pre-ReLU
 features, warm-up, gradients, and the conf/loss preset."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from kd.methods.base import Step
@@ -16,8 +12,8 @@ from kd.methods.reviewkd import ABF, ReviewKDLoss, hierarchical_context_loss, re
 from kd.models.cifar_resnet import resnet8, resnet8x4, resnet20, resnet32x4, resnet56
 from kd.models.vgg import vgg8, vgg13
 from kd.models.wrn import wrn_16_2, wrn_40_2
+from support.criteria import compose_loss, configured
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 F64 = torch.float64
 LABELS = torch.arange(24) % 4
 
@@ -117,12 +113,12 @@ def ref_abf(abf: ABF, x: torch.Tensor, residual, out_size) -> tuple[torch.Tensor
 @pytest.mark.parametrize("size", [8, 6, 4, 2, 1])
 def test_hcl_matches_the_pyramid_formula(size):
     fs, ft = randn(2, 3, size, size, seed=1), randn(2, 3, size, size, seed=2)
-    assert hierarchical_context_loss(fs, ft).item() == pytest.approx(ref_hcl(fs, ft), rel=1e-12)
+    assert hierarchical_context_loss(fs, ft, (4, 2, 1)).item() == pytest.approx(ref_hcl(fs, ft), rel=1e-12)
 
 
 def test_hcl_is_zero_on_equal_maps():
     f = randn(2, 3, 8, 8, seed=3)
-    assert hierarchical_context_loss(f, f.clone()).item() == 0.0
+    assert hierarchical_context_loss(f, f.clone(), (4, 2, 1)).item() == 0.0
 
 
 def test_review_path_matches_the_abf_definition():
@@ -176,7 +172,7 @@ def test_derived_abf_sizes_match_the_reference_tables(pair):
     make_teacher, make_student, in_channels, out_channels, shapes, out_shapes = TABLES[pair]
     torch.manual_seed(0)
     student, teacher = make_student(num_classes=100), make_teacher(num_classes=100).eval()
-    criterion = ReviewKDLoss()
+    criterion = configured(ReviewKDLoss)
     criterion.bind(student, teacher, torch.randn(1, 3, 32, 32), LABELS)
     abfs = list(criterion.abfs)[::-1]  # deepest first
     assert [abf.reduce[0].in_channels for abf in abfs] == in_channels
@@ -237,7 +233,7 @@ def tiny_models() -> tuple[nn.Module, nn.Module]:
 
 
 def bound(**kwargs) -> tuple[ReviewKDLoss, nn.Module, nn.Module]:
-    criterion = ReviewKDLoss(**kwargs)
+    criterion = configured(ReviewKDLoss, **kwargs)
     student, teacher = tiny_models()
     criterion.bind(student, teacher, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(9)), LABELS)
     return criterion, student, teacher
@@ -270,14 +266,14 @@ def test_criterion_is_the_weighted_hcl_of_the_review_path():
     teachers = [t["layer1.0.bn2"] + t["layer1.0:in"], t["layer2.0.bn2"] + t["layer2.0.downsample"],
                 t["layer3.0.bn2"] + t["layer3.0.downsample"], t["fc:in"][:, :, None, None]]
     outputs = review(students, criterion.abfs, criterion.out_sizes)
-    expected = sum(hierarchical_context_loss(o, target) for o, target in zip(outputs, teachers))
+    expected = sum(hierarchical_context_loss(o, target, criterion.levels) for o, target in zip(outputs, teachers))
     torch.testing.assert_close(terms["loss_reviewkd"], 3.0 * expected)
 
 
 def test_warmup_ramps_the_term_linearly_over_the_first_epochs():
     criterion, student, teacher = bound(warmup_epochs=20)
     assert [criterion.warmup_factor(e) for e in (1, 10, 20, 21)] == [0.05, 0.5, 1.0, 1.0]
-    assert ReviewKDLoss(warmup_epochs=0).warmup_factor(1) == 1.0
+    assert configured(ReviewKDLoss, warmup_epochs=0).warmup_factor(1) == 1.0
     torch.manual_seed(1)
     _, full = forward_step(criterion, student, teacher, epoch=20)
     torch.manual_seed(1)
@@ -319,11 +315,11 @@ def test_layers_can_be_configured():
     with pytest.raises(ValueError, match="differ in shape"):
         bound(teacher_layers=["layer1", "layer2", "layer3", "layer3+layer2"])
     with pytest.raises(ValueError, match="needs a teacher"):
-        ReviewKDLoss().bind(resnet8(4), None, torch.randn(2, 3, 8, 8), LABELS)
+        configured(ReviewKDLoss).bind(resnet8(4), None, torch.randn(2, 3, 8, 8), LABELS)
 
 
 def test_preset_is_ce_plus_reviewkd_with_mdistillers_settings():
-    criterion = instantiate(OmegaConf.load(CONF / "loss" / "reviewkd.yaml"))
+    criterion = compose_loss("loss=reviewkd")
     assert sorted(criterion.terms) == ["ce", "reviewkd"]
     ce, method = criterion.terms["ce"], criterion.terms["reviewkd"]
     assert (ce.weight, ce.label_smoothing) == (1.0, 0.0)  # mdistiller/engine/cfg.py REVIEWKD.CE_WEIGHT

@@ -41,7 +41,7 @@ def test_rkd_losses_match_the_formula():
     distance, angle = ref_rkd(fs, ft)
     assert rkd_distance_loss(fs, ft).item() == pytest.approx(distance, rel=1e-9)
     assert rkd_angle_loss(fs, ft).item() == pytest.approx(angle, rel=1e-9)
-    assert rkd_loss(fs, ft).item() == pytest.approx(25 * distance + 50 * angle, rel=1e-9)
+    assert rkd_loss(fs, ft, 25.0, 50.0).item() == pytest.approx(25 * distance + 50 * angle, rel=1e-9)
     assert rkd_loss(fs, ft, 2.0, 3.0).item() == pytest.approx(2 * distance + 3 * angle, rel=1e-9)
 
 

@@ -51,7 +51,8 @@ def ref_conv1x1(weights: list[torch.Tensor], f: torch.Tensor) -> torch.Tensor:
 
 
 def test_vid_criterion_matches_its_definition_and_starts_at_the_initial_variance():
-    criterion = VIDLoss(weight=2.0, student_layers=["layer1"], teacher_layers=["layer2"])  # 8x8 student, 4x4 teacher
+    # RepDistiller's init_pred_var 5 and eps 1e-5 (vid.yaml); an 8x8 student, a 4x4 teacher
+    criterion = VIDLoss(weight=2.0, init_variance=5.0, eps=1e-5, student_layers=["layer1"], teacher_layers=["layer2"])
     bind(criterion)
     criterion.double()
     (alpha,) = criterion.log_scales
@@ -70,7 +71,7 @@ def test_vid_criterion_matches_its_definition_and_starts_at_the_initial_variance
 
 
 def test_vid_with_an_identity_regressor_on_equal_features_is_half_the_mean_log_variance():
-    criterion = VIDLoss(student_layers=["layer2"], teacher_layers=["layer2"])
+    criterion = VIDLoss(weight=1.0, init_variance=5.0, eps=1e-5, student_layers=["layer2"], teacher_layers=["layer2"])
     student, _ = tiny_models()
     bind(criterion, student, student)
     criterion.regressors[0] = nn.Identity()

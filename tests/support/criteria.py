@@ -1,4 +1,5 @@
 """Inputs, reference computations and tiny bound models shared by the method tests (tests/methods/)."""
+import functools
 from pathlib import Path
 
 import hydra
@@ -78,6 +79,25 @@ def compose_loss(*overrides: str):
     with hydra.initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = hydra.compose("config", overrides=list(overrides))
     return instantiate(cfg.loss)
+
+
+@functools.lru_cache(maxsize=None)
+def _option_values() -> dict[str, dict]:
+    """Each criterion class's values in the first conf/loss option (by name) that builds it, as composed."""
+    found: dict[str, dict] = {}
+    with hydra.initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        for path in sorted((CONF / "loss").glob("*.yaml")):
+            loss = OmegaConf.to_container(hydra.compose("config", overrides=[f"loss={path.stem}"]).loss, resolve=True)
+            for node in (loss, *loss.values()):
+                if isinstance(node, dict) and "_target_" in node:
+                    found.setdefault(node["_target_"], {k: v for k, v in node.items() if k != "_target_"})
+    return found
+
+
+def configured(cls, **values):
+    """A criterion class built with the values its conf/loss option gives it (their one source), `values` replacing
+    some of them: configured(ATLoss, weight=3.0) is at.yaml's AT with weight 3."""
+    return cls(**{**_option_values()[f"{cls.__module__}.{cls.__name__}"], **values})
 
 
 def randn(*shape, seed=0) -> torch.Tensor:
