@@ -47,6 +47,15 @@ def trained(result: dict) -> dict:
     return {k: v for k, v in result.items() if k.startswith(("train/", "test/"))}
 
 
+@pytest.fixture
+def tf32_flags():
+    """torch's TF32 flags, set back after the test to what they were before it (monkeypatch cannot set back
+    torch.backends.cuda.matmul.allow_tf32, which its module computes: its teardown raises AttributeError)."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # teacher-output cache
 
@@ -99,19 +108,19 @@ def test_the_memory_layout_gets_its_own_entry(teacher, tmp_path, monkeypatch):
     assert dirs[0] != dirs[1]
 
 
-def test_an_fp32_gpu_run_keeps_apart_from_entries_computed_with_tf32(tmp_path, monkeypatch):
+def test_an_fp32_gpu_run_keeps_apart_from_entries_computed_with_tf32(tmp_path, tf32_flags):
     """fp32 on a GPU computes without TF32 since hardware.set_tf32, so its key differs from earlier code's entries
     (TF32 convolutions); bf16 and CPU keys are unchanged. A stand-in job on "cuda": only the key is made here."""
     cfg = compose_cfg(tmp_path, "phase=student", "loss=kd")
-    criterion = instantiate(cfg.loss)
+    criterion, teacher = instantiate(cfg.loss), instantiate(cfg.teacher)  # the key names the teacher's model code
 
     def key(device: str, amp_dtype) -> dict:
         stand_in = SimpleNamespace(device=torch.device(device), channels_last=False, num_train=8,
                                    train_digest=lambda: "digest")
-        job = SimpleNamespace(criterion=criterion, data=stand_in, amp_dtype=amp_dtype)
+        job = SimpleNamespace(criterion=criterion, teacher=teacher, data=stand_in, amp_dtype=amp_dtype)
         return engine.open_teacher_cache(cfg, job, tmp_path / "teacher.pt", "sha256").key
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # restored after the test
+    torch.backends.cudnn.allow_tf32 = True  # set back by tf32_flags
     hardware.set_tf32(None)  # as build_job does for an fp32 job
     assert key("cuda", None)["cudnn_tf32"] is False
     assert "cudnn_tf32" not in key("cuda", torch.bfloat16) and "cudnn_tf32" not in key("cpu", None)
@@ -268,19 +277,17 @@ def test_a_resume_keeps_the_precision_its_checkpoint_was_trained_in(tmp_path, mo
     assert seen == [torch.bfloat16]
 
 
-def test_fp32_jobs_run_without_tf32_and_bf16_jobs_with_torchs_settings(tmp_path, monkeypatch):
+def test_fp32_jobs_run_without_tf32_and_bf16_jobs_with_torchs_settings(tmp_path, tf32_flags):
     """build_job sets torch's TF32 flags for every job (hardware.set_tf32), whatever the job before it left. Only the
     flags are checked: no GPU here to show the numbers they give."""
     cpu, common = torch.device("cpu"), ["phase=student", "loss=ce", "teacher_checkpoint=none"]
     fp32, bf16 = (compose_cfg(tmp_path, *common, f"precision={name}") for name in ("fp32", "bf16"))
     loaded = engine.load_data(fp32.dataset, cpu)
-    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # torch's default, restored after the test
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a job before may leave them
     engine.build_job(fp32, Phase.student, instantiate(fp32.loss), loaded, cpu)
-    assert flags() == (False, False)
+    assert tf32_flags() == (False, False)
     engine.build_job(bf16, Phase.student, instantiate(bf16.loss), loaded, cpu)  # the next job of a multirun
-    assert flags() == hardware.TORCH_TF32 == (True, False)  # torch's defaults: TF32 convolutions, fp32 matmuls
+    assert tf32_flags() == hardware.TORCH_TF32 == (True, False)  # torch's defaults: TF32 convolutions, fp32 matmuls
 
 
 def test_compile_uses_static_shapes_and_cuda_graph_modes_need_a_gpu(teacher, tmp_path, monkeypatch):
