@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +261,9 @@ def fused_epoch(members: list[Member], epoch: int) -> None:
             member.outcome = error
             continue
         metrics = {"epoch": epoch, "lr": lr, **{f"train/{k}": v for k, v in averages.items()}}
-        member.job.scheduler.step()
+        with warnings.catch_warnings():  # the stacked step, not this optimizer's step(), moved its parameters
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            member.job.scheduler.step()
         metrics["time/train_s"] = train_s
         metrics.update(evaluate(member.job))
         metrics["time/epoch_s"] = time.perf_counter() - started
