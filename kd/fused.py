@@ -262,7 +262,7 @@ def fused_epoch(members: list[Member], epoch: int) -> None:
             continue
         metrics = {"epoch": epoch, "lr": lr, **{f"train/{k}": v for k, v in averages.items()}}
         with warnings.catch_warnings():  # the stacked step, not this optimizer's step(), moved its parameters
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             member.job.scheduler.step()
         metrics["time/train_s"] = train_s
         metrics.update(evaluate(member.job))
