@@ -167,15 +167,19 @@ def set_up_members(members: list[Member]) -> None:
 
 
 def group_size(job: Job, memory_gb: Optional[float]) -> int:
-    """How many members fit in memory_gb by member_bytes (at least one); no cap: all."""
+    """How many members fit in memory_gb by member_bytes (at least one). memory_gb None: on CUDA, 80% of the
+    device's free memory; on the CPU, no cap."""
+    if memory_gb is None and job.data.device.type == "cuda":
+        memory_gb = 0.8 * torch.cuda.mem_get_info(job.data.device)[0] / 1e9
     if memory_gb is None:
         return 1 << 30
     return max(1, int(memory_gb * 1e9 // member_bytes(job)))
 
 
 def member_bytes(job: Job) -> int:
-    """One member's estimated memory: parameters, gradients and momentum (3x the parameters' bytes), plus the
-    activations a training forward at the batch size saves for backward (measured on one batch of the model)."""
+    """One member's estimated memory: 5x its parameters' bytes (its model's parameters and momentum, their stacked
+    copies and the stacked gradients), plus the activations a training forward at the batch size saves for backward
+    (counted on a forward of a copy of its model)."""
     weights = sum(p.numel() * p.element_size() for p in job.model.parameters())
     saved = [0]
 
@@ -187,7 +191,7 @@ def member_bytes(job: Job) -> int:
     model = copy.deepcopy(job.model).train()  # its own BatchNorm statistics: the member's stay untouched
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(images)
-    return 3 * weights + saved[0] * job.batch_size // len(images)
+    return 5 * weights + saved[0] * job.batch_size // len(images)
 
 
 def train_fused(members: list[Member], started: float) -> None:
