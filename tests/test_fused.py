@@ -9,17 +9,19 @@ through a real multirun, the only place Hydra hands it a sweep.
 import copy
 import itertools
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fused, loop
 from support import tree_state
 from test_records import report_text
-from test_reliability import compose_cfg, launch
+from test_reliability import TINY, compose_cfg, launch
 
 # fp32: after the first step each parameter is within FP32_PARAMS of the lone run's (relative to the tensor's largest
 # value), and the loss of each of the first 3 steps within FP32_LOSS (relative). fp64: within FP64 after 5 steps.
@@ -216,7 +218,8 @@ def test_grouping_keys_and_reasons(teacher, tmp_path):
     with a recipe of its own, the student's learning rate no longer changes which teacher a job reads."""
     own = "teacher_recipe=quickstart"
     key = fused.group_key(student(tmp_path, teacher, own))
-    for same in (["seed=3"], ["optimizer.lr=0.2", "optimizer.weight_decay=0"], ["loss.alpha=0.5", "loss.temperature=2"]):
+    fusable = (["seed=3"], ["optimizer.lr=0.2", "optimizer.weight_decay=0"], ["loss.alpha=0.5", "loss.temperature=2"])
+    for same in fusable:
         assert fused.group_key(student(tmp_path, teacher, own, *same)) == key, same
     for other in (["epochs=3"], ["loss.alpha=0"], ["loss=dkd"], ["student.width=0.5"], ["batch_size=32"]):
         assert fused.group_key(student(tmp_path, teacher, own, *other)) != key, other
@@ -254,3 +257,17 @@ def test_the_fused_launcher_runs_a_sweep_that_kd_report_reads_as_a_lone_sweep(te
             assert (run / "result.json").is_file() and "fused: trained" in (run / "train.log").read_text()
     text = report_text(sweep, tmp_path / "report")
     assert re.search(r"\| KD +\| 0\.5 +\| [^|]+\| [^|]+\| 2 ", text) and re.search(r"\| KD +\| 0\.9 +\|", text), text
+
+
+def test_the_launcher_groups_fusable_jobs_and_says_why_a_job_runs_alone(teacher, tmp_path, caplog):
+    from hydra_plugins.kd_fused_launcher import FusedLauncher, Prepared
+
+    jobs = [["loss.alpha=0.5"], ["seed=1"], ["loss=crd"], ["epochs=3"]]
+    with initialize(version_base="1.3", config_path="../conf"):
+        configs = [compose("config", return_hydra_config=True, overrides=[
+            *TINY, f"teacher_store={tmp_path / 'teachers'}", "phase=student", "epochs=2",
+            f"teacher_checkpoint={teacher}", *job]) for job in jobs]
+    with caplog.at_level(logging.INFO):
+        groups = FusedLauncher().groups([Prepared(i, c) for i, c in enumerate(configs)], fused)
+    assert [[job.index for job in group] for group in groups] == [[0, 1], [2], [3]]
+    assert "#2 runs alone: loss kd.methods.crd.CRDLoss reads features or keeps state (logit losses fuse)" in caplog.text
