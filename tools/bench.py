@@ -4,6 +4,7 @@
     python -m tools.bench --data --folder DIR [--make-from IMAGE_FOLDER]   # decode speed: tools/bench_data.py
     python -m tools.bench --topk TEACHER.pt [overrides]   # the top-k teacher cache's error: tools/bench_topk.py
     python -m tools.bench --scan --folder DIR [--make N] [--evict]   # the pre-flight scan's speed: tools/bench_scan.py
+    python -m tools.bench --fused [--jobs 8] [overrides]   # a fused sweep vs its jobs in turn: tools/bench_fused.py
 
 (a) reference: the loop the seed document and the common KD repositories write: a CIFAR-style torchvision
     dataset (uint8 array -> PIL image -> RandomCrop/Flip/ToTensor/Normalize per image) in a DataLoader, eager
@@ -53,7 +54,7 @@ from kd import datapath, engine, fileio, hardware, loop, profiling, records
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
-from tools import bench_data, bench_scan, bench_topk
+from tools import bench_data, bench_fused, bench_scan, bench_topk
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return bench_scan.main(argv[1:])
     if argv[:1] == ["--topk"]:  # what teacher_cache_topk costs the KD term: tools/bench_topk.py
         return bench_topk.main(argv[1:])
+    if argv[:1] == ["--fused"]:  # a fused sweep against its jobs one after another: tools/bench_fused.py
+        return bench_fused.main(argv[1:])
     args = parse_args(argv)
     cfg = compose_config(args)
     device = hardware.resolve_device(cfg.device)

@@ -1,0 +1,417 @@
+"""Fused sweeps: the jobs of a sweep that differ only in settings that keep the student's shapes (loss weights and
+temperature, seed, learning rate, weight decay, momentum) train in one process as one stacked model array (HFTA,
+Wang et al., MLSys 2021), through torch.func.stack_module_state and vmap(functional_call).
+
+Each member keeps its own run folder and records (run.json, metrics.jsonl, last.pt, best.pt, run_info.json,
+result.json, W&B run) in the form a lone run writes them, with its own criterion, its own SGD state and its own
+seed's batch order and augmentation; members of one seed share the batch and the teacher pass. A finished member is
+returned without training, an interrupted one resumes from its own last.pt, a member whose loss turns non-finite is
+stopped with the lone run's error while the others go on. hydra_plugins/kd_fused_launcher groups a sweep's jobs.
+"""
+import copy
+import json
+import logging
+import time
+import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+
+from kd import distributed, engine, feedback, records, tracking
+from kd.config import Phase
+from kd.loop import EpochSums, Job, predict, score
+from kd.methods.base import Step
+
+log = logging.getLogger(__name__)
+
+# The settings fused jobs may differ in: each member has its own criterion (every loss value but the loss's
+# structure: its _target_s and standardize), its own seed (batch order, augmentation, initialisation) and its own
+# SGD hyperparameters. Everything else (models, data, teacher, epochs, batch size, schedule) is the group's key.
+FUSED_KEYS = ("seed", "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum")
+LOSS_STRUCTURE = ("_target_", "standardize")  # the loss keys that are part of the group's key
+# Logit losses: a criterion with no adapter, no feature hook and no init stage, so a member is its student alone.
+FUSABLE_LOSSES = ("kd.methods.kd.KDLoss", "kd.methods.kd.SoftTargets", "kd.methods.dkd.DKDLoss",
+                  "kd.methods.dist.DISTLoss", "kd.methods.base.CELoss", "kd.methods.base.Combined")
+
+
+def unfusable_reason(cfg: DictConfig) -> Optional[str]:
+    """Why this job cannot train in a fused group (it then runs alone), or None when it can."""
+    if Phase(cfg.phase) is not Phase.student:
+        return "phase=teacher trains alone"
+    targets = {v for k, v in records.flatten(records.plain_config(cfg.loss)).items() if k.endswith("_target_")}
+    if not targets <= set(FUSABLE_LOSSES):
+        return f"loss {sorted(targets - set(FUSABLE_LOSSES))[0]} reads features or keeps state (logit losses fuse)"
+    optimizer = cfg.optimizer
+    if optimizer._target_ != "torch.optim.SGD" or optimizer.get("dampening", 0) or optimizer.get("maximize", False):
+        return f"optimizer {optimizer._target_} (only SGD without dampening is fused)"
+    if cfg.compile or distributed.world_size() > 1:
+        return "compile=true or torchrun"
+    if engine.resolve_precision(cfg.precision, engine.resolve_device(cfg.device)) == torch.float16:
+        return "fp16 loss scaling is per run"
+    return None
+
+
+def group_key(cfg: DictConfig) -> str:
+    """The settings a fused group shares: the resolved config less FUSED_KEYS and the loss's values, plus whether
+    the loss reads the teacher (a member that does not would record no teacher, as when it runs alone)."""
+    flat = records.flatten(records.plain_config(cfg))
+    kept = {k: v for k, v in flat.items() if k not in FUSED_KEYS
+            and not (k.startswith("loss.") and k.rsplit(".", 1)[-1] not in LOSS_STRUCTURE)}
+    kept["needs_teacher"] = bool(instantiate(cfg.loss).needs_teacher)
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+@dataclass
+class Member:
+    """One job of a fused group: what its lone run would receive, and what it holds while it trains."""
+
+    cfg: DictConfig
+    out_dir: Path
+    overrides: list[str] = field(default_factory=list)
+    choices: Optional[dict[str, Any]] = None
+    outcome: Any = None  # its result dict, or the exception that stopped it
+    checkpoint: Optional[dict] = None
+    record: Optional[dict] = None
+    job: Optional[Job] = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # [metrics, best] of its last epoch
+    logger: Optional[logging.Logger] = None
+
+    @property
+    def epoch(self) -> int:
+        return self.checkpoint["epoch"] if self.checkpoint else 0
+
+
+def run_group(members: Sequence[Member], memory_gb: Optional[float] = None) -> list[Any]:
+    """Train the members as fused groups; returns each member's result dict, or the exception that stopped it (the
+    lone run's error: a refusal, a non-finite loss), or None for a folder another process holds. `memory_gb`: the
+    cap on one fused group's estimated memory (None: no cap)."""
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        pending = [m for m in members if open_member(m, stack)]
+        for part in partition(pending):
+            train_part(part, memory_gb, started)
+    return [m.outcome for m in members]
+
+
+def open_member(member: Member, stack: ExitStack) -> bool:
+    """The lone run's first steps: checks, the folder's lock, the previous run (finished: its result, kept)."""
+    try:
+        member.cfg = engine.phase_config(member.cfg)
+        engine.check_config(member.cfg)
+        unwritable = stack.enter_context(records.folder_lock(member.out_dir))
+        finished, member.checkpoint, member.record = engine.previous_run(member.cfg, member.out_dir)
+        if finished is not None:
+            log.info("%s already holds this run's result.json: returning it without training again", member.out_dir)
+            member.outcome = finished
+            return False
+        if unwritable is not None:
+            raise unwritable
+    except records.FolderBusy as busy:
+        log.warning("skipped %s: another process is running it (%s)", member.out_dir, busy.holder or "its lock")
+        return False
+    except Exception as error:  # noqa: BLE001 (the member's own refusal, reported as its job's failure)
+        member.outcome = error
+        return False
+    return True
+
+
+def partition(members: list[Member]) -> list[list[Member]]:
+    """Members that resume from the same epoch with the same teacher and precision train together: each then trains
+    from its own last.pt exactly as alone, and one epoch loop serves them all (a group killed together resumes
+    together; a member added later starts in a group of its own)."""
+    parts: dict[tuple, list[Member]] = {}
+    for member in members:
+        checkpoint = member.checkpoint or {}
+        key = (member.epoch, checkpoint.get("teacher_sha256"), checkpoint.get("precision"))
+        parts.setdefault(key, []).append(member)
+    return list(parts.values())
+
+
+def train_part(members: list[Member], memory_gb: Optional[float], started: float) -> None:
+    """Set up the members (one data load, one teacher), then train them in groups within the memory cap."""
+    try:
+        set_up_members(members)
+    except Exception as error:  # noqa: BLE001 (a shared refusal: the teacher or the data; nothing was written)
+        for member in members:
+            member.outcome = error
+        return
+    size = group_size(members[0].job, memory_gb)
+    if size < len(members):
+        log.info("fused group of %d split into groups of %d (memory_gb=%s)", len(members), size, memory_gb)
+    for start in range(0, len(members), size):
+        train_fused(members[start:start + size], started)
+
+
+def set_up_members(members: list[Member]) -> None:
+    """The leader's set-up as a lone run's (teacher found, read and measured; data loaded), shared by the others,
+    each with its own criterion, model (from its seed), optimizer and schedule."""
+    leader = members[0]
+    leader.job, leader.facts, leader.info = engine.set_up(leader.cfg, leader.overrides, leader.checkpoint)
+    leader.job.cache = None  # the fused group runs its teacher live, once per seed's batch
+    for member in members[1:]:
+        engine.check_resumed_data(member.cfg, member.checkpoint, leader.job.data)
+        precision = member.checkpoint.get("precision") if member.checkpoint else None
+        member.job = engine.build_job(member.cfg, Phase.student, instantiate(member.cfg.loss), leader.job.data,
+                                      leader.job.data.device, leader.job.teacher, precision)
+        member.job.teacher_predictions = leader.job.teacher_predictions
+        member.facts, member.info = dict(leader.facts), dict(leader.info)
+
+
+def group_size(job: Job, memory_gb: Optional[float]) -> int:
+    """How many members fit in memory_gb by member_bytes (at least one). memory_gb None: on CUDA, 80% of the
+    device's free memory; on the CPU, no cap."""
+    if memory_gb is None and job.data.device.type == "cuda":
+        memory_gb = 0.8 * torch.cuda.mem_get_info(job.data.device)[0] / 1e9
+    if memory_gb is None:
+        return 1 << 30
+    return max(1, int(memory_gb * 1e9 // member_bytes(job)))
+
+
+def member_bytes(job: Job) -> int:
+    """One member's estimated memory: 5x its parameters' bytes (its model's parameters and momentum, their stacked
+    copies and the stacked gradients), plus the activations a training forward at the batch size saves for backward
+    (counted on a forward of a copy of its model)."""
+    weights = sum(p.numel() * p.element_size() for p in job.model.parameters())
+    saved = [0]
+
+    def pack(tensor: Tensor) -> Tensor:
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    images = job.data.sample_inputs(min(job.batch_size, job.data.num_train))
+    model = copy.deepcopy(job.model).train()  # its own BatchNorm statistics: the member's stay untouched
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(images)
+    return 5 * weights + saved[0] * job.batch_size // len(images)
+
+
+def train_fused(members: list[Member], started: float) -> None:
+    """Each member's records begin as a lone run's (run.json, train.log, its last.pt restored), then one epoch loop
+    trains the members still going; each ends with run_info.json, its W&B run and result.json."""
+    try:
+        for member in members:
+            start_member(member, len(members))
+        for epoch in range(members[0].epoch + 1, members[0].cfg.epochs + 1):
+            active = [m for m in members if m.outcome is None]
+            if not active:
+                break
+            fused_epoch(active, epoch)
+        for member in members:
+            finish_member(member, started)
+    except Exception as error:  # noqa: BLE001 (each job fails with it, as each would alone; last.pt is kept)
+        for member in members:
+            member.outcome = error if member.outcome is None else member.outcome
+    finally:
+        for member in members:
+            close_logger(member)
+
+
+def start_member(member: Member, size: int) -> None:
+    """What a lone run does once its checks have passed: run.json, train.log, its start line, last.pt restored."""
+    cfg, job = member.cfg, member.job
+    member.record = member.record or engine.start_record(cfg, member.out_dir, member.overrides)
+    member.logger = member_logger(member.out_dir)
+    member.logger.info(feedback.start_line(cfg, job, engine.precision_name(job.amp_dtype), member.out_dir))
+    member.logger.info("fused: trained in one process with the %d other jobs of its group (kd.fused)", size - 1)
+    if member.checkpoint is not None:
+        engine.restore(job, member.checkpoint)
+        member.history = [member.checkpoint["metrics"], member.checkpoint["best"]]
+    records.keep_epochs(member.out_dir / "metrics.jsonl", member.epoch)
+
+
+def member_logger(out_dir: Path) -> logging.Logger:
+    """A logger writing to out_dir/train.log (and, through the root logger, the console)."""
+    logger = logging.getLogger(f"kd.fused.{out_dir.name.replace('.', '_')}")
+    logger.setLevel(logging.INFO)
+    handler = logging.FileHandler(out_dir / "train.log")
+    handler.setFormatter(logging.Formatter(engine.LOG_FORMAT))
+    logger.addHandler(handler)
+    return logger
+
+
+def close_logger(member: Member) -> None:
+    if member.logger is not None:
+        for handler in list(member.logger.handlers):
+            member.logger.removeHandler(handler)
+            handler.close()
+        member.logger = None
+
+
+def fused_epoch(members: list[Member], epoch: int) -> None:
+    """One epoch of the stacked members; then each member's schedule, evaluation and records as a lone run's, or
+    its stop when its loss turned non-finite (its last.pt stays that of the epoch before, as alone)."""
+    started = time.perf_counter()
+    jobs = [m.job for m in members]
+    lrs = [job.optimizer.param_groups[0]["lr"] for job in jobs]
+    students = StackedStudents(jobs)
+    sums = [EpochSums(job.data.device) for job in jobs]
+    fused_steps(jobs, students, epoch, sums)
+    students.write_back(jobs)
+    train_s = time.perf_counter() - started
+    for member, member_sums, lr in zip(members, sums, lrs):
+        try:
+            averages = member_sums.averages(epoch)
+        except FloatingPointError as error:
+            member.logger.error("%s", error)
+            member.outcome = error
+            continue
+        metrics = {"epoch": epoch, "lr": lr, **{f"train/{k}": v for k, v in averages.items()}}
+        with warnings.catch_warnings():  # the stacked step, not this optimizer's step(), moved its parameters
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            member.job.scheduler.step()
+        metrics["time/train_s"] = train_s
+        metrics.update(evaluate(member.job))
+        metrics["time/epoch_s"] = time.perf_counter() - started
+        record_epoch(member, metrics)
+
+
+def fused_steps(jobs: list[Job], students: "StackedStudents", epoch: int, sums: list[EpochSums]) -> None:
+    """The epoch's steps: each seed's batches (one loader and one teacher pass per distinct seed), the stacked
+    forward, each member's criterion on its own logits, one backward, the stacked SGD step."""
+    data, batch_size = jobs[0].data, jobs[0].batch_size
+    seeds = list(dict.fromkeys(job.seed for job in jobs))
+    slot = [seeds.index(job.seed) for job in jobs]
+    loaders = [data.epoch(seed, epoch, batch_size) for seed in seeds]
+    for step, batches in enumerate(zip(*loaders)):
+        images = [data.inputs(batch.views) for batch in batches]
+        with jobs[0].autocast():
+            teacher = [teacher_logits(jobs[0], x) for x in images]
+            shared = len(seeds) == 1
+            logits = students(images[0] if shared else torch.stack([images[k] for k in slot]), shared)
+            losses = []
+            for i, job in enumerate(jobs):
+                batch = batches[slot[i]]
+                terms = job.criterion(Step(logits[i], batch.labels, teacher[slot[i]], {}, {}, batch.index, epoch,
+                                           step, job.seed, batch.size))
+                losses.append(sum(terms.values()))
+                sums[i].add(step, losses[-1], terms, logits[i], batch.labels)
+        torch.stack(losses).sum().backward()  # each member's gradient is its own loss's: the members are independent
+        students.step()
+
+
+def teacher_logits(job: Job, images: Tensor) -> Optional[Tensor]:
+    """The teacher's float32 logits for a batch, as kd.loop.EpochTeacher computes them live; None without one."""
+    if job.teacher is None or not job.criterion.needs_teacher:
+        return None
+    with torch.inference_mode():
+        logits = job.teacher(images)
+    return logits.to(torch.float32, copy=True)
+
+
+def evaluate(job: Job) -> dict[str, float]:
+    """The lone run's evaluation of a member (kd.loop.run_epoch)."""
+    metrics = {}
+    for split in job.data.splits:
+        logits = predict(job.model, job.data, split, job.eval_batch_size, job.amp_dtype)
+        scores = score(logits, job.data.split_labels(split), job.teacher_predictions.get(split))
+        metrics.update({f"{split}/{key}": value for key, value in scores.items()})
+    return metrics
+
+
+def record_epoch(member: Member, metrics: dict[str, Any]) -> None:
+    """The epoch's line in train.log, its metrics.jsonl line, best.pt and last.pt, as kd.engine.fit writes them."""
+    job, cfg = member.job, member.cfg
+    best_key = "val/acc1" if "val" in job.data.splits else "test/acc1"
+    best = member.history[1] if member.history else None
+    best = metrics if best is None or metrics[best_key] > best[best_key] else best
+    member.history = [metrics, best]
+    member.logger.info(engine.epoch_line(metrics, cfg.epochs))
+    records.append_jsonl(member.out_dir / "metrics.jsonl", metrics)
+    engine.save_checkpoints(job, cfg, member.out_dir, metrics, best, teacher_of(member))
+
+
+def teacher_of(member: Member) -> dict[str, Any]:
+    return {"teacher_sha256": member.facts.get("teacher/sha256"),
+            "teacher_checkpoint": member.facts.get("teacher_checkpoint")}
+
+
+def finish_member(member: Member, started: float) -> None:
+    """The member's W&B run (its whole history, from metrics.jsonl), run_info.json and result.json (the commit
+    point); a stopped member's W&B run ends failed, as a lone run's does, and it writes neither file."""
+    cfg, job, out_dir = member.cfg, member.job, member.out_dir
+    teacher_facts = {k: v for k, v in member.facts.items() if k.startswith("teacher")}
+    stopped = member.outcome
+    info = dict(member.info)
+    try:
+        with tracking.tracked(cfg, out_dir, member.record["wandb_id"], teacher_facts, member.choices) as tracker:
+            tracker.summary.update({**member.facts, **info})
+            tracking.log_history(tracker, out_dir / "metrics.jsonl")
+            if stopped is not None:
+                raise stopped
+            metrics, best = member.history
+            best_key = "val/acc1" if "val" in job.data.splits else "test/acc1"
+            result = {**member.facts, **engine.summarize(metrics, best, best_key)}
+            tracker.summary.update({**result, **info})
+    except BaseException as error:
+        if error is stopped:
+            return
+        raise
+    info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
+    info["resumed_from_epoch"] = member.checkpoint["epoch"] if member.checkpoint else None
+    result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
+    records.write_json(out_dir / "run_info.json", info)
+    records.write_json(out_dir / "result.json", result)  # the commit point: the member is finished
+    member.outcome = result
+
+
+class StackedStudents:
+    """The members' students as one stacked model (torch.func.stack_module_state): one vmap(functional_call)
+    forward, BatchNorm statistics updated per member in train mode, and SGD per member with its own lr, weight
+    decay and momentum, in torch.optim.SGD's arithmetic (dampening 0)."""
+
+    def __init__(self, jobs: list[Job]):
+        models = [job.model for job in jobs]
+        self.params, self.buffers = stack_module_state(models)
+        self.base = copy.deepcopy(models[0]).to("meta")
+        groups = [job.optimizer.param_groups[0] for job in jobs]
+        per_member = lambda key: torch.tensor([g[key] for g in groups], device=jobs[0].data.device)  # noqa: E731
+        self.lr, self.weight_decay, self.momentum = per_member("lr"), per_member("weight_decay"), per_member("momentum")
+        self.nesterov = groups[0]["nesterov"]
+        self.buffers_sgd = {name: torch.stack([momentum_buffer(job, name) for job in jobs]) for name in self.params}
+
+    def __call__(self, images: Tensor, shared: bool) -> Tensor:
+        """Logits (members, batch, classes) for one batch shared by all members, or one batch per member."""
+        self.base.train()
+        return vmap(self._forward, in_dims=(0, 0, None if shared else 0))(self.params, self.buffers, images)
+
+    def _forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], images: Tensor) -> Tensor:
+        return functional_call(self.base, (params, buffers), (images,))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """torch.optim.SGD's update per member: d = g + wd p; b = m b + d; d = b (or d + m b, Nesterov); p -= lr d."""
+        for name, param in self.params.items():
+            shape = (-1,) + (1,) * (param.dim() - 1)
+            update = param.grad + self.weight_decay.view(shape) * param
+            buffer = self.buffers_sgd[name].mul_(self.momentum.view(shape)).add_(update)
+            update = update + self.momentum.view(shape) * buffer if self.nesterov else buffer
+            param.sub_(self.lr.view(shape) * update)
+            param.grad = None
+
+    @torch.no_grad()
+    def write_back(self, jobs: list[Job]) -> None:
+        """Each member's parameters, BatchNorm statistics and momentum buffers back into its model and optimizer."""
+        for i, job in enumerate(jobs):
+            named = dict(job.model.named_parameters())
+            for name, value in self.params.items():
+                named[name].copy_(value[i])
+                if self.momentum[i] != 0:  # SGD keeps no buffer without momentum
+                    job.optimizer.state[named[name]]["momentum_buffer"] = self.buffers_sgd[name][i].clone()
+            for name, value in dict(job.model.named_buffers()).items():
+                value.copy_(self.buffers[name][i])
+
+
+def momentum_buffer(job: Job, name: str) -> Tensor:
+    """The member's SGD momentum buffer of a parameter (zeros before its first step: then b = d, as SGD's clone)."""
+    param = job.model.get_parameter(name)
+    buffer = job.optimizer.state.get(param, {}).get("momentum_buffer")
+    return buffer if buffer is not None else torch.zeros_like(param)
