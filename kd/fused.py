@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from kd import distributed, engine, feedback, records, tracking
+from kd import config, distributed, engine, feedback, fileio, hardware, records, tracking
 from kd.config import Phase
 from kd.loop import EpochSums, Job, predict, score
 from kd.methods.base import Step
@@ -53,7 +53,7 @@ def unfusable_reason(cfg: DictConfig) -> Optional[str]:
         return f"optimizer {optimizer._target_} (only SGD without dampening is fused)"
     if cfg.compile or distributed.world_size() > 1:
         return "compile=true or torchrun"
-    if engine.resolve_precision(cfg.precision, engine.resolve_device(cfg.device)) == torch.float16:
+    if hardware.resolve_precision(cfg.precision, hardware.resolve_device(cfg.device)) == torch.float16:
         return "fp16 loss scaling is per run"
     return None
 
@@ -106,8 +106,8 @@ def open_member(member: Member, stack: ExitStack) -> bool:
     """The lone run's first steps: checks, the folder's lock, the previous run (finished: its result, kept)."""
     try:
         member.cfg = engine.phase_config(member.cfg)
-        engine.check_config(member.cfg)
-        unwritable = stack.enter_context(records.folder_lock(member.out_dir))
+        config.check_config(member.cfg)
+        unwritable = stack.enter_context(fileio.folder_lock(member.out_dir))
         finished, member.checkpoint, member.record = engine.previous_run(member.cfg, member.out_dir)
         if finished is not None:
             log.info("%s already holds this run's result.json: returning it without training again", member.out_dir)
@@ -115,7 +115,7 @@ def open_member(member: Member, stack: ExitStack) -> bool:
             return False
         if unwritable is not None:
             raise unwritable
-    except records.FolderBusy as busy:
+    except fileio.FolderBusy as busy:
         log.warning("skipped %s: another process is running it (%s)", member.out_dir, busy.holder or "its lock")
         return False
     except Exception as error:  # noqa: BLE001 (the member's own refusal, reported as its job's failure)
@@ -220,12 +220,12 @@ def start_member(member: Member, size: int) -> None:
     cfg, job = member.cfg, member.job
     member.record = member.record or engine.start_record(cfg, member.out_dir, member.overrides)
     member.logger = member_logger(member.out_dir)
-    member.logger.info(feedback.start_line(cfg, job, engine.precision_name(job.amp_dtype), member.out_dir))
+    member.logger.info(feedback.start_line(cfg, job, hardware.precision_name(job.amp_dtype), member.out_dir))
     member.logger.info("fused: trained in one process with the %d other jobs of its group (kd.fused)", size - 1)
     if member.checkpoint is not None:
         engine.restore(job, member.checkpoint)
         member.history = [member.checkpoint["metrics"], member.checkpoint["best"]]
-    records.keep_epochs(member.out_dir / "metrics.jsonl", member.epoch)
+    fileio.keep_epochs(member.out_dir / "metrics.jsonl", member.epoch)
 
 
 def member_logger(out_dir: Path) -> logging.Logger:
@@ -325,7 +325,7 @@ def record_epoch(member: Member, metrics: dict[str, Any]) -> None:
     best = metrics if best is None or metrics[best_key] > best[best_key] else best
     member.history = [metrics, best]
     member.logger.info(engine.epoch_line(metrics, cfg.epochs))
-    records.append_jsonl(member.out_dir / "metrics.jsonl", metrics)
+    fileio.append_jsonl(member.out_dir / "metrics.jsonl", metrics)
     engine.save_checkpoints(job, cfg, member.out_dir, metrics, best, teacher_of(member))
 
 
@@ -358,8 +358,8 @@ def finish_member(member: Member, started: float) -> None:
     info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
     info["resumed_from_epoch"] = member.checkpoint["epoch"] if member.checkpoint else None
     result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
-    records.write_json(out_dir / "run_info.json", info)
-    records.write_json(out_dir / "result.json", result)  # the commit point: the member is finished
+    fileio.write_json(out_dir / "run_info.json", info)
+    fileio.write_json(out_dir / "result.json", result)  # the commit point: the member is finished
     member.outcome = result
 
 

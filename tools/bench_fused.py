@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import datapath, engine, fused, loop
+from kd import datapath, engine, fused, hardware, loop, teacher_checks
 from kd.config import Phase
 from kd.data import Split
 
@@ -83,11 +83,11 @@ def bench_data(cfg, device: torch.device, images: int) -> datapath.DataPath:
 def fused_ratio(pair: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """Median seconds of a window of the jobs one after another, and of the jobs fused; their ratio."""
     configs = sweep_configs(pair, args)
-    device = engine.resolve_device(configs[0].device)
+    device = hardware.resolve_device(configs[0].device)
     data = bench_data(configs[0], device, configs[0].batch_size * args.steps)
     epoch = data.epoch
     data.epoch = lambda seed, n, batch_size: itertools.islice(epoch(seed, n, batch_size), args.steps)
-    teacher = engine.freeze_teacher(instantiate(configs[0].teacher), data)
+    teacher = teacher_checks.freeze_teacher(instantiate(configs[0].teacher), data)
     jobs = [engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher) for cfg in configs]
     for job in jobs:
         job.progress_bar = False
