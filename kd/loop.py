@@ -23,7 +23,7 @@ from kd.datapath import Batch, DataPath
 from kd.feedback import Progress
 from kd.methods.base import Criterion, Step
 from kd.methods.hooks import capture
-from kd.teacher_cache import TeacherCache
+from kd.teacher_cache import StoredEpoch, TeacherCache
 
 
 @dataclass
@@ -208,11 +208,12 @@ class EpochTeacher:
         self.job, self.epoch, self.seen = job, epoch, 0
         self.active = job.teacher is not None and job.criterion.needs_teacher
         stored = job.cache.load(epoch) if self.active and job.cache is not None else None
-        # The whole epoch on the device at once: a step slices it, with no copy from the host per step.
-        self.stored = stored.to(job.data.device) if stored is not None else None
+        # The epoch stays in host memory; on a GPU each chunk of it is copied over while the steps before it run,
+        # so a step slices rows already there (no copy per step) and the device holds two chunks, not the epoch.
+        self.stored = StoredEpoch(stored, job.data.device, job.batch_size) if stored is not None else None
         self.recording = None
         if self.active and job.cache is not None and self.stored is None and not job.cache.full:
-            self.recording = job.cache.empty(job.data.device)
+            self.recording = job.cache.recorder(job.data.device, job.batch_size)
         self.layers = job.criterion.layers()[1]
 
     def __call__(self, images: Tensor, rows: slice) -> tuple[Optional[Tensor], dict[str, Tensor]]:
@@ -235,7 +236,7 @@ class EpochTeacher:
 
     def finish(self) -> None:
         if self.recording is not None and self.seen == self.job.cache.shape[0]:
-            self.job.cache.save(self.epoch, self.recording)
+            self.job.cache.save(self.epoch, self.recording.outputs())
 
 
 @torch.inference_mode()

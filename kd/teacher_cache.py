@@ -60,14 +60,16 @@ OUTPUT_CODE = ("kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.Epoch
                "kd.datapath.InMemoryData.inputs", "kd.datapath.InMemoryData.epoch", "kd.loop.autocast",
                "kd.data.draw_augmentation",
                "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator",
-               "kd.teacher_cache.EpochOutputs")
+               "kd.teacher_cache.EpochOutputs", "kd.teacher_cache.RecordedEpoch", "kd.teacher_cache.chunk_rows")
 OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140c82f2644d2b4",
                         # 2: kd/models declare "preact" layers and name kd.methods.hooks (no forward changed)
                         2: "f4c746105add9d7b890d816654cdff0d846c20fd81fba655d7092657da9e6813",
                         # 3: kd/models declare "stem" layers (FSP's; no forward changed)
                         3: "81a6d846d0a0836da62e98452bd3dced1bc2f819c7efb6e898bf25cad1b94e59",
                         # 4: kd/models left this list: each teacher's own model code is in its key (model_code)
-                        4: "edb63b580230f8c1621d34736c2a751f647ef359891d8b15f147beab648b5f46"}
+                        4: "edb63b580230f8c1621d34736c2a751f647ef359891d8b15f147beab648b5f46",
+                        # 5: an epoch's outputs stream to and from host memory in chunks (RecordedEpoch; same rows)
+                        5: "e4ab0d4c1a0e5abe0f2af8356a5faed305d2ac87f221dcb0da805270dd2d6a23"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 
@@ -155,11 +157,13 @@ class EpochOutputs:
     indices: Optional[Tensor] = None  # (N, k)
 
     @classmethod
-    def empty(cls, n: int, num_classes: int, top_k: Optional[int], device: torch.device) -> "EpochOutputs":
+    def empty(cls, n: int, num_classes: int, top_k: Optional[int], device: torch.device,
+              pin_memory: bool = False) -> "EpochOutputs":
+        """Unwritten rows; pin_memory: in page-locked host memory, which a CUDA copy reads or fills asynchronously."""
         if top_k is None:
-            return cls(num_classes, logits=torch.empty(n, num_classes, device=device))
-        return cls(num_classes, values=torch.empty(n, top_k, device=device),
-                   indices=torch.empty(n, top_k, dtype=torch.long, device=device))
+            return cls(num_classes, logits=torch.empty(n, num_classes, device=device, pin_memory=pin_memory))
+        return cls(num_classes, values=torch.empty(n, top_k, device=device, pin_memory=pin_memory),
+                   indices=torch.empty(n, top_k, dtype=torch.long, device=device, pin_memory=pin_memory))
 
     def write(self, rows: slice, logits: Tensor) -> None:
         if self.logits is not None:
@@ -179,9 +183,138 @@ class EpochOutputs:
         moved = [to_device(t, device) for t in (self.logits, self.values, self.indices)]
         return EpochOutputs(self.num_classes, *moved)
 
+    def part(self, rows: slice) -> "EpochOutputs":
+        """These rows (views, not copies)."""
+        return self.map(lambda tensor: tensor[rows])
+
+    def map(self, function: Any) -> "EpochOutputs":
+        """The outputs with `function` applied to each stored tensor."""
+        return EpochOutputs(self.num_classes, *(None if t is None else function(t)
+                                                for t in (self.logits, self.values, self.indices)))
+
+    def num_rows(self) -> int:
+        return len(next(iter(self.tensors().values())))
+
     def tensors(self) -> dict[str, Tensor]:
         found = {"logits": self.logits, "values": self.values, "indices": self.indices}
         return {name: tensor for name, tensor in found.items() if tensor is not None}
+
+
+# The rows of one chunk of a streamed epoch (StoredEpoch, RecordedEpoch): whole batches, about this many bytes. Two
+# chunks are on the device at a time: 128 MB, where a whole ImageNet epoch of dense logits is 5.1 GB.
+STREAM_BYTES = 2 ** 26
+
+
+def chunk_rows(outputs: EpochOutputs, batch_size: int) -> int:
+    """Rows per streamed chunk: a whole number of batches, so that a step's rows lie in one chunk."""
+    row_bytes = sum(tensor[0].nbytes for tensor in outputs.tensors().values())
+    return batch_size * max(1, STREAM_BYTES // (batch_size * row_bytes))
+
+
+class StoredEpoch:
+    """A stored epoch read by the steps: kept in host memory, each chunk of rows moved to the device (_to_device)
+    while the steps of the chunk before it run; a step reads its rows there. On the CPU the chunks are the host's
+    own rows (views): nothing is copied."""
+
+    def __init__(self, host: EpochOutputs, device: torch.device, batch_size: int):
+        self.host, self.device, self.chunk = host, device, chunk_rows(host, batch_size)
+        self.chunks: dict[int, EpochOutputs] = {}  # chunk number -> its rows on the device
+
+    def rows(self, rows: slice) -> Tensor:
+        """float32 (B, C) logits for these rows, on the device (EpochOutputs.rows)."""
+        number = rows.start // self.chunk
+        if (rows.stop - 1) // self.chunk != number:  # across two chunks: not a step's rows (whole batches per chunk)
+            return self.host.part(rows).map(lambda tensor: _to_device(tensor, self.device)).rows(slice(None))
+        for ahead in (number, number + 1):  # the next chunk is queued now, ahead of the steps that read it
+            if ahead not in self.chunks and ahead * self.chunk < self.host.num_rows():
+                part = self.host.part(slice(ahead * self.chunk, (ahead + 1) * self.chunk))
+                self.chunks[ahead] = part.map(lambda tensor: _to_device(tensor, self.device))
+        for done in [n for n in self.chunks if n < number]:
+            del self.chunks[done]
+        start = number * self.chunk
+        return self.chunks[number].rows(slice(rows.start - start, rows.stop - start))
+
+
+class RecordedEpoch:
+    """A live epoch's outputs, collected in host memory: a step writes its rows on the device into its chunk, and
+    each full chunk is copied to the host without the host waiting (_to_host); `outputs()` waits for the copies once.
+    On the CPU the steps write into the host rows themselves: nothing is copied."""
+
+    def __init__(self, host: EpochOutputs, device: torch.device, batch_size: int):
+        self.host, self.device, self.chunk = host, device, chunk_rows(host, batch_size)
+        self.chunks: dict[int, tuple[EpochOutputs, int]] = {}  # chunk number -> (its rows on the device, written)
+        self.copied: Any = None  # what _to_host returned for the last chunk: waited for in outputs()
+
+    def write(self, rows: slice, logits: Tensor) -> None:
+        """Store a step's logits (B, C) as rows `rows` (EpochOutputs.write)."""
+        number = rows.start // self.chunk
+        if (rows.stop - 1) // self.chunk != number:  # across two chunks: not a step's rows (whole batches per chunk)
+            part = self.host.part(rows)
+            staged = part if _shares_host(self.device) else _empty_like(part, self.device)
+            staged.write(slice(None), logits)
+            self.copied = _to_host(staged, part, self.device) or self.copied
+            return
+        bounds = slice(number * self.chunk, min((number + 1) * self.chunk, self.host.num_rows()))
+        if number not in self.chunks:
+            part = self.host.part(bounds)
+            self.chunks[number] = (part if _shares_host(self.device) else _empty_like(part, self.device), 0)
+        staged, written = self.chunks[number]
+        staged.write(slice(rows.start - bounds.start, rows.stop - bounds.start), logits)
+        self.chunks[number] = (staged, written + rows.stop - rows.start)
+        if written + rows.stop - rows.start == bounds.stop - bounds.start:
+            self._flush(number)
+
+    def _flush(self, number: int) -> None:
+        staged, _ = self.chunks.pop(number)
+        part = self.host.part(slice(number * self.chunk, (number + 1) * self.chunk))
+        self.copied = _to_host(staged, part, self.device) or self.copied
+
+    def outputs(self) -> EpochOutputs:
+        """The epoch's rows in host memory, once every copy has landed (chunks not filled are copied as they are)."""
+        for number in sorted(self.chunks):
+            self._flush(number)
+        _wait(self.copied)
+        return self.host
+
+
+def _empty_like(outputs: EpochOutputs, device: torch.device) -> EpochOutputs:
+    return outputs.map(lambda tensor: torch.empty_like(tensor, device=device))
+
+
+# The device-specific steps of StoredEpoch and RecordedEpoch. The CUDA branches (page-locked memory, non_blocking
+# copies, an event) have never run on a GPU in this repository's sessions; on the CPU nothing is copied, and the
+# tests make _shares_host False to run the copying path there (synchronous copies).
+def _shares_host(device: torch.device) -> bool:
+    """Whether the steps can read and write the host rows themselves (a CPU run): no chunk is copied."""
+    return device.type == "cpu"
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor's copy on the device, queued on the current stream without the host waiting (CUDA reads a
+    pinned copy asynchronously; the caching host allocator keeps it until the copy is done)."""
+    if _shares_host(device):
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device, copy=True)
+
+
+def _to_host(staged: EpochOutputs, host: EpochOutputs, device: torch.device) -> Any:
+    """Copy device rows into (pinned) host rows without the host waiting; what _wait needs to know they landed."""
+    if _shares_host(device):
+        return None  # the rows were written in place
+    for source, target in zip(staged.tensors().values(), host.tensors().values()):
+        target.copy_(source, non_blocking=device.type == "cuda")
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()  # on the current stream, after the copies: the device buffers may be reused in stream order
+    return event
+
+
+def _wait(copied: Any) -> None:
+    if copied is not None:
+        copied.synchronize()  # once per epoch: the last chunk's copy, and in stream order every copy before it
 
 
 class TeacherCache:
@@ -202,6 +335,12 @@ class TeacherCache:
     def empty(self, device: torch.device) -> EpochOutputs:
         """Where a live epoch records its outputs, for save()."""
         return EpochOutputs.empty(self.shape[0], self.shape[1], self.top_k, device)
+
+    def recorder(self, device: torch.device, batch_size: int) -> RecordedEpoch:
+        """Where a live epoch on `device` records its outputs, in host memory (page-locked for CUDA), for save()."""
+        host = EpochOutputs.empty(self.shape[0], self.shape[1], self.top_k, torch.device("cpu"),
+                                  pin_memory=device.type == "cuda")
+        return RecordedEpoch(host, device, batch_size)
 
     def load(self, epoch: int) -> Optional[EpochOutputs]:
         """The epoch's teacher outputs (float32, CPU), or None when not stored; a file that fails its checks is

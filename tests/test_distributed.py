@@ -15,6 +15,7 @@ from hydra import compose, initialize
 import kd.config  # noqa: F401  (registers the schema)
 from kd import distributed, engine, loop, teachers
 from kd.methods.base import Step
+from kd.methods import crd as crd_module
 from kd.methods.crd import CRDLoss, negative_pool, sample_negatives, step_generator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,9 +113,12 @@ def test_submitit_job_with_two_tasks_trains_data_parallel(tmp_path):
     assert result["world_size"] == 2 and result["epochs"] == 1
 
 
-def crd_after_one_step(rank: int, world: int, out: Path) -> None:
+def crd_after_one_step(rank: int, world: int, out: Path, large: bool = False) -> None:
     """One CRD training step on rank `rank`'s share of a batch of 7 (all of it when world == 1), through the
-    criterion as the loop calls it, and sample_negatives alone on a pool with both draw modes."""
+    criterion as the loop calls it, and sample_negatives alone on a pool with both draw modes; `large`: on CRD's
+    ImageNet-size path (drawn negatives, gathered scores, banks updated in place), at these tiny sizes."""
+    if large:
+        crd_module.LARGE_DATA, crd_module.DRAWN_RATIO = 0, 1
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same embeddings and initial banks on every rank
@@ -133,20 +137,26 @@ def crd_after_one_step(rank: int, world: int, out: Path) -> None:
     labels = torch.tensor([0] * 12 + [1] * 4 + [2] * 4)
     anchors = labels[torch.randperm(20, generator=generator)[:7]]
     key = step_generator(step, "crd", torch.device("cpu"))
-    negatives = sample_negatives(negative_pool(labels, 10), anchors[share], key, 7, share)
+    pool = negative_pool(labels, 5 if large else 10)  # k = 5: every class drawn (spare > 0) on the large path
+    assert (pool.spare > 0) == large
+    negatives = sample_negatives(pool, anchors[share], key, 7, share)
     state = {k: v for k, v in crd.state_dict().items() if "memory" in k or "normalizers" in k}
     torch.save({**state, "negatives": negatives}, out / f"rank{rank}_of{world}.pt")
     if world > 1:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def crd_runs(tmp_path_factory) -> tuple[list[dict], dict]:
+@pytest.fixture(scope="module", params=["CIFAR-size path", "ImageNet-size path"])
+def crd_runs(tmp_path_factory, request) -> tuple[list[dict], dict]:
     """crd_after_one_step on 2 gloo ranks, and on one process: (the ranks' results, the single one's). Spawned,
     not torchrun: the two tests below need only the criterion, no training run."""
-    out = tmp_path_factory.mktemp("crd")
-    torch.multiprocessing.spawn(crd_after_one_step, args=(2, out), nprocs=2)
-    crd_after_one_step(0, 1, out)
+    out, large = tmp_path_factory.mktemp("crd"), request.param == "ImageNet-size path"
+    torch.multiprocessing.spawn(crd_after_one_step, args=(2, out, large), nprocs=2)
+    previous = crd_module.LARGE_DATA, crd_module.DRAWN_RATIO
+    try:
+        crd_after_one_step(0, 1, out, large)
+    finally:
+        crd_module.LARGE_DATA, crd_module.DRAWN_RATIO = previous
     ranks = [torch.load(out / f"rank{r}_of2.pt", weights_only=True) for r in range(2)]
     return ranks, torch.load(out / "rank0_of1.pt", weights_only=True)
 

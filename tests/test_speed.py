@@ -12,9 +12,9 @@ from hydra import compose, initialize
 from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import data, engine, hardware, loop
+from kd import data, engine, hardware, loop, teacher_cache
 from kd.config import Phase
-from kd.teacher_cache import TOPK_GAP, EpochOutputs, TeacherCache
+from kd.teacher_cache import TOPK_GAP, EpochOutputs, StoredEpoch, TeacherCache
 from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +202,55 @@ def test_top_k_storage_keeps_each_views_k_largest_logits_and_renormalises(tmp_pa
     dense = TeacherCache(tmp_path, {"k": 1}, (50, 100), "float32", max_bytes=1e9)
     dense.save(1, EpochOutputs(100, logits=logits))
     assert cache.dir != dense.dir and cache.size_bytes() < dense.size_bytes() / 5  # 5 values + 5 int16 of 100
+
+
+@pytest.fixture(params=["on the CPU (views)", "copied chunk by chunk"])
+def streamed(request, monkeypatch):
+    """StoredEpoch and RecordedEpoch as a CPU run uses them (the host rows themselves), and with their device path's
+    chunk copies made on the CPU (synchronous: the CUDA-only pinned memory, non_blocking copies and event aside)."""
+    if request.param == "copied chunk by chunk":
+        monkeypatch.setattr(teacher_cache, "_shares_host", lambda device: False)
+    monkeypatch.setattr(teacher_cache, "STREAM_BYTES", 3 * 7 * 40)  # 3 batches of 7 rows of 10 float32 per chunk
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_a_stored_epoch_read_in_chunks_gives_every_step_its_rows_bit_for_bit(streamed, top_k):
+    """A step's rows from StoredEpoch equal the whole epoch's (EpochOutputs.rows); at most two chunks (the step's
+    and the next) are held; rows across two chunks, which no step asks for, are right too."""
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
+    whole = EpochOutputs.empty(50, 10, top_k, torch.device("cpu"))
+    whole.write(slice(0, 50), logits)
+    stored = StoredEpoch(whole, torch.device("cpu"), batch_size=7)
+    assert stored.chunk == 21  # 3 batches: 840 bytes over 7 rows of 40 bytes (dense) or 36 (top 3: 4 + 8 each)
+    for start in range(0, 50, 7):  # the epoch's steps: 7 full batches and one of 1
+        rows = slice(start, min(start + 7, 50))
+        assert torch.equal(stored.rows(rows), whole.rows(rows))
+        assert len(stored.chunks) <= 2 and min(stored.chunks) == start // stored.chunk
+    assert torch.equal(stored.rows(slice(5, 30)), whole.rows(slice(5, 30)))
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_a_recorded_epoch_in_chunks_holds_the_rows_written_at_once(streamed, top_k):
+    """Rows written step by step through RecordedEpoch (full chunks copied as they fill, the last one by outputs())
+    are bit for bit those of one EpochOutputs written directly, as the cache held them before the chunks."""
+    logits = torch.randn(50, 10, generator=torch.Generator().manual_seed(1))
+    expected = EpochOutputs.empty(50, 10, top_k, torch.device("cpu"))
+    expected.write(slice(0, 50), logits)
+    cache = TeacherCache(Path("unused"), {"k": 1}, (50, 10), "float32", max_bytes=1e9, top_k=top_k)
+    recording = cache.recorder(torch.device("cpu"), batch_size=7)
+    for start in range(0, 50, 7):
+        rows = slice(start, min(start + 7, 50))
+        recording.write(rows, logits[rows])
+        assert len(recording.chunks) <= 1  # a full chunk leaves as it fills
+    recording.write(slice(5, 30), logits[5:30])  # across chunks: no step does this; the same rows again
+    outputs = recording.outputs()
+    assert not recording.chunks and outputs.tensors().keys() == expected.tensors().keys()
+    for name, tensor in expected.tensors().items():
+        assert torch.equal(outputs.tensors()[name], tensor), name
+    partial = cache.recorder(torch.device("cpu"), batch_size=7)
+    partial.write(slice(0, 7), logits[:7])  # a chunk never filled: outputs() copies what it holds
+    for name, tensor in partial.outputs().part(slice(0, 7)).tensors().items():
+        assert torch.equal(tensor, expected.part(slice(0, 7)).tensors()[name]), name
 
 
 def test_a_top_k_cache_of_every_class_is_the_live_teacher(teacher, tmp_path):

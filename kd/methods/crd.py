@@ -3,10 +3,15 @@ classes drawn from momentum memory banks. conf/loss/crd.yaml (and crd_kd.yaml, C
 
 The negatives' layout per class (NegativePool) is made once in bind; each step draws its negatives from a
 generator keyed by (seed, epoch, step), for the global batch, with nothing read back to the host.
+
+At ImageNet size (N >= LARGE_DATA training samples) a step holds nothing of size N besides the two banks: the
+negatives come from (B, K + spare) draws instead of (B, N) keys (_drawn_negatives), the scores from the (b, 1 + K)
+memory rows gathered in chunks instead of a (b, N) product (gathered_dots), and the banks are updated in place. Below
+it (CIFAR's 50 k, Tiny-ImageNet's 100 k) every number is as it was before that path existed.
 """
 import hashlib
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,17 @@ def nce_loss(probabilities: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     return -(log_positive.sum() + log_negatives.sum()) / b
 
 
+# The data size from which a step works in memory bounded by the batch and K rather than by N (see the module's
+# docstring). At N = 2^18 and batch 256 the (B, N) float64 keys would be 0.5 GB; at ImageNet's 1.28 M, 2.6 GB.
+LARGE_DATA = 2 ** 18
+# _drawn_negatives is used where every class has at least this many times K other-class samples: then the expected
+# number of repeats among K + spare draws is at most K / 128 (K^2 / 2M for M other-class samples), and the spare
+# draws, K / 16 + 64, are at least 8 times that (ImageNet, K = 16384: 105 +- 10 repeats expected, 1088 spare).
+DRAWN_RATIO = 64
+# The most bytes of gathered memory rows (chunk, 1 + K, feat_dim) that gathered_dots holds at once.
+GATHER_BYTES = 2 ** 26
+
+
 class NegativePool(NamedTuple):
     """CRD's negatives for every class, laid out once (bind) so that a step draws them without a host read."""
 
@@ -40,22 +56,27 @@ class NegativePool(NamedTuple):
     distinct: Tensor  # (C,) bool: the class has at least k other-class samples, drawn without replacement
     k: int
     draws: tuple[bool, bool]  # (some class draws without replacement, some with): the draws a step makes
+    spare: int = 0  # > 0: draws without replacement come from K + spare draws (_drawn_negatives), not from N keys
 
 
 def negative_pool(labels: Tensor, k: int) -> NegativePool:
     """The layout sample_negatives reads; the host reads the class counts here, once, instead of at every step.
 
     RepDistiller's 'exact' mode (dataset/cifar100.py, CIFAR100InstanceSample) draws without replacement when the
-    anchor's class has at least k other-class samples, with replacement otherwise: decided here, per class.
+    anchor's class has at least k other-class samples, with replacement otherwise: decided here, per class. From
+    LARGE_DATA samples on, where every class has DRAWN_RATIO * k others, the draws use _drawn_negatives (spare > 0).
     """
     labels = labels.long()
     counts = torch.bincount(labels)
     if bool((counts == len(labels)).any()):
         raise ValueError("CRD found no sample of another class for an anchor: the training split has one class.")
-    distinct = len(labels) - counts >= k
+    others = len(labels) - counts
+    distinct = others >= k
     by_class = torch.argsort(labels, stable=True)
     draws = (bool(distinct.any()), not bool(distinct.all()))
-    return NegativePool(labels, by_class, counts.cumsum(0) - counts, counts, distinct, k, draws)
+    drawn = len(labels) >= LARGE_DATA and bool((others[counts > 0] >= DRAWN_RATIO * k).all())
+    spare = k // 16 + 64 if drawn else 0
+    return NegativePool(labels, by_class, counts.cumsum(0) - counts, counts, distinct, k, draws, spare)
 
 
 def step_generator(step: Step, stream: str, device: torch.device) -> torch.Generator:
@@ -78,7 +99,8 @@ def sample_negatives(pool: NegativePool, anchor_labels: Tensor, generator: torch
     without, with_replacement = pool.draws
     distinct = repeated = None
     if without:
-        distinct = _distinct_negatives(pool, anchor_labels, generator, batch_size, rows)
+        draw = _drawn_negatives if pool.spare else _distinct_negatives
+        distinct = draw(pool, anchor_labels, generator, batch_size, rows)
     if with_replacement:
         repeated = _repeated_negatives(pool, anchor_labels, generator, batch_size, rows)
     if distinct is None or repeated is None:
@@ -99,19 +121,110 @@ def _distinct_negatives(pool: NegativePool, anchor_labels: Tensor, generator: to
 
 def _repeated_negatives(pool: NegativePool, anchor_labels: Tensor, generator: torch.Generator, batch_size: int,
                         rows: slice) -> Tensor:
-    """With replacement: j uniform in [0, N - n_c), the j-th sample of by_class once the anchor's class c (a block
-    of n_c positions there) is skipped. float64 uniforms: floor(u * m) is uniform to within m / 2^53."""
+    """With replacement: k uniform draws among the other classes' samples (_other_class_draws)."""
     u = torch.rand(batch_size, pool.k, dtype=torch.float64, device=anchor_labels.device, generator=generator)[rows]
+    return _positions(pool, anchor_labels, _other_class_draws(pool, anchor_labels, u))
+
+
+def _drawn_negatives(pool: NegativePool, anchor_labels: Tensor, generator: torch.Generator, batch_size: int,
+                     rows: slice) -> Tensor:
+    """Without replacement from k + spare draws with replacement: the first k distinct ones, in draw order. The first
+    k distinct values of an i.i.d. uniform sequence are a uniformly random k-subset in random order (the law of
+    _distinct_negatives), read from (B, k + spare) numbers instead of (B, N) keys. Should a row draw fewer than k
+    distinct values (see DRAWN_RATIO), its first draws fill the rest: other-class samples, some repeated."""
+    u = torch.rand(batch_size, pool.k + pool.spare, dtype=torch.float64, device=anchor_labels.device,
+                   generator=generator)[rows]
+    drawn = _other_class_draws(pool, anchor_labels, u)
+    ordered, order = drawn.sort(dim=1, stable=True)  # stable: a value's first draw comes first among its repeats
+    repeat = torch.zeros_like(drawn, dtype=torch.bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    first = torch.empty_like(repeat).scatter_(1, order, ~repeat)  # back in draw order
+    rank = first.cumsum(1) - 1
+    slot = torch.where(first & (rank < pool.k), rank, pool.k)  # an extra column k takes every other draw
+    picked = torch.cat([drawn[:, :pool.k], drawn[:, :1]], dim=1).scatter_(1, slot, drawn)[:, :pool.k]
+    return _positions(pool, anchor_labels, picked)
+
+
+def _other_class_draws(pool: NegativePool, anchor_labels: Tensor, u: Tensor) -> Tensor:
+    """j uniform in [0, N - n_c) from u uniform in [0, 1): the j-th sample of by_class once the anchor's class c is
+    skipped (_positions). float64 uniforms: floor(u * m) is uniform to within m / 2^53."""
+    others = len(pool.labels) - pool.counts[anchor_labels][:, None]
+    return (u * others).long().clamp_max_(others - 1)  # u < 1, but u * m may round up to m
+
+
+def _positions(pool: NegativePool, anchor_labels: Tensor, j: Tensor) -> Tensor:
+    """The training-split positions of draws j (_other_class_draws): by_class with the anchor's class (a block of
+    n_c positions there) skipped."""
     start, count = pool.starts[anchor_labels][:, None], pool.counts[anchor_labels][:, None]
-    others = len(pool.labels) - count
-    j = (u * others).long().clamp_max_(others - 1)  # u < 1, but u * m may round up to m
     return pool.by_class[j + torch.where(j >= start, count, 0)]
 
 
 def momentum_update(memory: Tensor, index: Tensor, values: Tensor, momentum: float) -> Tensor:
     """A copy of memory whose rows `index` are normalize(momentum * row + (1 - momentum) * value) (CRD's banks)."""
+    return momentum_update_(memory.clone(), index, values, momentum)
+
+
+def momentum_update_(memory: Tensor, index: Tensor, values: Tensor, momentum: float) -> Tensor:
+    """momentum_update in place: memory's rows `index` overwritten (index_copy_), nothing of memory's size made."""
     rows = momentum * memory[index] + (1 - momentum) * values.to(memory.dtype)
-    return memory.index_copy(0, index, F.normalize(rows, dim=1))
+    return memory.index_copy_(0, index, F.normalize(rows, dim=1))
+
+
+def gathered_dots(anchor: Tensor, memory: Tensor, index: Tensor, changing: Optional[Tensor] = None) -> Tensor:
+    """(b, 1 + K) dot products <anchor_i, memory[index_ij]>, differentiable in anchor (_GatheredDots).
+
+    `changing`: the rows of memory that the caller overwrites in place before backward (the banks' update); their
+    values now are kept for backward, which gathers the other rows again from memory.
+    """
+    return _GatheredDots.apply(anchor, memory, index, changing)
+
+
+class _GatheredDots(torch.autograd.Function):
+    """gathered_dots: memory rows are gathered chunk by chunk, forward and backward, so no (b, 1 + K, d) tensor is
+    made nor saved (2.1 GB at b = 256, K = 16384, d = 128). memory is held by reference, not saved: its in-place
+    update would fail the saved tensors' version check. Backward gathers the rows as they are then and adds, for the
+    `changing` ones, their change back to the copy taken here (_changed_rows)."""
+
+    @staticmethod
+    def forward(ctx, anchor: Tensor, memory: Tensor, index: Tensor, changing: Optional[Tensor]) -> Tensor:
+        ctx.memory, ctx.index, ctx.changing = memory, index, changing
+        ctx.before = None if changing is None else memory[changing]  # a copy: (B, d)
+        dots = anchor.new_empty(index.shape)
+        for chunk, rows in _gathered(memory, index):
+            torch.bmm(rows.to(anchor.dtype), anchor[chunk, :, None], out=dots[chunk, :, None])
+        return dots
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+        grad_anchor = grad.new_empty(len(grad), ctx.memory.shape[1])
+        for chunk, rows in _gathered(ctx.memory, ctx.index):
+            torch.bmm(grad[chunk, None, :], rows.to(grad.dtype), out=grad_anchor[chunk, None, :])
+        if ctx.changing is not None and len(ctx.changing) > 0:
+            grad_anchor += _changed_rows(ctx, grad)
+        return grad_anchor, None, None, None
+
+
+def _gathered(memory: Tensor, index: Tensor) -> Iterator[tuple[slice, Tensor]]:
+    """(rows of index, memory[those rows of index]) for chunks of index's rows whose memory rows take at most
+    GATHER_BYTES (one row at least), gathered into one buffer: on the CPU a new tensor per chunk is several times
+    slower (fresh memory to fault in each time)."""
+    size = max(1, min(len(index), GATHER_BYTES // (index[0].numel() * memory[0].nbytes)))
+    buffer = memory.new_empty(size * index.shape[1], memory.shape[1])
+    for start in range(0, len(index), size):
+        part = index[start:start + size]
+        rows = torch.index_select(memory, 0, part.flatten(), out=buffer[:part.numel()])
+        yield slice(start, start + size), rows.view(*part.shape, memory.shape[1])
+
+
+def _changed_rows(ctx: Any, grad: Tensor) -> Tensor:
+    """sum_j grad_ij (row before - row now) over the candidates j among `changing`: what backward's gather from the
+    updated memory misses. Small tensors only: (b, 1 + K) weights, summed per changing row, times (B, d) changes."""
+    changing, order = ctx.changing.sort()
+    found = torch.searchsorted(changing, ctx.index).clamp_max_(len(changing) - 1)
+    weights = torch.where(changing[found] == ctx.index, grad, 0)  # repeats in changing: the first, same values
+    per_row = grad.new_zeros(len(grad), len(changing)).scatter_add_(1, found, weights)
+    change = (ctx.before - ctx.memory[ctx.changing])[order].to(grad.dtype)
+    return per_row @ change
 
 
 class CRDLoss(FeatureCriterion):
@@ -162,12 +275,12 @@ class CRDLoss(FeatureCriterion):
         pool = negative_pool(train_labels.to(device=device, dtype=torch.long), self.num_negatives)
         for name in ("labels", "by_class", "starts", "counts", "distinct"):
             self.register_buffer(f"pool_{name}", getattr(pool, name), persistent=False)
-        self.pool_draws = pool.draws
+        self.pool_draws, self.pool_spare = pool.draws, pool.spare
 
     def pool(self) -> NegativePool:
         """The negatives' layout made in build, on the criterion's device."""
         return NegativePool(self.pool_labels, self.pool_by_class, self.pool_starts, self.pool_counts,
-                            self.pool_distinct, self.num_negatives, self.pool_draws)
+                            self.pool_distinct, self.num_negatives, self.pool_draws, self.pool_spare)
 
     def forward(self, step: Step) -> dict[str, Tensor]:
         if step.index is None:
@@ -201,11 +314,12 @@ class CRDLoss(FeatureCriterion):
         the memory banks in training."""
         num_data = len(self.pool_labels)
         contrast_index = torch.cat([index[:, None], negatives], dim=1)  # (b, 1 + K): the positive first
-        # All N dot products at once, then the 1 + K picked: a (b, N) product is smaller than the
-        # (b, 1 + K, feat_dim) memory rows RepDistiller gathers, and gives the same scores.
-        memory_t, memory_s = self.memory_teacher.to(anchor_student.dtype), self.memory_student.to(anchor_teacher.dtype)
-        scores_s = torch.exp((anchor_student @ memory_t.t()).gather(1, contrast_index) / self.temperature)
-        scores_t = torch.exp((anchor_teacher @ memory_s.t()).gather(1, contrast_index) / self.temperature)
+        # Under torchrun every rank applies the whole batch's rows, so the banks stay the same on all ranks.
+        sizes = distributed.shard_sizes(batch_size)  # known on every rank: no count is exchanged
+        updated = distributed.gather_rows(index, sizes=sizes)[0] if self.training else None
+        dots_s, dots_t = self.dots(anchor_student, anchor_teacher, contrast_index, updated)
+        scores_s = torch.exp(dots_s / self.temperature)
+        scores_t = torch.exp(dots_t / self.temperature)
         # Z = N * the mean score over the whole batch: the ranks' sums added and divided by the global count, so
         # every rank fixes the one-process Z (a mean of the ranks' means would weigh unequal shares wrongly).
         sums = distributed.sum_(torch.stack([scores_s.sum(), scores_t.sum()]).detach())
@@ -214,11 +328,25 @@ class CRDLoss(FeatureCriterion):
         self.normalizers.copy_(normalizers)
         loss = nce_loss(scores_s / normalizers[0], num_data) + nce_loss(scores_t / normalizers[1], num_data)
         if self.training:
-            with torch.no_grad():  # new tensors, not in place: the products above keep the old banks for backward
-                # Under torchrun every rank applies the whole batch's rows, so the banks stay the same on all ranks.
-                sizes = distributed.shard_sizes(batch_size)  # known on every rank: no count is exchanged
-                index, anchor_student, anchor_teacher = distributed.gather_rows(
-                    index, anchor_student, anchor_teacher, sizes=sizes)
-                self.memory_student = momentum_update(self.memory_student, index, anchor_student, self.momentum)
-                self.memory_teacher = momentum_update(self.memory_teacher, index, anchor_teacher, self.momentum)
+            with torch.no_grad():
+                anchor_student, anchor_teacher = distributed.gather_rows(anchor_student, anchor_teacher, sizes=sizes)
+                if num_data >= LARGE_DATA:  # in place: gathered_dots kept the rows it overwrites
+                    momentum_update_(self.memory_student, updated, anchor_student, self.momentum)
+                    momentum_update_(self.memory_teacher, updated, anchor_teacher, self.momentum)
+                else:  # new tensors: the products in dots keep the old banks for backward
+                    self.memory_student = momentum_update(self.memory_student, updated, anchor_student, self.momentum)
+                    self.memory_teacher = momentum_update(self.memory_teacher, updated, anchor_teacher, self.momentum)
         return loss
+
+    def dots(self, anchor_student: Tensor, anchor_teacher: Tensor, contrast_index: Tensor,
+             updated: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """<anchor, memory row> of each anchor and its 1 + K candidates, against the other side's memory."""
+        if len(self.pool_labels) >= LARGE_DATA:
+            # The (b, 1 + K) rows gathered in chunks: 78 times fewer FLOPs than the (b, N) product at ImageNet size.
+            return (gathered_dots(anchor_student, self.memory_teacher, contrast_index, updated),
+                    gathered_dots(anchor_teacher, self.memory_student, contrast_index, updated))
+        # All N dot products at once, then the 1 + K picked: a (b, N) product is smaller than the
+        # (b, 1 + K, feat_dim) memory rows RepDistiller gathers, and gives the same scores.
+        memory_t, memory_s = self.memory_teacher.to(anchor_student.dtype), self.memory_student.to(anchor_teacher.dtype)
+        return (anchor_student @ memory_t.t()).gather(1, contrast_index), (anchor_teacher @ memory_s.t()).gather(
+            1, contrast_index)
