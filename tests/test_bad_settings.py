@@ -23,7 +23,7 @@ import train
 from kd import checkpoints, engine, records
 from kd.sweep import SweepChecks
 from support import tree_state
-from test_reliability import PLAIN, TINY, compose_cfg, no_data
+from support.runs import PLAIN, TINY, compose_cfg, no_data
 
 
 def refused(cfg, tmp_path: Path, error=ValueError, locked: bool = False) -> str:

@@ -22,7 +22,7 @@ from kd.feature_losses import (
 from kd.features import capture
 from kd.losses import Step
 from kd.models.cifar_resnet import resnet8
-from syncs import SyncCounter
+from support.syncs import SyncCounter
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 F64 = torch.float64

@@ -12,8 +12,8 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, loop
 from kd.config import Phase
 from kd.teacher_cache import TeacherCache
-from syncs import SyncCounter
-from test_reliability import compose_cfg
+from support.runs import compose_cfg
+from support.syncs import SyncCounter
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml"))

@@ -26,6 +26,7 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import data, distributed, engine, streaming
 from kd.data import epoch_generator
 from kd.datapath import InMemoryData
+from support import forked
 from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
@@ -423,13 +424,16 @@ def test_teacher_cache_serves_the_streaming_path_bit_for_bit(imagenet_root, tmp_
 
 
 def train_py(tmp: Path, root: Path, run: str, *overrides: str, script: str = "train.py", env=None, nproc: int = 0):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    args = [*launcher, script, *RUN, f"dataset.source.root={root}", f"teacher_store={tmp / 'teachers'}",
+    """`script` (train.py or a support/ runner) in a process of its own (support.forked), or under torchrun with
+    nproc ranks; stdout and stderr together in .stdout."""
+    args = [script, *RUN, f"dataset.source.root={root}", f"teacher_store={tmp / 'teachers'}",
             f"hydra.run.dir={tmp / run}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                          env=env)
+    if not nproc:
+        return forked.run(args, REPO, env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*torchrun, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600, env=env)
 
 
 @pytest.mark.slow  # two train.py processes with DataLoader workers: ~30 s on 2 cores
@@ -455,7 +459,7 @@ PLAIN = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=3", "dat
 def test_a_killed_streaming_run_resumes_to_the_same_bits(imagenet_root, tmp_path):
     whole = train_py(tmp_path, imagenet_root, "whole", *PLAIN)
     assert whole.returncode == 0, whole.stdout[-3000:]
-    killed = train_py(tmp_path, imagenet_root, "resumed", *PLAIN, script="tests/kill_runner.py",
+    killed = train_py(tmp_path, imagenet_root, "resumed", *PLAIN, script="tests/support/kill_runner.py",
                       env={"KD_KILL_AT": "step:2:1"})  # mid-epoch 2, its workers decoding
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     assert not (tmp_path / "resumed" / "result.json").exists()
@@ -470,7 +474,7 @@ def test_two_ranks_decode_each_sample_on_one_rank_and_evaluate_each_image_once(i
     logs = tmp_path / "decodes"
     logs.mkdir()
     proc = train_py(tmp_path, imagenet_root, "ddp", *PLAIN, "epochs=2", "batch_size=7", nproc=2,
-                    script="tests/count_decodes.py", env={"KD_DECODE_LOG": str(logs)})
+                    script="tests/support/count_decodes.py", env={"KD_DECODE_LOG": str(logs)})
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert json.loads((tmp_path / "ddp" / "result.json").read_text())["world_size"] == 2
     decoded = {rank: [line.split() for line in (logs / f"rank{rank}.log").read_text().splitlines()] for rank in (0, 1)}
