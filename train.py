@@ -4,7 +4,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -12,15 +12,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import distributed, engine
+from kd import completion, distributed, engine, feedback
 from kd.records import CannotWrite, FolderBusy
 
 log = logging.getLogger(__name__)
+completion.install()  # tab completion of model@student= and of the Enum keys' values (-sc install=bash)
 
 # What the checks raise for bad input, with a message naming the problem and the fix; and CannotWrite, which the few
 # write points (kd.records) raise for a read-only folder or a full disk. Not OSError at large: that would print a bug
 # or a failing disk as one line, without the traceback that locates it.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, FolderBusy, CannotWrite)
+IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # its jobs see this command's argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -30,18 +32,24 @@ def main(cfg: DictConfig) -> Optional[float]:
     distributed.init_from_env()  # under torchrun: join the process group
     if distributed.world_size() > 1:
         out_dir = shared_run_dir(out_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
         # One W&B group per sweep, named after its folder; cores shared out between parallel jobs.
         cfg.logger.group = cfg.logger.group or "/".join(Path(hydra_cfg.sweep.dir).parts[-2:])
         if cfg.threads is None:
             cfg.threads = threads_per_job(hydra_cfg.launcher)
     try:
-        result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task))
+        choices = dict(hydra_cfg.runtime.choices)  # which option of each config group (loss=kd): W&B tags
+        result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task), choices=choices,
+                            resume_with="" if multirun else resume_command(cfg, hydra_cfg))
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        stop_interrupted(cfg, out_dir, hydra_cfg)
     except USER_ERRORS as error:
         # A refused input, a busy or unwritable folder: its message says what is wrong and how to fix it, so a single
         # run prints that alone (HYDRA_FULL_ERROR=1 shows the traceback); a multirun job raises it to its launcher as
         # any error, except a job whose folder another process holds: that one is left to it.
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         if multirun and isinstance(error, FolderBusy):
             return skip_busy_job(out_dir, error)
         if multirun or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -50,6 +58,28 @@ def main(cfg: DictConfig) -> Optional[float]:
         raise SystemExit(1) from None
     # The sweep metric: validation accuracy when a validation split exists, so searches never see test.
     return result.get("val/acc1", result["test/acc1"])
+
+
+def stop_interrupted(cfg: DictConfig, out_dir: Path, hydra_cfg: DictConfig) -> NoReturn:
+    """Ctrl-C: one line (how far the run got, the command that resumes it) and the exit status a shell gives SIGINT;
+    a sweep's job stops the sweep with it. last.pt is written atomically, so it holds the last whole epoch."""
+    if distributed.is_main():
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        epochs = engine.phase_config(cfg).epochs
+        print(feedback.interrupted_line(out_dir, epochs, resume_command(cfg, hydra_cfg), multirun), file=sys.stderr)
+    raise SystemExit(130) from None
+
+
+def resume_command(cfg: DictConfig, hydra_cfg: DictConfig) -> str:
+    """The command that resumes this run (a sweep's job: relaunches the sweep) where it stopped: this command, plus
+    the folder when its name came from the time (run_name, hydra.run.dir or hydra.sweep.dir gives a lasting one)."""
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    key, folder = ("hydra.sweep.dir", hydra_cfg.sweep.dir) if multirun else ("hydra.run.dir", hydra_cfg.run.dir)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]}
+    named = [] if cfg.run_name or key in given else [f"{key}={folder}"]
+    if multirun and hydra_cfg.launcher._target_ != IN_PROCESS_LAUNCHER:  # a worker process: argv is the launcher's
+        return f"the sweep's command{' with ' + named[0] if named else ''}"
+    return feedback.shell_command(["python", *sys.argv, *named])
 
 
 def skip_busy_job(out_dir: Path, busy: FolderBusy) -> None:
@@ -81,4 +111,10 @@ def threads_per_job(launcher: DictConfig) -> int | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside a run (Hydra starting, a launcher waiting for its workers): one line too
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

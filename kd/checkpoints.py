@@ -4,7 +4,9 @@ strictly against the teacher config.
 Accepted: this repository's checkpoints (`model`, `arch`, `metrics`: teacher.pt, last.pt, best.pt); the
 RepDistiller / mdistiller dict (`model` = the state_dict, with `epoch`, `accuracy` or `best_acc`, `optimizer`: their
 published `<model>_vanilla/ckpt_epoch_240.pth`); a bare state_dict; a `.safetensors` file. A state_dict saved from
-nn.DataParallel (every key `module.`-prefixed) is read without the prefix. A library's pretrained weights
+nn.DataParallel (every key `module.`-prefixed) is read without the prefix; one written before PyTorch 0.4.1 (no
+BatchNorm `num_batches_tracked` at all: RepDistiller was tested on 0.4.0) gets those counts as 0, as BatchNorm's own
+loading of such a file does. A library's pretrained weights
 (teacher_checkpoint=torchvision:... / timm:..., kd.pretrained) are read as the library loads its cached file. The
 architecture always comes from model@teacher, never from the file: a file that does not load strictly is refused,
 naming its missing, unexpected and mis-shaped keys and the model options that would fit it.
@@ -22,6 +24,8 @@ from kd import pretrained, records
 from kd.pretrained import LibraryWeights
 
 MODEL_OPTIONS = records.REPO_ROOT / "conf" / "model"  # the registry of model@teacher options
+# BatchNorm's count of training batches, added in PyTorch 0.4.1; files saved before it have none.
+BATCH_COUNT = "num_batches_tracked"
 
 
 @dataclass
@@ -48,7 +52,8 @@ def read_teacher_file(path: Path, model_cfg: DictConfig, key: Optional[str] = No
     teacher = _read_library(path) if library else _read(Path(path), key)
     if teacher.format == "kd":
         check_arch(teacher, model_cfg, path)
-    problem = mismatch(teacher.state_dict, _meta_model(model_cfg))
+    model = _meta_model(model_cfg)
+    problem = mismatch(teacher.state_dict, model)
     if problem:
         fits = fitting_options(teacher.state_dict, model_cfg)
         hint = f" It fits: {'; '.join(fits)}." if fits else " No model option fits it."
@@ -56,6 +61,7 @@ def read_teacher_file(path: Path, model_cfg: DictConfig, key: Optional[str] = No
         raise ValueError(f"teacher checkpoint {path} ({what}) does not fit model@teacher="
                          f"{records.model_name(model_cfg)} (num_classes={model_cfg.num_classes}, width="
                          f"{model_cfg.width:g}): {problem}.{hint}")
+    teacher.state_dict = _with_batch_counts(teacher.state_dict, model)
     return teacher
 
 
@@ -130,10 +136,32 @@ def check_arch(teacher: TeacherFile, model_cfg: DictConfig, path: Path) -> None:
         raise ValueError(f"teacher checkpoint {path} does not match the teacher config ({details}).")
 
 
+def legacy_batchnorm(state: dict[str, Tensor]) -> bool:
+    """Whether a state_dict predates BatchNorm's num_batches_tracked (PyTorch < 0.4.1): it holds none at all. A file
+    missing only some of them is damaged, not old, and stays refused."""
+    return not any(map(_is_batch_count, state))
+
+
+def _is_batch_count(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] == BATCH_COUNT
+
+
+def _with_batch_counts(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A pre-0.4.1 state_dict completed with each BatchNorm's num_batches_tracked = 0, the value BatchNorm's own
+    _load_from_state_dict gives such a file: the count only steers training with momentum=None, never an eval
+    forward, so the teacher computes what it computed when it was saved."""
+    if not legacy_batchnorm(state):
+        return state
+    counts = {key: torch.tensor(0, dtype=torch.long) for key in model.state_dict() if _is_batch_count(key)}
+    return {**state, **counts}
+
+
 def mismatch(state: dict[str, Tensor], model: nn.Module, shown: int = 5) -> str:
-    """How a state_dict fails to load strictly into model ("" when it loads): missing, unexpected, mis-shaped keys."""
+    """How a state_dict fails to load strictly into model ("" when it loads): missing, unexpected, mis-shaped keys.
+    A pre-0.4.1 file's absent num_batches_tracked are not missing (kd.checkpoints fills them in)."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    legacy = legacy_batchnorm(state)
+    missing = [k for k in expected if k not in state and not (legacy and _is_batch_count(k))]
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
                  for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]

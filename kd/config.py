@@ -1,14 +1,16 @@
 """Typed root schema: a typo or a wrong type in a config or an override fails at composition; what the schema cannot
 type (the `_target_` nodes' arguments, NaN and inf) is checked by `value_problems` before any work starts."""
+import difflib
 import inspect
 import math
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum, StrEnum
 from typing import Any, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationValidationError
 
 from kd.records import bounded_name
 
@@ -19,6 +21,21 @@ class Phase(Enum):
 
     def __str__(self) -> str:  # so ${phase} in paths reads "student", not "Phase.student"
         return self.value
+
+
+# StrEnums: a typo fails at composition with the valid values, and each member is also the string itself, so the code
+# and W&B that compare or pass the value as a string work unchanged (records store the plain string: plain_config).
+class LoggerMode(StrEnum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Precision(StrEnum):
+    auto = "auto"  # bf16 autocast on GPUs of compute capability 8.0 and up, fp16 below, fp32 on the CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # with a gradient scaler
 
 
 @dataclass
@@ -37,12 +54,14 @@ class LibraryModelConfig(ModelConfig):
 
 @dataclass
 class DatasetConfig:
+    # What a dataset is and how it is augmented: each conf/dataset option gives these (with their sources).
     name: str = MISSING
     num_classes: int = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
-    crop_padding: int = 4
-    hflip: bool = True
+    crop_padding: int = MISSING
+    hflip: bool = MISSING
+    # The same default for every dataset: the fraction of the training split held out to validate, its draw's seed.
     val_fraction: float = 0.0
     split_seed: int = 0
     source: Any = MISSING  # a `_target_` node returning kd.data.Splits
@@ -51,7 +70,7 @@ class DatasetConfig:
 @dataclass
 class LoggerConfig:
     # An explicit mode beats the WANDB_MODE variable, which beats the offline default.
-    mode: str = "${oc.env:WANDB_MODE,offline}"
+    mode: LoggerMode = "${oc.env:WANDB_MODE,offline}"  # a bad WANDB_MODE is refused by value_problems
     project: str = "kd"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -62,11 +81,31 @@ class LoggerConfig:
 
 
 @dataclass
+class PairHparams:
+    """Per-pair values a method's paper tuned, set by the pair presets (conf/experiment/*.yaml) and read by the loss
+    options as ${coalesce:${pair_hparams.<key>},<the option's own value>}: None leaves the option's value."""
+
+    kd_alpha: Optional[float] = None  # kd
+    kd_temperature: Optional[float] = None  # kd
+    dkd_beta: Optional[float] = None  # dkd; dkd_ls without dkd_ls_beta
+    dkd_temperature: Optional[float] = None  # dkd
+    dkd_warmup_epochs: Optional[int] = None  # dkd
+    kd_ls_temperature: Optional[float] = None  # kd_ls
+    kd_ls_weight: Optional[float] = None  # kd_ls
+    dkd_ls_temperature: Optional[float] = None  # dkd_ls
+    dkd_ls_weight: Optional[float] = None  # dkd_ls
+    dkd_ls_beta: Optional[float] = None  # dkd_ls
+    reviewkd_weight: Optional[float] = None  # reviewkd
+    ft_init_lr: Optional[float] = None  # ft (its init stage's lr: 0.05 for vgg8 students)
+
+
+@dataclass
 class Config:
     phase: Phase = Phase.teacher
     seed: int = 0
-    epochs: int = 240
-    batch_size: int = 64
+    # The student's recipe: conf/config.yaml gives epochs and batch_size (with their source), optimizer and scheduler.
+    epochs: int = MISSING
+    batch_size: int = MISSING
     eval_batch_size: int = 512
     device: str = "auto"
     # "auto" looks the teacher up in `teacher_store`; a path loads that checkpoint; "none" runs without one;
@@ -94,10 +133,16 @@ class Config:
     # Measure batch-1 latency and throughput at batch_size of the trained model (seconds of work).
     profile: bool = True
     progress_bar: Optional[bool] = None  # None: only when stderr is a terminal
+    # Without a progress bar (a log file: SLURM, nohup, joblib): a line every this many seconds with img/s and the
+    # run's ETA (0: every step; None: none).
+    progress_every_s: Optional[float] = 60.0
+    # run_name=NAME runs in outputs/runs/NAME (a multirun in outputs/multirun/NAME) instead of a folder named by the
+    # time, so that rerunning the same command resumes it (conf/config.yaml's hydra.run.dir).
+    run_name: Optional[str] = None
     # True: bitwise-repeatable CUDA kernels (slower; ops without a deterministic kernel raise); False: cuDNN autotuning.
     deterministic: bool = False
     # auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 adds a gradient scaler.
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     # NHWC activations on CUDA (tensor cores prefer them); same results up to rounding. CPU runs stay NCHW:
     # torch 2.14's CPU NHWC backward corrupts the heap for some shapes (kd.engine.use_channels_last).
     channels_last: bool = True
@@ -115,10 +160,8 @@ class Config:
     # null stores every logit (exact); k stores each view's k largest (an approximation: the teacher's distribution
     # renormalised over its top k, as Fast Knowledge Distillation does): ImageNet's 1000 classes in 1% of the space.
     teacher_cache_topk: Optional[int] = None
-    # Per-pair hyperparameters a method's paper tuned, set by the pair presets (conf/experiment/crd_*.yaml) and
-    # read by the loss options through ${oc.select:pair_hparams.<name>,<default>}: dkd_beta (dkd), kd_ls_temperature,
-    # kd_ls_weight (kd_ls), dkd_ls_temperature, dkd_ls_weight, dkd_ls_beta (dkd_ls).
-    pair_hparams: dict[str, float] = field(default_factory=dict)
+    # Typed, so a misspelt key (pair_hparams.dkd_betta=2) fails at composition instead of leaving the default.
+    pair_hparams: PairHparams = field(default_factory=PairHparams)
     dataset: DatasetConfig = MISSING
     teacher: ModelConfig = MISSING
     student: ModelConfig = MISSING
@@ -131,8 +174,9 @@ class Config:
 
 
 ConfigStore.instance().store(name="config_schema", node=Config)
-# Used by a model option's defaults list (`/schema/library_model@_here_`), so its node is typed with `name`.
-ConfigStore.instance().store(group="schema", name="library_model", node=LibraryModelConfig)
+# Used by a model option's defaults list (`/library_model_schema@_here_`), so its node is typed with `name`. Stored
+# outside any group: `--help` lists the groups, and this is no option of the command line.
+ConfigStore.instance().store(name="library_model_schema", node=LibraryModelConfig)
 
 
 def job_dir_name(overrides: str, number: int) -> str:
@@ -143,12 +187,45 @@ def job_dir_name(overrides: str, number: int) -> str:
 OmegaConf.register_new_resolver("kd_job_dir", job_dir_name, replace=True)
 
 
+def named_dir(parent: str, name: Optional[str], default: str) -> str:
+    """A run's (or a sweep's) folder: parent/name when run_name gives a name (the same command finds the same folder
+    again), else the default one, named by the time."""
+    return f"{parent}/{name}" if name else default
+
+
+OmegaConf.register_new_resolver("kd_named_dir", named_dir, replace=True)
+
+
+def coalesce(*values: Any) -> Any:
+    """The first value that is not None (SQL's COALESCE): ${coalesce:${pair_hparams.dkd_beta},8.0} is the pair's
+    value when its preset or the command line sets one, else the loss option's own 8.0."""
+    return next((value for value in values if value is not None), None)
+
+
+# Not oc.select: it returns a key's None rather than its default, and falls back silently on a misspelt key.
+OmegaConf.register_new_resolver("coalesce", coalesce, replace=True)
+
+
 def value_problems(cfg: DictConfig) -> list[str]:
-    """What no run can use, by dotted key: NaN or infinite floats anywhere in the resolved config, and values that
-    are not numbers where a `_target_` node's callable takes a number."""
+    """What no run can use, by dotted key: values never given (???), NaN or infinite floats anywhere in the resolved
+    config, values that are not numbers where a `_target_` node's callable takes a number, and an environment
+    variable whose value the key it sets refuses (WANDB_MODE=loud for logger.mode, an Enum)."""
+    try:
+        return _resolved_problems(cfg)
+    except InterpolationValidationError as error:
+        reason = str(error.msg).splitlines()[0]  # its other lines repeat the key and name the schema's classes
+        return [f"{error.full_key}: {reason}: set that variable to one of these values (or unset it), or give "
+                f"{error.full_key}=... on the command line"]
+
+
+def _resolved_problems(cfg: DictConfig) -> list[str]:
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+    if missing:  # first: resolving the rest may read them
+        return [f"{', '.join(missing)}: no value given (???): set each on the command line ({missing[0]}=...) or in "
+                "the config option that should give it"]
+    problems = _undeclared(cfg)
     tree = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tree.pop("hydra", None)  # a multirun's sweep config
-    problems = []
     nonfinite = [f"{key}={value}" for key, value in _leaves(tree)
                  if isinstance(value, float) and not math.isfinite(value)]
     if nonfinite:
@@ -156,6 +233,26 @@ def value_problems(cfg: DictConfig) -> list[str]:
                         "finite number)")
     for key, node in _target_nodes(tree):
         problems += _non_numbers(key, node)
+    return problems
+
+
+def _undeclared(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that `+key=value` added to a typed node (Hydra's + skips the schema's check): a misspelt setting, such as
+    +pair_hparams.dkd_betta=2, would otherwise be ignored."""
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in fields(schema)} if is_dataclass(schema) else None
+    problems = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if name == "hydra":  # a multirun's sweep config
+            continue
+        if declared is not None and key not in declared:
+            close = ", ".join(difflib.get_close_matches(str(key), sorted(declared), n=3)) or "none"
+            problems.append(f"{name}: {schema.__name__} has no such setting (it was added with +; close names: "
+                            f"{close}): set an existing one, without the +")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            problems += _undeclared(child, f"{name}.")
     return problems
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from kd import records
+from kd import records, scan as preflight
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ RECIPES = ("pad_crop", "resized_crop")
 def image_folder(
     root: str, image_size: int = 32, max_per_class: Optional[int] = None, cache_dir: Optional[str] = None,
     path: str = "auto", in_memory_max_gb: float = 4.0, num_workers: int = 4, recipe: str = "pad_crop",
-    digest: str = "sampled",
+    digest: str = "sampled", scan: bool = True,
 ) -> "Splits | FileSplits":
     """A root/train/<class>/* and root/test/<class>/* tree of images: decoded once (RGB, image_size) and held in
     memory, or streamed (FileSplits: decoded per epoch in num_workers DataLoader workers).
@@ -146,9 +146,14 @@ def image_folder(
     and relative path), the decode settings and the decoder's version, and carries a checksum of the tensors that
     is verified when it is read: an edited image, or a damaged cache file, is never served. A cache folder that
     cannot be written (a read-only ~/.cache) is skipped with one warning.
+
+    With scan, every listed file's header is checked first (kd.scan), and every bad file is named in one error.
     """
     check_source_settings(path, recipe, image_size, num_workers, digest)
+    check_max_per_class(max_per_class)
     names, classes = scan_folder(Path(root), ("train", "test"), max_per_class)
+    if scan:
+        preflight.check_images(Path(root), [name for part in names.values() for name in part[0]])
     if _streams(path, recipe, sum(len(n) for n, _ in names.values()), image_size, in_memory_max_gb):
         splits = {part: file_split(Path(root), *names[part]) for part in ("train", "test")}
         return FileSplits(splits["train"], splits["test"], classes, image_size, recipe, num_workers, digest)
@@ -158,26 +163,32 @@ def image_folder(
 
 def imagenet(
     root: str, image_size: int = 224, num_workers: int = 8, max_per_class: Optional[int] = None,
-    digest: str = "sampled",
+    digest: str = "sampled", scan: bool = True,
 ) -> FileSplits:
     """ImageNet-1k (root/train/<wnid>/*.JPEG, root/val/<wnid>/*.JPEG), streamed with the resized-crop recipe; its
-    val folder is the test split, as in every ImageNet table (dataset.val_fraction holds a validation split out)."""
+    val folder is the test split, as in every ImageNet table (dataset.val_fraction holds a validation split out).
+    With scan, every file's header is checked before any work (kd.scan), and every bad file is named in one error."""
     check_source_settings("stream", "resized_crop", image_size, num_workers, digest)
+    check_max_per_class(max_per_class)
     val = Path(root) / "val"
     if val.is_dir() and not any(p.is_dir() for p in val.iterdir()) and any(val.glob("*.JPEG")):
         raise FileNotFoundError(f"{val} holds its images loose: sort them into val/<wnid>/ folders first (the "
                                 "PyTorch ImageNet example's valprep.sh does it), the layout train/ has.")
     names, classes = scan_folder(Path(root), ("train", "val"), max_per_class)
+    if scan:
+        preflight.check_images(Path(root), names["train"][0] + names["val"][0])
     train, test = (file_split(Path(root), *names[part]) for part in ("train", "val"))
     return FileSplits(train, test, classes, image_size, "resized_crop", num_workers, digest)
 
 
 def tiny_imagenet(
-    root: str, image_size: int = 64, max_per_class: Optional[int] = None, cache_dir: Optional[str] = None
+    root: str, image_size: int = 64, max_per_class: Optional[int] = None, cache_dir: Optional[str] = None,
+    scan: bool = True,
 ) -> Splits:
     """Tiny ImageNet as distributed (tiny-imagenet-200: train/<wnid>/images/*.JPEG; val/images/*.JPEG labelled by
     val/val_annotations.txt), decoded once and held in memory (1.3 GB at 64 px). Its val split is the test split:
-    test/ has no labels."""
+    test/ has no labels. With scan, every file's header is checked first (kd.scan), every bad file named at once."""
+    check_max_per_class(max_per_class)
     root_path = Path(root)
     classes = _class_dirs(root_path / "train", ("train", "val"))
     wnids = root_path / "wnids.txt"
@@ -187,12 +198,15 @@ def tiny_imagenet(
     for label, name in enumerate(classes):
         images = root_path / "train" / name / "images"
         found = sorted(f for f in images.glob("*") if f.suffix.lower() in IMAGE_SUFFIXES) if images.is_dir() else []
+        check_utf8_names(images, [f.name for f in found])
         if not found:
             raise FileNotFoundError(f"{images} holds no images: expected train/<wnid>/images/*.JPEG.")
         files["train"] += [(f, label) for f in found[:max_per_class]]
     by_class = _tiny_imagenet_val(root_path, classes)
     for label, name in enumerate(classes):
         files["test"] += [(f, label) for f in by_class[name][:max_per_class]]
+    if scan:
+        preflight.check_images(root_path, [str(f.relative_to(root_path)) for part in files.values() for f, _ in part])
     return _decoded(root_path, files, classes, image_size, cache_dir)
 
 
@@ -237,6 +251,34 @@ def check_source_settings(path: str, recipe: str, image_size: int, num_workers: 
         problems.append(f"dataset.source.digest={digest}: must be sampled or full")
     if problems:
         raise ValueError("invalid dataset source: " + "; ".join(problems))
+
+
+def check_max_per_class(max_per_class: Optional[int]) -> None:
+    """Refuse a per-class limit that keeps no image, or drops some silently (a negative slice bound)."""
+    if max_per_class is not None and (isinstance(max_per_class, bool) or not isinstance(max_per_class, int)
+                                      or max_per_class < 1):
+        raise ValueError(f"dataset.source.max_per_class={max_per_class}: must be a whole number >= 1 (the images "
+                         "kept per class, the first in name order), or null to keep every image.")
+
+
+def check_utf8_names(folder: Path, names: list[str]) -> None:
+    """Refuse file names that are not valid UTF-8 (os.listdir gives them as surrogate escapes, which no record or
+    file list can encode), naming the folder and each raw name."""
+    try:
+        "".join(names).encode()
+    except UnicodeEncodeError:
+        raw = [os.fsencode(name) for name in names if not _encodes(name)]
+        shown = ", ".join(repr(name) for name in raw[:20]) + (f" and {len(raw) - 20} more" if len(raw) > 20 else "")
+        raise ValueError(f"{folder} holds names that are not valid UTF-8 ({len(raw)}): {shown}. Rename them to "
+                         "UTF-8 names (or move them out of the dataset), then run again.") from None
+
+
+def _encodes(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _streams(path: str, recipe: str, count: int, image_size: int, in_memory_max_gb: float) -> bool:
@@ -288,6 +330,7 @@ def scan_folder(
             # os.scandir and str: an ImageNet listing is 1.28 M names, and Path objects would cost ~1 KB each.
             with os.scandir(root / part / name) as entries:
                 files = sorted(e.name for e in entries if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES)
+            check_utf8_names(root / part / name, files)
             if not files:
                 raise FileNotFoundError(f"{root / part / name} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
             files = files[:max_per_class]
@@ -317,6 +360,7 @@ def _class_dirs(path: Path, parts: tuple[str, str] = ("train", "test")) -> list[
             f"{path} does not exist: dataset.source.root must hold {parts[0]}/<class>/ and {parts[1]}/<class>/ folders."
         )
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    check_utf8_names(path, classes)
     if not classes:
         raise FileNotFoundError(f"{path} holds no class folders: expected {path}/<class>/<image files>.")
     return classes
@@ -330,6 +374,10 @@ def _decode(files: Listing, classes: list[str], image_size: int) -> Splits:
     return Splits(split(files["train"]), split(files["test"]), classes)
 
 
+class UnreadableImage(ValueError):
+    """An image file that does not decode; the message names it and the fix, in one line."""
+
+
 def read_image(path: Path, image_size: int) -> np.ndarray:
     """One image as (image_size, image_size, 3) uint8 RGB; a file that does not decode is named in the error."""
     try:
@@ -339,7 +387,7 @@ def read_image(path: Path, image_size: int) -> np.ndarray:
                 image = image.resize((image_size, image_size), Image.BILINEAR)
             return np.asarray(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(
+        raise UnreadableImage(
             f"{path} cannot be decoded as an image ({type(error).__name__}: {error}): it is truncated or corrupt. "
             "Replace or delete it, then run again."
         ) from None

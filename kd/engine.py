@@ -2,10 +2,13 @@
 of kd.loop, and writes its records.
 
 Flow: check the config -> hold the run folder's lock -> return its result.json if this run finished there (or, for a
-teacher phase, the stored teacher of this identity), or resume from its last.pt -> (student) find, load and check
-the teacher -> load data, build the models -> only now write run.json and start train.log and W&B (a refused run
-changes nothing on disk) -> train epoch by epoch, evaluating after each -> (teacher) file it in the store ->
-run_info.json, then result.json (the commit point).
+teacher phase, the stored teacher of this identity trained on these images), or resume from its last.pt ->
+(student) find, load and check the teacher -> load data, build the models -> only now write run.json and start
+train.log and W&B (a refused run changes nothing on disk) -> train epoch by epoch, evaluating after each ->
+(teacher) file it in the store -> run_info.json, then result.json (the commit point).
+
+A resumed run goes on with the teacher and the training images its last.pt was trained with: last.pt records the
+teacher's sha256 and path and the training data's digest, and a resume that would use others is refused.
 """
 import copy
 import logging
@@ -18,19 +21,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, pretrained, records, teachers, tracking
+from kd import distributed, feedback, pretrained, records, stages, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, value_problems
-from kd.data import FileSplits, hold_out
+from kd.data import FileSplits, Splits, hold_out
 from kd.datapath import DataPath, InMemoryData
 from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
-from kd.losses import CELoss, Criterion
+from kd.methods.base import CELoss, Criterion
 from kd.streaming import StreamingData
-from kd.teacher_cache import DTYPES, TeacherCache
+from kd.teacher_cache import DTYPES, TeacherCache, model_code
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +44,16 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 
 def run(
-    cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None
+    cfg: DictConfig, out_dir: Path, overrides: Sequence[str] = (), file_into: Optional[Path] = None,
+    resume_with: str = "", choices: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Train the phase's model, write the run's records into out_dir; return its result.
 
     Re-running into the same out_dir resumes from its last.pt, or returns its result.json when it finished. One
     process at a time may use out_dir (its lock). Under torchrun every rank trains its share of each batch; rank 0
     alone holds the lock, logs and writes. `file_into`: the store version folder an on-demand teacher is filed in.
+    `resume_with`: the command that resumes this run, logged once its checks have passed. `choices`: Hydra's runtime
+    choices of the config groups (the loss option's name tags the W&B run).
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -60,26 +67,33 @@ def run(
             return finished
         if unwritable is not None:  # read-only or full: refused before any work, as all that follows writes there
             raise unwritable
+        data = None  # loaded here only when a stored teacher's training data must be compared with it
         if Phase(cfg.phase) is Phase.teacher and not cfg.retrain_teacher:
-            stored = stored_teacher_result(cfg, out_dir, overrides, record)
+            stored, data = stored_teacher_result(cfg, out_dir, overrides, record)
             if stored is not None:
                 if (out_dir / "run.json").is_file():
                     commit_log()
                 return stored
         if Phase(cfg.phase) is Phase.teacher and distributed.is_main():
             teachers.check_writable(Path(cfg.teacher_store))
-        job, facts, info = set_up(cfg, overrides, checkpoint.get("precision") if checkpoint else None)
+        job, facts, info = set_up(cfg, overrides, checkpoint, data)
         # Every check has passed: from here on the run writes into its folder.
         record = distributed.broadcast_object(record or start_record(cfg, out_dir, overrides))
         commit_log()
+        log.info(feedback.start_line(cfg, job, precision_name(job.amp_dtype), out_dir))
+        if resume_with:
+            log.info("resume with: %s", resume_with)
         if checkpoint is not None:
             restore(job, checkpoint)
-        result, info = train(job, cfg, out_dir, record, checkpoint, facts, info)
+        teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
+        with tracking.tracked(cfg, out_dir, record["wandb_id"], teacher_facts, choices) as tracker:
+            result, info = train(job, cfg, out_dir, tracker, checkpoint, facts, info)
+            if Phase(cfg.phase) is Phase.teacher and distributed.is_main():
+                checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data, file_into)
+                result["teacher_checkpoint"] = str(checkpoint_path)
+                tracking.log_teacher(tracker, checkpoint_path)  # the students' runs use it
         if not distributed.is_main():
             return result
-        if Phase(cfg.phase) is Phase.teacher:
-            checkpoint_path = teachers.save_to_store(cfg, job.model, result, out_dir, job.data.classes, file_into)
-            result["teacher_checkpoint"] = str(checkpoint_path)
         info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
         info["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
         result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
@@ -115,22 +129,16 @@ def check_recipe_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
 
 
 def train(
-    job: Job, cfg: DictConfig, out_dir: Path, record: dict[str, Any], checkpoint: Optional[dict],
-    facts: dict[str, Any], info: dict[str, Any],
+    job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict], facts: dict[str, Any],
+    info: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The epochs, logged to W&B (one run per folder: its id is in run.json); returns (result, info)."""
-    teacher_facts = {k: v for k, v in facts.items() if k.startswith("teacher")}
-    tracker = tracking.start(cfg, out_dir, record["wandb_id"], teacher_facts)
-    try:
-        tracker.summary.update({**facts, **info})
-        result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint)}
-        if job.cache is not None:
-            info.update(teacher_cache_summary(job.cache))
-        tracker.summary.update({**result, **info})
-    except BaseException:
-        tracker.finish(exit_code=1)  # else the next job of a multirun would log into this run
-        raise
-    tracker.finish()
+    """The epochs, logged to the folder's W&B run `tracker` (its id is in run.json); returns (result, info)."""
+    tracker.summary.update({**facts, **info})
+    teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
+    result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
+    if job.cache is not None:
+        info.update(teacher_cache_summary(job.cache))
+    tracker.summary.update({**result, **info})
     return result, info
 
 
@@ -192,24 +200,31 @@ def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> di
 
 
 def set_up(
-    cfg: DictConfig, overrides: Sequence[str], resumed_precision: Optional[str] = None
+    cfg: DictConfig, overrides: Sequence[str], resumed: Optional[dict] = None, data: Optional[DataPath] = None
 ) -> tuple[Job, dict[str, Any], dict[str, Any]]:
     """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; returns the job,
-    the run's facts (part of result.json) and what varies between executions (speed: run_info.json)."""
+    the run's facts (part of result.json) and what varies between executions (speed: run_info.json). `resumed`: the
+    last.pt the run goes on from (it keeps that one's teacher, training data and precision); `data`: already loaded."""
     phase = Phase(cfg.phase)
     configure_determinism(cfg.deterministic)
     device = resolve_device(cfg.device)
     criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    teacher_path, teacher_file = None, None
-    if phase is Phase.student:
-        teacher_path = find_or_train_teacher(cfg, wants_teacher(cfg, criterion.needs_teacher), overrides)
-    if teacher_path is not None:  # read and checked before any data is decoded
+    required = wants_teacher(cfg, stages.needs_teacher(criterion))
+    teacher_path = first_teacher(cfg, required, overrides, resumed) if phase is Phase.student else None
+    teacher_file = None  # read and checked before any data is decoded
+    if teacher_path is not None:
         teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
-    data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
+    if data is None:
+        data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
+    # last.pt records it: on every rank now, not on rank 0 alone after epoch 1 (a streamed folder's takes minutes)
+    data.train_digest()
+    check_resumed_data(cfg, resumed, data)
+    if teacher_path is not None and resumed is None and teachers.from_store(cfg):
+        teacher_path, teacher_file = teacher_for_data(cfg, required, overrides, data, (teacher_path, teacher_file))
     teacher = frozen_teacher(teacher_file, cfg.teacher, data) if teacher_file is not None else None
-    job = build_job(cfg, phase, criterion, data, device, teacher, resumed_precision)
+    job = build_job(cfg, phase, criterion, data, device, teacher, resumed.get("precision") if resumed else None)
     facts = {"phase": phase.value, "params": records.count_parameters(job.model)}
     facts["adapter_params"] = records.count_parameters(job.criterion)
     image_shape = data.image_shape
@@ -239,26 +254,48 @@ def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Option
     """(result, None, record) when out_dir holds this run finished, (None, last.pt, record) when interrupted after a
     checkpoint, (None, None, record or None) otherwise; a folder another config wrote is refused."""
     fix = f"Delete {out_dir} to start this run over, or give the run another folder (hydra.run.dir=...)."
-    record = None
-    if (out_dir / "run.json").is_file():
-        record = records.read_json(out_dir / "run.json", fix)
-        check_same_config(cfg, _recorded_config(record, out_dir / "run.json", fix), out_dir / "run.json")
+    record = records.read_json(out_dir / "run.json", fix) if (out_dir / "run.json").is_file() else None
     if (out_dir / "result.json").is_file():
+        if record is not None:
+            check_same_config(cfg, _recorded_config(record, out_dir / "run.json", fix), out_dir / "run.json")
         result = records.read_json(out_dir / "result.json", fix)
         check_same_config(cfg, _recorded_config(result, out_dir / "result.json", fix), out_dir / "result.json")
         return result, None, record
+    checkpoint = last_checkpoint(out_dir)
+    # A last.pt that records its teacher's sha256 goes on with that teacher (set_up compares the sha256), however
+    # teacher_checkpoint names it now: a path to a copy of it, or auto while the store still holds it.
+    loose = ("teacher_checkpoint",) if checkpoint is not None and teacher_named_freely(checkpoint) else ()
+    if record is not None:
+        recorded = _recorded_config(record, out_dir / "run.json", fix)
+        check_same_config(cfg, recorded, out_dir / "run.json", also_ignored=loose)
+    if checkpoint is None:
+        return None, None, record
+    check_same_config(cfg, checkpoint["config"], checkpoint["path"], also_ignored=loose)
+    log.info("resuming %s after epoch %d of %d", out_dir, checkpoint["epoch"], cfg.epochs)
+    return None, checkpoint, record
+
+
+def last_checkpoint(out_dir: Path) -> Optional[dict[str, Any]]:
+    """out_dir's last.pt, with its own path under "path"; None when there is none; an unusable one is refused."""
     last = out_dir / "last.pt"
     if not last.is_file():
-        return None, None, record
+        return None
     try:
         checkpoint = records.load_checkpoint(last, RESUME_KEYS)
     except records.UnusableCheckpoint as error:
         raise records.UnusableCheckpoint(
             f"cannot resume: {error} Delete it to start this run over in {out_dir}, or pick another hydra.run.dir."
         ) from None
-    check_same_config(cfg, checkpoint["config"], last)
-    log.info("resuming %s after epoch %d of %d", out_dir, checkpoint["epoch"], cfg.epochs)
-    return None, checkpoint, record
+    return {**checkpoint, "path": last}
+
+
+def teacher_named_freely(checkpoint: dict[str, Any]) -> bool:
+    """Whether a resume may set teacher_checkpoint otherwise than last.pt's config: when last.pt records its teacher's
+    sha256 (the teacher is then compared by content), or when last.pt, written before runs recorded it, looked its
+    teacher up in the store (its train.log names the version: the fix of an ambiguous store, see first_teacher)."""
+    if "train_digest" in checkpoint:
+        return checkpoint.get("teacher_sha256") is not None
+    return checkpoint["config"].get("teacher_checkpoint") == "auto"
 
 
 def _recorded_config(record: dict[str, Any], path: Path, fix: str) -> dict[str, Any]:
@@ -267,9 +304,12 @@ def _recorded_config(record: dict[str, Any], path: Path, fix: str) -> dict[str, 
     return record["config"]
 
 
-def check_same_config(cfg: DictConfig, recorded: dict[str, Any], source: Path, fix: str = "") -> None:
-    """Refuse to resume or reuse what another config wrote, naming the keys that differ."""
+def check_same_config(
+    cfg: DictConfig, recorded: dict[str, Any], source: Path, fix: str = "", also_ignored: tuple[str, ...] = ()
+) -> None:
+    """Refuse to resume or reuse what another config wrote, naming the keys that differ (but `also_ignored`)."""
     ignored = records.RESULT_NEUTRAL + (records.TEACHER_PHASE_NEUTRAL if Phase(cfg.phase) is Phase.teacher else ())
+    ignored += also_ignored
     differences = records.config_differences(recorded, records.plain_config(cfg), ignored)
     if differences:
         raise ValueError(
@@ -280,12 +320,20 @@ def check_same_config(cfg: DictConfig, recorded: dict[str, Any], source: Path, f
 
 def stored_teacher_result(
     cfg: DictConfig, out_dir: Path, overrides: Sequence[str], record: Optional[dict]
-) -> Optional[dict[str, Any]]:
-    """A teacher phase whose identity the store holds returns that teacher without training (the store is
-    immutable); a fresh run folder gets its run.json and result.json, naming the stored checkpoint."""
-    path = teachers.stored_teacher(cfg)
+) -> tuple[Optional[dict[str, Any]], Optional[DataPath]]:
+    """A teacher phase whose identity the store holds, trained on these very images, returns that teacher without
+    training (the store is immutable); a fresh run folder gets its run.json and result.json, naming the stored
+    checkpoint. Returns (that result or None, the data when it was loaded to compare its digest, for set_up)."""
+    entry = teachers.entry_dir(cfg, cfg.seed)
+    if teachers.newest_complete(entry) is None:
+        return None, None  # nothing stored to compare with: set_up loads the data
+    device = resolve_device(cfg.device)
+    data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
+    path = teachers.stored_teacher(cfg, data.train_digest())
     if path is None:
-        return None
+        log.info("the store's teachers in %s were trained on other images than these: training one on these images "
+                 "(a new version beside them)", entry)
+        return None, data
     manifest = teachers.read_manifest(path.parent)
     fix = (f"The store holds this teacher ({path}), trained with those values. Drop the differing overrides to use "
            "it, or set retrain_teacher=true to train a new version beside it.")
@@ -296,7 +344,7 @@ def stored_teacher_result(
     if record is None and not (out_dir / "last.pt").exists() and distributed.is_main():
         start_record(cfg, out_dir, overrides)
         records.write_json(out_dir / "result.json", result)
-    return result
+    return result, None
 
 
 def restore(job: Job, checkpoint: dict[str, Any]) -> None:
@@ -328,10 +376,13 @@ def wants_teacher(cfg: DictConfig, loss_needs_it: bool) -> bool:
     return loss_needs_it or (cfg.train_missing_teacher and cfg.teacher_checkpoint == "auto")
 
 
-def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[str]) -> Optional[Path]:
-    """The student's teacher checkpoint; with train_missing_teacher=true a missing one is trained first, once."""
+def find_or_train_teacher(
+    cfg: DictConfig, required: bool, overrides: Sequence[str], train_digest: Optional[str] = None
+) -> Optional[Path]:
+    """The student's teacher checkpoint (from the store: trained on the data of `train_digest`, when given); with
+    train_missing_teacher=true a missing one is trained first, once."""
     try:
-        return teachers.resolve(cfg, required, list(overrides))
+        return teachers.resolve(cfg, required, list(overrides), train_digest)
     except teachers.MissingTeacher as missing:
         if not cfg.train_missing_teacher:
             raise
@@ -340,12 +391,107 @@ def find_or_train_teacher(cfg: DictConfig, required: bool, overrides: Sequence[s
                              "first (phase=teacher, under torchrun too if you like).") from None
         teachers.check_writable(Path(cfg.teacher_store))
         with teachers.store_lock(missing.entry, cfg.teacher_lock_timeout_s):
-            version = teachers.newest_complete(missing.entry)  # a parallel job may have filed it meanwhile
+            # a parallel job may have filed it meanwhile
+            version = (teachers.newest_complete(missing.entry) if train_digest is None
+                       else teachers.version_for_data(missing.entry, train_digest))
             if version is None:
                 version = teachers.pending_version(missing.entry, with_run=True)
                 log.info("training the missing teacher into %s", version)
                 run(teachers.teacher_config(cfg), version / "run", file_into=version)
         return version / "teacher.pt"
+
+
+def first_teacher(
+    cfg: DictConfig, required: bool, overrides: Sequence[str], resumed: Optional[dict]
+) -> Optional[Path]:
+    """The student's teacher as far as it is known before the data is decoded: a resumed run's is the one its
+    last.pt records (resumed_teacher); otherwise the config's (teacher_for_data may still take another version)."""
+    if resumed is not None and "train_digest" in resumed:
+        return resumed_teacher(cfg, required, overrides, resumed)
+    path = find_or_train_teacher(cfg, required, overrides)
+    if resumed is not None and path is not None and teachers.from_store(cfg):
+        check_unrecorded_teacher(resumed["path"], path.parent.parent)
+    return path
+
+
+def resumed_teacher(cfg: DictConfig, required: bool, overrides: Sequence[str], resumed: dict) -> Optional[Path]:
+    """The teacher a resumed run goes on with: the one its last.pt was trained with (by sha256), from the store even
+    after a newer version was filed there, or from the file teacher_checkpoint names; any other is refused."""
+    sha256 = resumed["teacher_sha256"]
+    if sha256 is None:
+        return None  # trained without a teacher (a baseline), it goes on without one
+    if not teachers.from_store(cfg):
+        now = teachers.resolve(cfg, required, list(overrides))
+        now_sha256 = records.sha256_file(now) if now is not None else None
+        if now_sha256 != sha256:
+            raise ValueError(teacher_switch(resumed, now, now_sha256, ""))
+        return now
+    entry = teachers.entry_dir(cfg, cfg.teacher_seed)
+    version, newest = teachers.version_with_sha256(entry, sha256), teachers.newest_complete(entry)
+    if version is None:
+        now = newest / "teacher.pt" if newest is not None else None
+        now_sha256 = teachers.read_manifest(newest)["sha256"] if newest is not None else None
+        raise ValueError(teacher_switch(resumed, now, now_sha256, f" (the store no longer holds it in {entry})"))
+    if version != newest:
+        log.info("resuming with %s, the teacher %s was trained with (sha256 %s): the store's newest version of it, %s, "
+                 "serves new runs only", version, resumed["path"], sha256[:12], newest)
+    return version / "teacher.pt"
+
+
+def teacher_switch(resumed: dict, now: Optional[Path], now_sha256: Optional[str], where: str) -> str:
+    """Why a resume is refused when the teacher it would go on with is not the one last.pt was trained with."""
+    sha256 = resumed["teacher_sha256"]
+    current = f"{now} (sha256 {now_sha256[:12]})" if now is not None else "no teacher"
+    return (f"cannot resume {resumed['path']}: it was trained with teacher {resumed['teacher_checkpoint']} (sha256 "
+            f"{sha256[:12]}){where}, and would go on with {current}. A resumed run keeps its teacher: start over in "
+            f"a new run folder (hydra.run.dir=...), or resume with teacher_checkpoint=PATH naming that teacher (a "
+            f"file of sha256 {sha256}).")
+
+
+def check_unrecorded_teacher(last: Path, entry: Path) -> None:
+    """A last.pt written before runs recorded their teacher's sha256 trained with the store's newest version of the
+    time: when the entry now holds several, which one cannot be told, and the resume is refused."""
+    complete = [v.name for v in teachers.versions(entry) if (v / "manifest.json").is_file()]
+    if len(complete) > 1:
+        raise ValueError(
+            f"cannot resume {last}: it records no teacher sha256 (an earlier version of this repository wrote it), and "
+            f"the store holds {len(complete)} versions of its teacher in {entry} ({', '.join(complete)}): which one it "
+            "was trained with cannot be told here (its train.log names it, in the line 'teacher <path>'). Resume with "
+            "teacher_checkpoint=<that teacher.pt>, or start over in a new run folder (hydra.run.dir=...)."
+        )
+
+
+def teacher_for_data(
+    cfg: DictConfig, required: bool, overrides: Sequence[str], data: DataPath, found: tuple[Path, TeacherFile]
+) -> tuple[Optional[Path], Optional[TeacherFile]]:
+    """The store's teacher for these very images, now that their digest is known: the lookup before decoding knew
+    only the config, and its version may have been trained on other images (then this one, trained on demand with
+    train_missing_teacher=true, or refused with the command that trains it)."""
+    path = find_or_train_teacher(cfg, required, overrides, data.train_digest())
+    if path == found[0]:
+        return found
+    log.info("teacher %s: trained on these training images (the store's newest version, %s, on other images)",
+             path, found[0])
+    return path, teachers.read(path, cfg.teacher) if path is not None else None
+
+
+def check_resumed_data(cfg: DictConfig, resumed: Optional[dict], data: DataPath) -> None:
+    """A resumed run goes on with the training images its last.pt was trained on: others (another digest: images
+    added, removed or replaced) are refused, naming the folder. A last.pt of an earlier version records no digest."""
+    if resumed is None:
+        return
+    if "train_digest" not in resumed:
+        log.warning("%s records neither its teacher's sha256 nor its training images' digest (an earlier version of "
+                    "this repository wrote it): resuming without checking that they are the same", resumed["path"])
+        return
+    recorded, now = resumed["train_digest"], data.train_digest()
+    if now != recorded:
+        folder = cfg.dataset.source.get("root") or f"dataset={cfg.dataset.name}"
+        raise ValueError(
+            f"cannot resume {resumed['path']}: the training images in {folder} are not those it was trained on "
+            f"(digest {recorded[:12]} when trained, {now[:12]} now: images added, removed or replaced). A resumed run "
+            "keeps its data: put those images back, or start over in a new run folder (hydra.run.dir=...)."
+        )
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -358,6 +504,9 @@ def check_config(cfg: DictConfig) -> None:
         problems.append(f"epochs={cfg.epochs}: need at least 1")
     if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
         problems.append(f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}: need at least 1")
+    if cfg.progress_every_s is not None and not cfg.progress_every_s >= 0:
+        problems.append(f"progress_every_s={cfg.progress_every_s}: must be >= 0 seconds (0: a line every step), or "
+                        "null for no progress lines")
     if cfg.threads is not None and cfg.threads < 1:
         problems.append(f"threads={cfg.threads}: need at least 1 (or null for torch's default)")
     for role in ("teacher", "student"):
@@ -374,8 +523,6 @@ def check_config(cfg: DictConfig) -> None:
                         f"{cfg.dataset.num_classes} classes (or null: every logit, exact)")
     if cfg.teacher_cache_dtype not in DTYPES:
         problems.append(f"teacher_cache_dtype={cfg.teacher_cache_dtype}: must be one of {', '.join(DTYPES)}")
-    if cfg.precision != "auto" and cfg.precision not in PRECISIONS:
-        problems.append(f"precision={cfg.precision}: must be auto, {', '.join(PRECISIONS)}")
     if cfg.compile_mode not in COMPILE_MODES:
         problems.append(f"compile_mode={cfg.compile_mode}: must be one of {', '.join(COMPILE_MODES)}")
     if problems:
@@ -383,10 +530,9 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def logger_problems(logger: DictConfig) -> list[str]:
-    """What W&B would refuse only after run.json is written (in every mode, disabled too)."""
+    """What W&B would refuse only after run.json is written (in every mode, disabled too); logger.mode is an Enum of
+    the schema (kd.config.LoggerMode), refused at composition."""
     problems = []
-    if logger.mode not in tracking.MODES:
-        problems.append(f"logger.mode={logger.mode}: must be one of {', '.join(tracking.MODES)}")
     if not logger.init_timeout_s > 0:
         problems.append(f"logger.init_timeout_s={logger.init_timeout_s}: must be > 0 (seconds)")
     if len(logger.project) > tracking.PROJECT_MAX_CHARS:
@@ -395,7 +541,7 @@ def logger_problems(logger: DictConfig) -> list[str]:
     forbidden = sorted(set(logger.project) & set(tracking.PROJECT_FORBIDDEN))
     if forbidden:
         problems.append(f"logger.project={logger.project}: W&B project names cannot hold {' '.join(forbidden)}")
-    return problems
+    return problems + tracking.tag_problems(list(logger.tags))
 
 
 def dataset_problems(dataset: DictConfig) -> list[str]:
@@ -471,7 +617,7 @@ def memory_format(data: DataPath) -> torch.memory_format:
 def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> DataPath:
     """Read the dataset's source, hold out the validation split, check what needs the images. Decoded splits move to
     the device (InMemoryData); file lists (ImageNet, large image folders) are decoded per epoch (StreamingData)."""
-    source = instantiate(dataset_cfg.source)
+    source = read_source(dataset_cfg.source)
     if len(source.classes) != dataset_cfg.num_classes:
         raise ValueError(
             f"dataset.num_classes={dataset_cfg.num_classes} but the data has {len(source.classes)} classes: "
@@ -496,6 +642,17 @@ def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool
     )
 
 
+def read_source(source_cfg: DictConfig) -> "Splits | FileSplits":
+    """The dataset source's splits. Its own errors (ValueError, OSError: they name the file and the fix) are raised
+    as they are, not inside Hydra's InstantiationException, whose repr of them puts a listing on one line."""
+    try:
+        return instantiate(source_cfg)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (ValueError, OSError)):
+            raise error.__cause__ from None
+        raise
+
+
 def build_job(
     cfg: DictConfig, phase: Phase, criterion: Criterion, data: DataPath, device: torch.device,
     teacher: Optional[nn.Module] = None, resumed_precision: Optional[str] = None,
@@ -517,6 +674,8 @@ def build_job(
         progress, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
     )
     job.forward = training_forward(job, cfg.compile_mode if cfg.compile else None)
+    if not progress and cfg.progress_every_s is not None:  # a log file, not a terminal: plain lines instead of a bar
+        job.progress = feedback.Progress(cfg.progress_every_s, cfg.epochs)
     return job
 
 
@@ -585,6 +744,8 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sh
     views = {k: v for k, v in records.plain_config(cfg.dataset).items() if k not in ("source", "name")}
     key = {
         "teacher_sha256": teacher_sha256, "teacher": records.plain_config(cfg.teacher),
+        # the code of the teacher's own model (its classes' and factory's files, its libraries' versions)
+        "model_code": model_code(job.teacher, cfg.teacher._target_),
         # which views, in which order: the training split's content, its augmentation, the order's seed
         "train_data_sha256": job.data.train_digest(), "views": views, "seed": cfg.seed, "batch_size": cfg.batch_size,
         # the numerics of the teacher pass:
@@ -603,8 +764,12 @@ def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
             "teacher_cache/dir": str(cache.dir)}
 
 
-def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict] = None) -> dict[str, Any]:
-    """The epoch loop: train, step the schedule, evaluate, record; keep last.pt and best.pt; resume after last.pt."""
+def fit(
+    job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict] = None,
+    teacher: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The epoch loop: train, step the schedule, evaluate, record; keep last.pt and best.pt; resume after last.pt.
+    `teacher`: its teacher_sha256 and teacher_checkpoint, which each checkpoint records (None without a teacher)."""
     best_key = "val/acc1" if "val" in job.data.splits else "test/acc1"
     metrics_file = out_dir / "metrics.jsonl"
     done = checkpoint["epoch"] if checkpoint else 0
@@ -612,6 +777,9 @@ def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[
     main = distributed.is_main()
     if main:
         records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+        tracking.log_history(tracker, metrics_file)  # a resumed run's new W&B segment gets the epochs before it
+    before_epoch_1 = lambda: checkpoint_payload(job, cfg, None, None, teacher or {})  # noqa: E731
+    stages.run_init_stage(job, cfg, out_dir, checkpoint, before_epoch_1)
     for epoch in range(done + 1, cfg.epochs + 1):
         metrics = run_epoch(job, epoch)
         best = metrics if best is None or metrics[best_key] > best[best_key] else best
@@ -619,23 +787,39 @@ def fit(job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[
         log.info(epoch_line(metrics, cfg.epochs))
         if main:
             records.append_jsonl(metrics_file, metrics)
-            save_checkpoints(job, cfg, out_dir, metrics, best)
+            save_checkpoints(job, cfg, out_dir, metrics, best, teacher or {})
     return summarize(metrics, best, best_key)
 
 
-def save_checkpoints(job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], best: dict[str, Any]) -> None:
+def save_checkpoints(
+    job: Job, cfg: DictConfig, out_dir: Path, metrics: dict[str, Any], best: dict[str, Any], teacher: dict[str, Any]
+) -> None:
     """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
-    model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
-    payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
-    payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
-    payload["precision"] = precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
-    payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=metrics["epoch"])
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng})
+    payload = checkpoint_payload(job, cfg, metrics, best, teacher)
     if best is metrics:
         records.save_checkpoint(out_dir / "best.pt", payload)
     # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
     records.save_checkpoint(out_dir / "last.pt", payload)
+
+
+def checkpoint_payload(
+    job: Job, cfg: DictConfig, metrics: Optional[dict[str, Any]], best: Optional[dict[str, Any]],
+    teacher: dict[str, Any],
+) -> dict[str, Any]:
+    """What last.pt holds after the epoch of `metrics` (stage "main"), or before epoch 1 for metrics None (an init
+    stage adds itself: kd.stages), with the inputs a resume must keep: the teacher's sha256 and path (`teacher`), the
+    training data's digest."""
+    model_cfg = cfg.student if Phase(cfg.phase) is Phase.student else cfg.teacher
+    payload = teachers.checkpoint_payload(model_cfg, job.model, metrics, cfg)
+    payload.update(teacher_sha256=teacher.get("teacher_sha256"), teacher_checkpoint=teacher.get("teacher_checkpoint"))
+    payload["train_digest"] = job.data.train_digest()
+    payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
+    payload["precision"] = precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
+    epoch = metrics["epoch"] if metrics is not None else 0
+    payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=epoch, stage="main")
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    payload.update(best=best, rng={"cpu": torch.get_rng_state(), "cuda": cuda_rng})
+    return payload
 
 
 def summarize(last: dict[str, Any], best: dict[str, Any], best_key: str) -> dict[str, Any]:

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from kd import distributed
 from kd.datapath import Batch, DataPath
-from kd.features import capture
-from kd.losses import Criterion, Step
+from kd.feedback import Progress
+from kd.methods.base import Criterion, Step
+from kd.methods.hooks import capture
 from kd.teacher_cache import TeacherCache
 
 
@@ -44,6 +45,7 @@ class Job:
     amp_dtype: Optional[torch.dtype] = None  # autocast dtype; None = fp32
     scaler: Optional[torch.amp.GradScaler] = None  # loss scaling for fp16 (a no-op otherwise)
     cache: Optional[TeacherCache] = None
+    progress: Optional[Progress] = None  # plain progress lines, where no progress bar is shown (a log file)
 
     def autocast(self) -> ContextManager:
         return autocast(self.data.device, self.amp_dtype)
@@ -95,6 +97,8 @@ def run_epoch(job: Job, epoch: int) -> dict[str, Any]:
         reference = job.teacher_predictions.get(split)
         metrics.update(_prefixed(split, score(logits, job.data.split_labels(split), reference)))
     metrics["time/epoch_s"] = time.perf_counter() - started
+    if job.progress is not None:
+        job.progress.epoch_s = metrics["time/epoch_s"]  # the ETA's length of the epochs to come
     return metrics
 
 
@@ -111,12 +115,16 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, float]:
     steps = math.ceil(job.data.num_train / job.batch_size)
     loader = tqdm(job.data.epoch(job.seed, epoch, job.batch_size), total=steps, desc=f"epoch {epoch}",
                   disable=not job.progress_bar, leave=False)
+    if job.progress is not None:
+        job.progress.start(epoch, steps)
     with capture(job.model, student_layers) if student_layers else nullcontext({}) as student_features:
         for step, batch in enumerate(loader):
             teacher.seen += batch.size
             if batch.size < distributed.world_size():
                 continue  # a last batch too small to give every rank a sample (all ranks skip it)
             train_step(job, StepContext(teacher, student_features, sums, epoch, step), batch)
+            if job.progress is not None:
+                job.progress.step(step + 1, batch.size)
     teacher.finish()
     return sums.averages(epoch)
 

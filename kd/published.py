@@ -11,7 +11,7 @@ figures, the first from the paper's own repository.
     cite(fig)  # "70.66 (Tian et al., ICLR 2020 (CRD), Table 1 (same architecture), last epoch)"
 """
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional
 
@@ -37,6 +37,8 @@ class Figure:
     convention: str  # "last" or "best"
     secondary: bool = False  # read from another repository's copy of the paper's table
     note: str = ""
+    dataset: Optional[str] = None  # the setting the figure was trained in (the table's `setting`), when known
+    epochs: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Paper:
     convention_evidence: str
     statistic: str
     figures: dict[tuple[str, str], tuple[Figure, ...]]
+    empty: dict[tuple[str, str], str] = field(default_factory=dict)  # cells a source leaves empty (N/A): its note
 
 
 def names() -> list[str]:
@@ -64,16 +67,24 @@ def load(name: str) -> Paper:
         raise ValueError(f"no published results named {name!r}: known are {', '.join(sorted(raw))}")
     entry = raw[name]
     cells: dict[tuple[str, str], list[Figure]] = {}
+    empty: dict[tuple[str, str], str] = {}
     for table in entry["tables"]:
         for figure_ in _table_figures(name, entry, table):
             cells.setdefault((figure_.method, figure_.pair), []).append(figure_)
+        empty.update(_empty_cells(table))
     return Paper(name, entry["citation"], entry["short"], _convention(entry, name), entry["convention_evidence"],
-                 entry["statistic"], {key: tuple(figs) for key, figs in cells.items()})
+                 entry["statistic"], {key: tuple(figs) for key, figs in cells.items()},
+                 {key: note for key, note in empty.items() if key not in cells})
 
 
 def figures(paper: Paper, method: str, pair: str) -> tuple[Figure, ...]:
     """Every figure of a cell (several where sources disagree); method may be a kd.report name ("CE (no teacher)")."""
     return paper.figures.get((REPORT_NAMES.get(method, method), pair), ())
+
+
+def not_applicable(paper: Paper, method: str, pair: str) -> Optional[str]:
+    """The source's note on a cell it leaves empty (FSP's "N/A"), or None for a cell it fills or does not have."""
+    return paper.empty.get((REPORT_NAMES.get(method, method), pair))
 
 
 def figure(paper: Paper, method: str, pair: str) -> Optional[Figure]:
@@ -126,8 +137,16 @@ def _table_figures(name: str, entry: dict[str, Any], table: dict[str, Any]) -> l
         convention = _convention(row, f"{name} {method}") if "convention" in row else _convention(entry, name)
         # A repository file's line, or (a paper's own table, no stored copy) where in the paper.
         source = f"{table['source']} line {row['line']}" if "line" in row else f"{table['source']} {row['at']}"
+        setting = table.get("setting", {})
         for pair, top1 in zip(columns, row["top1"]):
             if top1 is not None:  # the source leaves this cell empty (e.g. N/A)
                 found.append(Figure(float(top1), str(method), pair, name, table["table"], source, convention,
-                                    bool(table.get("secondary", False)), row.get("note", "")))
+                                    bool(table.get("secondary", False)), row.get("note", ""),
+                                    setting.get("dataset"), setting.get("epochs")))
     return found
+
+
+def _empty_cells(table: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """The cells of a table block that its source leaves empty, with the row's note."""
+    return {(str(method), pair): row.get("note", "") for method, row in table["rows"].items()
+            for pair, top1 in zip(table["columns"], row["top1"]) if top1 is None}

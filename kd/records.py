@@ -42,6 +42,8 @@ SOURCE_NEUTRAL = ("download", "cache_dir", "num_workers", "path", "in_memory_max
 RESULT_NEUTRAL = (
     "logger", "device", "progress_bar", "threads", "profile", "eval_batch_size", "teacher_store",
     "teacher_lock_timeout_s", "train_missing_teacher", "teacher_acc_tolerance", "retrain_teacher",
+    # What a run shows while it runs, and the name of its folder.
+    "progress_every_s", "run_name",
     *(f"dataset.source.{key}" for key in SOURCE_NEUTRAL),
     # float32 cache entries are bit-exact, so reading the teacher from the cache or live gives the same run.
     "teacher_cache", "teacher_cache_dir", "teacher_cache_max_gb",
@@ -53,8 +55,13 @@ TEACHER_PHASE_NEUTRAL = ("loss", "student", "teacher_seed", "teacher_checkpoint"
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain Python values (what W&B, result.json and checkpoints store)."""
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    """The resolved config as plain Python values (what W&B, result.json and checkpoints store); pair_hparams holds
+    only the keys set (None leaves the loss option's own value), as it did before it was typed, so runs recorded
+    then resume, and group in a report, with runs recorded now."""
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if isinstance(plain.get("pair_hparams"), dict):
+        plain["pair_hparams"] = {k: v for k, v in plain["pair_hparams"].items() if v is not None}
+    return plain
 
 
 def model_name(model_cfg: DictConfig) -> str:
@@ -346,9 +353,32 @@ def _unreadable(path: Path, error: Exception) -> str:
 _ABSENT = object()  # a key only one side has
 
 
+# Criteria recorded under the modules they lived in before kd/methods/ (one file per method): the same classes, so a
+# run recorded then resumes, is returned and is grouped in a report as one recorded now.
+MOVED_TARGETS = {
+    f"kd.{module}.{name}": f"kd.methods.{file}.{name}"
+    for module, file, names in (
+        ("losses", "base", ("CELoss", "Combined")), ("losses", "kd", ("KDLoss", "SoftTargets")),
+        ("losses", "dkd", ("DKDLoss",)), ("losses", "dist", ("DISTLoss",)),
+        ("feature_losses", "fitnet", ("FitNetLoss",)), ("feature_losses", "at", ("ATLoss",)),
+        ("feature_losses", "sp", ("SPLoss",)), ("feature_losses", "pkt", ("PKTLoss",)),
+        ("feature_losses", "rkd", ("RKDLoss",)), ("feature_losses", "crd", ("CRDLoss",)),
+        ("feature_losses", "vid", ("VIDLoss",)), ("feature_losses", "nst", ("NSTLoss",)),
+        ("feature_losses", "cc", ("CCLoss",)), ("review_kd", "reviewkd", ("ReviewKDLoss",)),
+    )
+    for name in names
+}
+
+
+def flatten_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config as dotted keys (flatten), each `_target_` under the name its class has now (MOVED_TARGETS)."""
+    flat = flatten(config)
+    return {k: MOVED_TARGETS.get(v, v) if k.endswith("_target_") and isinstance(v, str) else v for k, v in flat.items()}
+
+
 def config_differences(recorded: dict[str, Any], current: dict[str, Any], ignored: tuple[str, ...]) -> list[str]:
     """`key: recorded -> current` for each dotted key whose value differs, skipping `ignored` keys and subtrees."""
-    old, new = flatten(recorded), flatten(current)
+    old, new = flatten_config(recorded), flatten_config(current)
     show = lambda tree, key: repr(tree[key]) if key in tree else "absent"  # noqa: E731
     changed = (k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
     keys = sorted(k for k in changed if not is_under(k, ignored))

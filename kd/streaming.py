@@ -148,12 +148,13 @@ def eval_view(path: Path, recipe: Recipe) -> Tensor:
 
 def load_region(path: Path, size: int, choose_box) -> Tensor:
     """Read a file, choose a box from its (height, width), decode it and resize the box to (3, size, size) uint8; a
-    file that does not decode is named in the error (raised in a DataLoader worker, it reaches the main process)."""
+    file that does not decode is named in the error (met in a DataLoader worker, it reaches the main process as an
+    Unreadable batch: see Views.__getitems__)."""
     try:
         content = path.read_bytes()
         return _region(content, size, choose_box)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(
+        raise data.UnreadableImage(
             f"{path} cannot be decoded as an image ({type(error).__name__}: {error}): it is truncated, corrupt or "
             "missing. Replace or delete it, then run again."
         ) from None
@@ -232,9 +233,34 @@ class Views(Dataset):
         view = train_view(path, self.recipe, key) if isinstance(key, ViewKey) else eval_view(path, self.recipe)
         return view, int(self.files.labels[index]), index
 
+    def __getitems__(self, keys: list) -> list:
+        """A batch's items, as the DataLoader fetches them; a file that does not decode makes the batch Unreadable,
+        so the main process raises its one-line message instead of the worker's traceback."""
+        try:
+            return [self[key] for key in keys]
+        except data.UnreadableImage as error:
+            return [Unreadable(str(error))]
 
-def collate(items: list[tuple[Tensor, int, int]], size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Views (B, 3, H, W) uint8, labels and indices (B,) int64; an empty share gives empty tensors."""
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Sent back by a worker in place of a batch holding a file that does not decode: the message naming it."""
+
+    message: str
+
+
+def checked(batch):
+    """A collated batch, or the one-line error naming its undecodable file (raised here, in the main process)."""
+    if isinstance(batch, Unreadable):
+        raise data.UnreadableImage(batch.message) from None
+    return batch
+
+
+def collate(items: list, size: int) -> "tuple[Tensor, Tensor, Tensor] | Unreadable":
+    """Views (B, 3, H, W) uint8, labels and indices (B,) int64; an empty share gives empty tensors; a batch with an
+    undecodable file stays Unreadable."""
+    if items and isinstance(items[0], Unreadable):
+        return items[0]
     if not items:
         return torch.empty((0, 3, size, size), dtype=torch.uint8), torch.empty(0, dtype=torch.long), torch.empty(
             0, dtype=torch.long)
@@ -345,7 +371,8 @@ class StreamingData:
         """The epoch's batches, this rank's share of each, decoded by the workers in the order of the epoch."""
         sampler = ShareSampler(self._plan(seed, epoch, batch_size), seed, epoch, batch_size)
         loader = self._loader(Views(self.train, self.recipe, "train"), sampler)
-        for (size, rows), (views, labels, index) in zip(sampler.shares(), loader):
+        for (size, rows), batch in zip(sampler.shares(), loader):
+            views, labels, index = checked(batch)
             yield Batch(self._moved(views), self._moved(labels), self._moved(index), rows, size)
 
     def evaluation(self, split: str, batch_size: int) -> Iterator[Tensor]:
@@ -353,8 +380,8 @@ class StreamingData:
         files = self._split(split)
         share = distributed.shard(len(files))
         batches = [list(range(s, min(s + batch_size, share.stop))) for s in range(share.start, share.stop, batch_size)]
-        for views, _, _ in self._loader(Views(files, self.recipe, split), batches):
-            yield self._moved(views)
+        for batch in self._loader(Views(files, self.recipe, split), batches):
+            yield self._moved(checked(batch)[0])
 
     def train_digest(self) -> str:
         """The training split's content address (the teacher cache's key): see files_digest for what it covers."""

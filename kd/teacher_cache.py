@@ -7,12 +7,13 @@ the student still see the same view of each image ("consistent teaching", Beyer 
 the output for the exact view of that epoch, not one per image.
 
 An entry is a folder named by a hash of everything the outputs depend on (`key.json`): the training data's content,
-the teacher's weights (sha256), the code that computes the outputs (OUTPUT_CODE_VERSION), the views (seed, batch
-size, augmentation), the numerics (precision, memory layout, device type, torch version) and the storage dtype. It
-holds one `epoch_NNNN.pt` per epoch: rows in the order the epoch visits the training set, with the entry's key, the
-epoch and a sha256 of the rows, all verified when read; a file that fails is deleted, reported and recomputed, never
-used. Files are written through a temporary file and renamed, so parallel writers of the same epoch are harmless
-(their bytes are identical) and a reader never sees a partial file.
+the teacher's weights (sha256), the code that computes the outputs (the teacher's own model code, model_code, and the
+rest by OUTPUT_CODE_VERSION), the views (seed, batch size, augmentation), the numerics (precision, memory layout,
+device type, torch version) and the storage dtype. It holds one `epoch_NNNN.pt` per epoch: rows in the order the
+epoch visits the training set, with the entry's key, the epoch and a sha256 of the rows, all verified when read; a
+file that fails is deleted, reported and recomputed, never used. Files are written through a temporary file and
+renamed, so parallel writers of the same epoch are harmless (their bytes are identical) and a reader never sees a
+partial file.
 
 Eviction deletes only what the cache can prove it wrote: a folder named by the digest of the key.json it holds, with
 nothing in it but key.json, epoch files and the atomic writer's temporaries. Anything else in the cache folder (a
@@ -27,18 +28,21 @@ rounds them otherwise.
 """
 import fcntl
 import hashlib
+import importlib
+import importlib.metadata
 import inspect
 import json
 import logging
 import os
 import re
+import sys
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from kd import records
 from kd.data import to_device
@@ -47,35 +51,91 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# The code that computes a cached output: the model zoo's forwards, the frozen teacher's preparation (BatchNorm
-# folding), the views (order, crops, flips, normalisation) and the loop's teacher pass under autocast. Each version
-# maps to the sha256 of that code (output_code_digest); tests/test_records.py fails when the code no longer matches
-# the newest entry. Then add an entry {N + 1: <new digest>}: the key changes and no older output is read again.
-OUTPUT_CODE = ("kd/models", "kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
+# The code that computes a cached output, besides the teacher's model (model_code keys each teacher by its own): the
+# frozen teacher's preparation (BatchNorm folding), the views (order, crops, flips, normalisation) and the loop's
+# teacher pass under autocast. Each version maps to the sha256 of that code (output_code_digest); tests/test_records.py
+# fails when the code no longer matches the newest entry. Then add an entry {N + 1: <new digest>}: the key changes and
+# no older output is read again.
+OUTPUT_CODE = ("kd.teachers.fold_batchnorm", "kd.teachers.build", "kd.loop.EpochTeacher",
                "kd.datapath.InMemoryData.inputs", "kd.datapath.InMemoryData.epoch", "kd.loop.autocast",
                "kd.data.draw_augmentation",
                "kd.data.crop_and_flip", "kd.data.epoch_plan", "kd.data.normalize", "kd.data.epoch_generator",
                "kd.teacher_cache.EpochOutputs")
-OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140c82f2644d2b4"}
+OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140c82f2644d2b4",
+                        # 2: kd/models declare "preact" layers and name kd.methods.hooks (no forward changed)
+                        2: "f4c746105add9d7b890d816654cdff0d846c20fd81fba655d7092657da9e6813",
+                        # 3: kd/models declare "stem" layers (FSP's; no forward changed)
+                        3: "81a6d846d0a0836da62e98452bd3dced1bc2f819c7efb6e898bf25cad1b94e59",
+                        # 4: kd/models left this list: each teacher's own model code is in its key (model_code)
+                        4: "edb63b580230f8c1621d34736c2a751f647ef359891d8b15f147beab648b5f46"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 
 def output_code_digest() -> str:
-    """sha256 of the source of OUTPUT_CODE (files of a folder in name order; functions and classes by name)."""
-    import importlib
-
+    """sha256 of the source of OUTPUT_CODE (functions and classes by name)."""
     digest = hashlib.sha256()
     for name in OUTPUT_CODE:
-        if "/" in name:
-            for path in sorted((records.REPO_ROOT / name).glob("*.py")):
-                digest.update(path.read_bytes())
-            continue
         module, _, attribute = name.partition(".")[2].partition(".")
         target = importlib.import_module(f"kd.{module}")
         for part in attribute.split("."):
             target = getattr(target, part)
         digest.update(inspect.getsource(target).encode())
     return digest.hexdigest()
+
+
+def model_code(teacher: nn.Module, factory: str) -> dict[str, Any]:
+    """The model code a teacher's outputs depend on: the source of the kd modules that define its classes and its
+    factory (`_target_`), and the kd modules those name (kd.models' shared layers), hashed; and the version of each
+    library (torchvision, timm) whose classes or functions they use (torch's is in the cache key already). A model
+    file this teacher never uses is in none of them, so adding or editing one changes no other teacher's key."""
+    names = {type(module).__module__ for module in teacher.modules()} | {factory.rpartition(".")[0]}
+    project, libraries = _code_closure(names)
+    digest = hashlib.sha256()
+    for name in sorted(project):
+        digest.update(f"{name}\n".encode() + Path(sys.modules[name].__file__).read_bytes())
+    return {"modules": sorted(project), "sha256": digest.hexdigest(), "libraries": libraries}
+
+
+def _code_closure(names: set[str]) -> tuple[set[str], dict[str, str]]:
+    """The kd modules among `names` and those their globals name, transitively; the versions of the other packages
+    they reach (the standard library and torch left out)."""
+    project, libraries, pending = set(), {}, set(names)
+    while pending:
+        name = pending.pop()
+        package = name.partition(".")[0]
+        if package != "kd":
+            if package not in ("torch", "builtins") and package not in sys.stdlib_module_names:
+                libraries[package] = _version(package)
+            continue
+        if name in project:
+            continue
+        project.add(name)
+        pending |= _named_modules(importlib.import_module(name))
+    return project, dict(sorted(libraries.items()))
+
+
+def _named_modules(module: Any) -> set[str]:
+    """The modules a module's globals come from: imported modules, and the modules of its functions and classes.
+    A package's own submodules are left out: the import system binds each loaded one there, used or not."""
+    named = set()
+    for value in vars(module).values():
+        if inspect.ismodule(value):
+            if not value.__name__.startswith(f"{module.__name__}."):
+                named.add(value.__name__)
+        elif callable(value) and isinstance(getattr(value, "__module__", None), str):
+            named.add(value.__module__)
+    return named
+
+
+def _version(package: str) -> str:
+    """A package's version: its __version__, else its distribution's."""
+    version = getattr(sys.modules.get(package), "__version__", None)
+    if version is None:
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+    return str(version)
 
 
 # Top-k storage: the classes outside a row's k largest logits get logit (k-th largest - TOPK_GAP), so that

@@ -48,7 +48,7 @@ def test_nan_and_inf_are_refused_in_every_group_in_one_message(tmp_path, monkeyp
     monkeypatch.setattr(engine, "load_data", no_data)
     named = ["loss.temperature=nan", "optimizer.weight_decay=inf", "scheduler.min_lr=-inf", "dataset.val_fraction=nan",
              "pair_hparams.dkd_beta=inf", "teacher_recipe.optimizer.momentum=nan", "teacher_lock_timeout_s=inf"]
-    cfg = compose_cfg(tmp_path, *PLAIN, "loss=kd", "teacher_recipe=quickstart", *named[:4], f"+{named[4]}", *named[5:])
+    cfg = compose_cfg(tmp_path, *PLAIN, "loss=kd", "teacher_recipe=quickstart", *named)
     message = refused(cfg, tmp_path)
     assert message.startswith("invalid config: ") and message.count("invalid config") == 1
     assert message.endswith(": NaN and infinite values are refused (every float setting must be a finite number)")
@@ -61,12 +61,50 @@ def test_nan_and_inf_are_refused_in_every_group_in_one_message(tmp_path, monkeyp
                                 "momentum)"),
     ("scheduler.min_lr=low", "scheduler.min_lr='low': must be a number (kd.schedulers.cosine takes a number as "
                              "min_lr)"),
-    ("loss.temperature=hot", "loss.temperature='hot': must be a number (kd.losses.KDLoss takes a number as "
+    ("loss.temperature=hot", "loss.temperature='hot': must be a number (kd.methods.kd.KDLoss takes a number as "
                              "temperature)"),
 ])
 def test_strings_where_a_target_takes_a_number_are_refused_naming_the_key_and_type(tmp_path, override, named):
     message = refused(compose_cfg(tmp_path, *PLAIN, "loss=kd", "teacher_recipe=quickstart", override), tmp_path)
     assert message == f"invalid config: {named}"  # the teacher's recipe (quickstart) is its own: not named
+
+
+def test_a_value_that_no_config_option_gives_is_refused_naming_it(tmp_path):
+    """The schema holds no dataset's facts (kd.config.DatasetConfig): an option that leaves one out is refused."""
+    options = tmp_path / "conf" / "dataset"
+    options.mkdir(parents=True)
+    digits = (Path(__file__).resolve().parents[1] / "conf" / "dataset" / "digits.yaml").read_text()
+    (options / "no_flip_setting.yaml").write_text(digits.replace("hflip: false\n", ""))
+    cfg = compose_cfg(tmp_path, *PLAIN, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "dataset=no_flip_setting")
+    message = refused(cfg, tmp_path)
+    assert message == ("invalid config: dataset.hflip: no value given (???): set each on the command line "
+                       "(dataset.hflip=...) or in the config option that should give it")
+
+
+def test_a_setting_added_to_a_typed_node_with_plus_is_refused_naming_the_close_ones(tmp_path):
+    """Hydra's + adds a key that the schema would refuse: a misspelt pair value would be read by nothing."""
+    message = refused(compose_cfg(tmp_path, *PLAIN, "+pair_hparams.dkd_betta=2", "+seedd=1", "+loss.extra=1"),
+                      tmp_path)
+    assert message == (
+        "invalid config: pair_hparams.dkd_betta: PairHparams has no such setting (it was added with +; close names: "
+        "dkd_beta, dkd_ls_beta): set an existing one, without the +; seedd: Config has no such setting (it was added "
+        "with +; close names: seed): set an existing one, without the +")  # loss is untyped: its targets check it
+
+
+def test_a_sweep_over_a_value_no_config_option_gives_runs_and_one_that_leaves_it_out_stops(tmp_path, multirun):
+    """Hydra leaves a swept value out of the sweep's own config (???): its jobs give it, and each checks its own."""
+    options = tmp_path / "conf" / "dataset"
+    options.mkdir(parents=True)
+    digits = (Path(__file__).resolve().parents[1] / "conf" / "dataset" / "digits.yaml").read_text()
+    (options / "no_flip_setting.yaml").write_text(digits.replace("hflip: false\n", ""))
+    option = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "dataset=no_flip_setting"]
+    code, out = multirun(tmp_path / "sweep", *option, "dataset.hflip=true,false")
+    assert code == 0, out
+    assert sorted(p.parent.name for p in (tmp_path / "sweep").glob("*/result.json")) == [
+        "dataset.hflip=False", "dataset.hflip=True"]
+    code, out = multirun(tmp_path / "unswept", *option, "seed=0,1")
+    assert code == 1 and "invalid config: dataset.hflip: no value given (???)" in out
+    assert "#0 :" not in out and not (tmp_path / "unswept").exists()
 
 
 def test_negative_teacher_acc_tolerance_is_refused(tmp_path):

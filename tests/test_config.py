@@ -5,6 +5,7 @@ Composition runs in-process (hydra.initialize + compose). Nothing here downloads
 composed and checked against their factory's signature, never instantiated.
 """
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -24,11 +25,11 @@ from PIL import Image
 from torch import nn
 
 import kd.config  # noqa: F401  (registers the typed root schema `config_schema`)
-from kd import engine, teachers
-from kd.features import capture
-from kd.losses import Step
+from kd import engine, records, teachers
+from kd.methods.base import Step
+from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8
-from kd.config import Phase
+from kd.config import PairHparams, Phase
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
@@ -96,12 +97,17 @@ def test_model_option_builds_as_teacher_and_student(name, one_thread):
     assert torch.isfinite(logits).all()
 
 
+# FSP compares FSP matrices of equal sizes: its teacher is as wide as the student.
+TEACHER_WIDTHS = {"fsp": 0.25}
+
+
 @pytest.mark.parametrize("name", options("loss"))
 def test_loss_option_instantiates_and_returns_finite_terms(name):
     """Every loss option, bound to a tiny student and teacher, gives finite terms whose gradient reaches the student."""
     criterion = instantiate(compose(f"loss={name}").loss)
     torch.manual_seed(0)
-    student, teacher = resnet8(num_classes=10, width=0.25), resnet8(num_classes=10, width=0.5).eval()
+    teacher_width = TEACHER_WIDTHS.get(name, 0.5)
+    student, teacher = resnet8(num_classes=10, width=0.25), resnet8(num_classes=10, width=teacher_width).eval()
     images, train_labels, index = torch.randn(8, 3, 16, 16), torch.arange(40) % 10, torch.arange(8)
     criterion.bind(student, teacher, images[:2], train_labels)  # a no-op for the logit criteria
     student_layers, teacher_layers = criterion.layers()
@@ -234,6 +240,9 @@ def test_imagefolder_needs_a_root():
     cfg = compose("dataset=imagefolder")
     with pytest.raises(OmegaConfBaseException, match="root"):
         instantiate(cfg.dataset.source)
+    with pytest.raises(ValueError, match=r"dataset\.source\.root: no value given \(\?\?\?\): set each on the command "
+                                         r"line \(dataset\.source\.root=\.\.\.\)"):
+        engine.check_config(cfg)  # before any work: a run names it instead of failing when the data loads
 
 
 # Model options being added in another branch: presets that use them compose once it is merged.
@@ -312,7 +321,7 @@ def test_crd_preset_is_the_crd_cifar100_recipe(name):
     assert not opt.get("nesterov", False)
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.MultiStepLR"
     assert list(cfg.scheduler.milestones) == [150, 180, 210] and cfg.scheduler.gamma == pytest.approx(0.1)
-    assert cfg.loss._target_ == "kd.losses.KDLoss"
+    assert cfg.loss._target_ == "kd.methods.kd.KDLoss"
     assert (cfg.loss.alpha, cfg.loss.temperature) == pytest.approx((0.9, 4.0))
 
 
@@ -337,9 +346,16 @@ PAIR_HPARAMS = {  # preset: (dkd_beta, (kd_ls temperature, weight), (dkd_ls temp
 }
 
 
+# FT's init-stage lr where it is not conf/loss/ft.yaml's 0.01: the student's own for VGG students (RepDistiller
+# helper/pretrain.py lines 22-27 set 0.01 for ResNet and WRN students only).
+FT_INIT_LR = {"crd_vgg13_vgg8": 0.05, "crd_ResNet50_vgg8": 0.05}
+
+
 def expected_pair_hparams(name: str) -> dict[str, float]:
     dkd_beta, kd_ls, dkd_ls = PAIR_HPARAMS[name]
     values = {} if dkd_beta is None else {"dkd_beta": dkd_beta}
+    if name in FT_INIT_LR:
+        values["ft_init_lr"] = FT_INIT_LR[name]
     if kd_ls is not None:
         values.update(zip(("kd_ls_temperature", "kd_ls_weight"), kd_ls))
     if dkd_ls is not None:
@@ -354,15 +370,71 @@ def test_every_crd_preset_has_its_cited_pair_values():
         assert dict(preset.get("pair_hparams", {})) == expected_pair_hparams(name), name
 
 
-def test_pair_hparams_keys_are_read_by_a_loss_option():
-    """oc.select falls back to the default on a misspelt key, so every key a preset sets must be one a loss reads."""
+def test_pair_hparams_declares_exactly_the_keys_the_loss_options_read():
+    """A key the schema declares is one a loss option reads (a preset's other keys fail at composition), and a key a
+    loss option reads is declared (else its interpolation fails)."""
     read = {key for path in (CONF / "loss").glob("*.yaml")
             for key in re.findall(r"pair_hparams\.(\w+)", path.read_text())}
-    assert read == {"dkd_beta", "kd_ls_temperature", "kd_ls_weight", "dkd_ls_temperature", "dkd_ls_weight",
-                    "dkd_ls_beta", "reviewkd_weight", "kd_alpha", "kd_temperature", "dkd_temperature",
-                    "dkd_warmup_epochs"}
-    for path in (CONF / "experiment").glob("*.yaml"):
-        assert set(OmegaConf.load(path).get("pair_hparams", {})) <= read, path.name
+    assert read == {field.name for field in dataclasses.fields(PairHparams)}
+    assert "oc.select" not in "".join(path.read_text() for path in (CONF / "loss").glob("*.yaml"))  # see coalesce
+
+
+def test_a_misspelt_pair_value_in_a_preset_fails_at_composition(tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\npair_hparams:\n  dkd_betta: 2.0\n")
+    with pytest.raises(CONFIG_ERRORS, match=r"Key 'dkd_betta' not in 'PairHparams'"):
+        compose_fresh(f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo")
+
+
+def test_an_unset_pair_value_leaves_the_loss_options_own():
+    """None is "not set": the loss option's own value applies, as when no preset names the key."""
+    pair = ("experiment=crd_vgg13_vgg8",)  # dkd_beta 6, dkd_ls_beta 2
+    assert instantiate(compose(*pair, "loss=dkd").loss).beta == 6.0
+    assert instantiate(compose(*pair, "loss=dkd", "pair_hparams.dkd_beta=null").loss).beta == 8.0
+    assert instantiate(compose(*pair, "loss=dkd_ls", "pair_hparams.dkd_ls_beta=null").loss).beta == 6.0
+    unset = ("pair_hparams.dkd_ls_beta=null", "pair_hparams.dkd_beta=null")
+    assert instantiate(compose(*pair, "loss=dkd_ls", *unset).loss).beta == 8.0
+    imagenet = ("experiment=imagenet_resnet34_resnet18", "loss=dkd")
+    assert instantiate(compose(*imagenet).loss).warmup_epochs == 1
+    assert instantiate(compose(*imagenet, "pair_hparams.dkd_warmup_epochs=null").loss).warmup_epochs == 20
+
+
+def test_records_hold_the_pair_values_set_as_before_the_node_was_typed():
+    """plain_config (run.json, result.json, checkpoints, W&B) leaves the unset keys out: a run recorded with the
+    untyped dict resumes, and groups in a report, with one recorded now."""
+    assert records.plain_config(compose())["pair_hparams"] == {}
+    for name in ("crd_resnet32x4_resnet8x4", "imagenet_resnet50_mobilenetv1"):
+        preset = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml").pair_hparams)
+        recorded = records.plain_config(compose(f"experiment={name}"))["pair_hparams"]
+        assert list(recorded.items()) == list(preset.items())
+
+
+# The only defaults a criterion class keeps are the values that leave its term as it is (unweighted CE, no label
+# smoothing, no extra KD weight, no standardisation, the method's own layers). Every value a paper sets comes from the
+# conf/loss option (with its source): a default beside it would be a second source.
+NEUTRAL_DEFAULTS = {"label_smoothing": 0.0, "kd_weight": 1.0, "standardize": False, "student_layers": None,
+                    "teacher_layers": None}
+
+
+def test_each_default_has_one_home():
+    """The YAMLs give the recipes' values (the schema declares them MISSING); the schema gives the settings that are
+    the same for every option, which no YAML repeats; the criterion classes take their values from conf/loss."""
+    schema = OmegaConf.structured(kd.config.Config)
+    root = [key for key in OmegaConf.load(CONF / "config.yaml") if key not in ("defaults", "hydra")]
+    assert root == ["epochs", "batch_size"] and all(OmegaConf.is_missing(schema, key) for key in root)
+    dataset = OmegaConf.structured(kd.config.DatasetConfig)
+    facts = {key for key in dataset if OmegaConf.is_missing(dataset, key)}
+    for name in options("dataset"):
+        assert set(OmegaConf.load(CONF / "dataset" / f"{name}.yaml")) == facts, name
+    for name in options("loss"):
+        loss = OmegaConf.to_container(compose(f"loss={name}").loss)
+        for node in (loss, *loss.values()):
+            if not isinstance(node, dict) or "_target_" not in node:
+                continue
+            neutral = NEUTRAL_DEFAULTS | ({"weight": 1.0} if node["_target_"].endswith(".CELoss") else {})
+            parameters = inspect.signature(get_method(node["_target_"])).parameters.values()
+            defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+            assert defaults.items() <= neutral.items(), (name, node["_target_"], defaults)
 
 
 @pytest.mark.parametrize("name", composable(sorted(CRD_PAIRS)))
@@ -380,6 +452,8 @@ def test_pair_values_reach_the_instantiated_losses(name):
     criterion = instantiate(compose(f"experiment={name}", "loss=dkd_ls").loss)
     assert (criterion.temperature, criterion.kd_weight, criterion.beta) == dkd_ls
     assert (criterion.ce_weight, criterion.alpha, criterion.warmup_epochs, criterion.standardize) == (1, 1, 20, True)
+    ft = instantiate(compose(f"experiment={name}", "loss=ft").loss).terms["ft"]
+    assert ft.init_lr == FT_INIT_LR.get(name, 0.01)
 
 
 def test_vgg13_vgg8_dkd_ls_is_the_logged_run():
@@ -458,6 +532,7 @@ def test_quickstart_preset_runs_offline_on_digits():
         ("epochz=3", "epochz"),
         ("loss.alpa=0.5", "loss.alpa"),
         ("dataset.val_fractoin=0.1", "dataset.val_fractoin"),
+        ("pair_hparams.dkd_betta=2", "pair_hparams.dkd_betta"),
     ],
 )
 def test_schema_rejects_unknown_keys(override, named):

@@ -8,18 +8,19 @@ import hashlib
 import re
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats
 
+import kd.config  # noqa: F401  (registers the structured schemas the composition needs)
 from kd.data import Split, digits, epoch_generator, hold_out, image_folder, normalize
+from support.folders import SHARED_CIFAR10
 from support.reference import augment, batches
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def test_digits_split_is_reproducible_and_seeded(digit_splits):
 
 
 def test_digits_yaml_statistics_match_training_split():
-    cfg = OmegaConf.load(REPO / "conf" / "dataset" / "digits.yaml")
+    with hydra.initialize(version_base="1.3", config_path="../conf"):
+        cfg = hydra.compose("config", overrides=["dataset=digits"]).dataset
     splits = digits(test_fraction=cfg.source.test_fraction, split_seed=cfg.source.split_seed)
     pixels = splits.train.images.double() / 255.0
     mean = pixels.mean(dim=(0, 2, 3))

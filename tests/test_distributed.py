@@ -14,8 +14,8 @@ from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import distributed, engine, loop, teachers
-from kd.feature_losses import CRDLoss, negative_pool, sample_negatives, step_generator
-from kd.losses import Step
+from kd.methods.base import Step
+from kd.methods.crd import CRDLoss, negative_pool, sample_negatives, step_generator
 from support import forked
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def crd_after_one_step(rank: int, world: int, out: Path) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same embeddings and initial banks on every rank
-    crd = CRDLoss(feat_dim=4, num_negatives=5)
+    crd = CRDLoss(weight=0.8, feat_dim=4, num_negatives=5, temperature=0.07, momentum=0.5)
     train_labels = torch.arange(20) % 4
     crd.build([torch.Size([1, 3])], [torch.Size([1, 5])], torch.zeros(1), train_labels)
     crd.bound_layers = (["s"], ["t"])

@@ -1,5 +1,6 @@
 """The training step never makes the host wait for the device: no value read back, no data-dependent shape, no copy
-from host memory, for every method, with the teacher live or read from the cache (tests/syncs.py counts them)."""
+from host memory, for every method, with the teacher live or read from the cache (tests/support/syncs.py counts
+them)."""
 import copy
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from support.syncs import SyncCounter
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml"))
+# FSP compares FSP matrices of equal sizes: its teacher is the student's model (tests/test_stages.py checks its init
+# stage's steps, and AB's and FT's).
+OPTION_OVERRIDES = {"fsp": ["model@teacher=simple_cnn"]}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,7 +52,7 @@ def syncs_per_step(job: loop.Job, epoch: int, monkeypatch) -> list:
 
 @pytest.mark.parametrize("loss", LOSSES)
 def test_a_training_step_never_waits_for_the_device(loss, tmp_path, monkeypatch):
-    job = job_for(tmp_path, loss)
+    job = job_for(tmp_path, loss, *OPTION_OVERRIDES.get(loss, []))
     steps = syncs_per_step(job, 1, monkeypatch)
     assert len(steps) == 4 and steps == [{}] * 4, steps
     if job.criterion.needs_teacher and not job.criterion.layers()[1]:  # the teacher's logits from the cache

@@ -13,7 +13,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from torch import nn
 
-from kd.features import default_layers, probe_shapes
+from kd.methods.hooks import default_layers, probe_shapes
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -471,7 +471,7 @@ def test_mobilenetv1_width_is_the_papers_multiplier(width, channels):
 def test_library_options_name_their_factory_and_a_default_model(option, name):
     cfg = OmegaConf.load(CONF_DIR / f"{option}.yaml")
     assert OmegaConf.to_container(cfg, resolve=False) == {
-        "defaults": ["/schema/library_model@_here_", "_self_"],
+        "defaults": ["/library_model_schema@_here_", "_self_"],
         "_target_": f"kd.models.{option}_models.{option}_model",
         "name": name,
         "num_classes": "${dataset.num_classes}",

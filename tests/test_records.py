@@ -3,6 +3,7 @@ sweeps that change nothing on disk, an immutable teacher store, bounded job fold
 file and the fix. The seven numbered tests are the seven cases of the issue, each of which gave a wrong or misleading
 record silently before.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -16,21 +17,15 @@ import torch
 from PIL import Image
 
 import kd.config  # noqa: F401  (registers the schema)
+import kd.models
 from kd import data, engine, records, report, teacher_cache, teachers
 from support import forked
-from support.folders import CLASSES, TRAIN_PER_CLASS, write_folder
+from support.folders import CLASSES, FOLDER, TRAIN_PER_CLASS, write_folder
 from support.jobs import fake_config, fake_job
-from support.runs import KILL_RUNNER, REPO, TINY, compose_cfg, launch, no_data
-
-FOLDER = ["dataset=imagefolder", "dataset.num_classes=2", "dataset.source.image_size=16", "dataset.hflip=true"]
-
+from support.runs import KILL_RUNNER, REPO, TINY, compose_cfg, launch, no_data, trained
 
 def folder_overrides(tmp: Path, root: Path, *extra: str) -> list[str]:
     return [*FOLDER, f"dataset.source.root={root}", f"dataset.source.cache_dir={tmp / 'decode_cache'}", *extra]
-
-
-def trained(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k.startswith(("train/", "test/"))}
 
 
 def info(run: Path) -> dict:
@@ -52,7 +47,9 @@ def test_1_new_image_content_under_old_names_sizes_and_mtimes_is_never_served_st
     write_folder(root, seed=0)
     common = ["phase=student", "epochs=3", *folder_overrides(tmp_path, root), "teacher_acc_tolerance=100"]
     teacher = ["phase=teacher", "epochs=3", *folder_overrides(tmp_path, root)]
-    engine.run(compose_cfg(tmp_path, *teacher), tmp_path / "teacher")
+    stored = engine.run(compose_cfg(tmp_path, *teacher), tmp_path / "teacher")["teacher_checkpoint"]
+    # By path: the store serves a teacher only for the images it was trained on (tests/test_resume_identity.py).
+    common.append(f"teacher_checkpoint={stored}")
     first = engine.run(compose_cfg(tmp_path, *common), tmp_path / "student_1")  # fills both caches
     assert info(tmp_path / "student_1")["teacher_cache/misses"] == 3
 
@@ -78,6 +75,8 @@ def test_2_tampered_cache_entries_are_deleted_recomputed_and_never_used(tmp_path
     live = engine.run(compose_cfg(tmp_path, *student, "teacher_cache=false"), tmp_path / "live")
     engine.run(compose_cfg(tmp_path, *student), tmp_path / "writer")
     entry = Path(info(tmp_path / "writer")["teacher_cache/dir"])
+    key = json.loads((entry / "key.json").read_text())
+    assert key["model_code"]["modules"] == ["kd.models", "kd.models.simple_cnn"]  # the teacher's own model code
     files = [entry / f"epoch_{epoch:04d}.pt" for epoch in (1, 2, 3)]
     shape = torch.load(files[0], weights_only=True)["logits"].shape
     shutil.copy(files[0], files[2])  # a valid file of another epoch, under this epoch's name
@@ -251,7 +250,7 @@ def test_6_a_stored_teacher_is_returned_not_retrained_and_retraining_files_a_new
 
 def test_report_flags_rows_of_one_pair_that_used_different_teachers(tmp_path, capsys):
     for number, (alpha, sha) in enumerate(((0.9, "a" * 64), (0.5, "b" * 64))):
-        config = fake_config({"_target_": "kd.losses.KDLoss", "alpha": alpha}, 1.0, 0,
+        config = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": alpha}, 1.0, 0,
                              teacher={"_target_": "kd.models.cifar_resnet.resnet56"})
         fake_job(tmp_path / f"job{number}", [f"loss.alpha={alpha}"], config,
                  **{"test/acc1": 60.0, "test/acc1_best": 60.0, "teacher/sha256": sha})
@@ -298,6 +297,55 @@ def test_the_code_behind_cached_teacher_outputs_matches_its_recorded_version():
     )
 
 
+NEW_MODEL = """from torch import nn
+
+from kd.models import GlobalAvgPool
+
+
+def new_net(num_classes: int, width: float = 1.0) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, num_classes, 1), GlobalAvgPool(), nn.Flatten())
+"""
+
+
+def test_a_teachers_cache_key_covers_its_own_model_code_and_no_other_model_file(tmp_path, monkeypatch):
+    """A new model file (imported, as the zoo's are) changes no existing key and needs no version bump; editing another
+    model's file leaves the key; editing the teacher's own file, or its library's version, changes it."""
+    import torchvision
+
+    from kd.models import cifar_resnet, vgg
+    from kd.models.torchvision_models import torchvision_model
+
+    teacher = cifar_resnet.resnet8(10, width=0.25)
+    key = lambda: teacher_cache.model_code(teacher, "kd.models.cifar_resnet.resnet8")  # noqa: E731
+    before, digest = key(), teacher_cache.output_code_digest()
+    assert (before["modules"], before["libraries"]) == (["kd.models", "kd.models.cifar_resnet"], {})
+    (tmp_path / "new_net.py").write_text(NEW_MODEL)
+    spec = importlib.util.spec_from_file_location("kd.models.new_net", tmp_path / "new_net.py")
+    new_net = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "kd.models.new_net", new_net)
+    spec.loader.exec_module(new_net)
+    monkeypatch.setattr(kd.models, "new_net", new_net, raising=False)
+    assert key() == before and teacher_cache.output_code_digest() == digest
+    assert teacher_cache.model_code(new_net.new_net(10), "kd.models.new_net.new_net")["modules"] == [
+        "kd.models", "kd.models.new_net"]
+
+    def edit(module) -> None:  # the module's file, as it reads after an edit
+        copy = tmp_path / Path(module.__file__).name
+        copy.write_text(Path(module.__file__).read_text() + "\n# an edit\n")
+        monkeypatch.setattr(module, "__file__", str(copy))
+
+    edit(vgg)  # another model's file
+    assert key() == before
+    edit(cifar_resnet)  # the teacher's own
+    assert key()["sha256"] != before["sha256"]
+    library = lambda: teacher_cache.model_code(  # noqa: E731
+        torchvision_model("resnet18", 10), "kd.models.torchvision_models.torchvision_model")
+    assert library()["libraries"] == {"torchvision": torchvision.__version__}
+    old = library()
+    monkeypatch.setattr(torchvision, "__version__", "0.0.1")
+    assert library()["libraries"] == {"torchvision": "0.0.1"} and library()["sha256"] == old["sha256"]
+
+
 def test_cached_teacher_equals_the_live_one_under_bf16_autocast(tmp_path):
     engine.run(compose_cfg(tmp_path, "phase=teacher", "epochs=2"), tmp_path / "teacher")
     student = ["phase=student", "precision=bf16", "teacher_acc_tolerance=100", "epochs=2"]
@@ -320,7 +368,7 @@ def test_truncated_image_is_named(tmp_path):
     bad = root / "train" / "dog" / "003.bmp"
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(ValueError, match=rf"{bad} cannot be decoded as an image .*truncated or corrupt. Replace"):
-        data.image_folder(str(root), 16)
+        data.image_folder(str(root), 16, scan=False)  # past the pre-flight scan, which lists it first
 
 
 def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
@@ -477,3 +525,25 @@ def test_a_run_killed_at_any_of_20_points_and_rerun_ends_with_the_same_result_an
                                                            t[1], t[2], t[0]), trials))
     for (name, _, fault), result in zip(trials, results):
         assert result == reference[name], fault
+
+
+def test_a_run_recorded_before_the_methods_moved_is_returned_and_grouped_as_one_recorded_now(tmp_path):
+    """Records of runs made while the criteria lived in kd.losses / kd.feature_losses / kd.review_kd name them there:
+    a rerun returns such a run instead of refusing it as another config, and the report groups it with new runs."""
+    cfg = compose_cfg(tmp_path, "phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=1")
+    run = tmp_path / "run"
+    result = engine.run(cfg, run)
+    for name in ("run.json", "result.json"):
+        record = json.loads((run / name).read_text())
+        assert record["config"]["loss"]["_target_"] == "kd.methods.base.CELoss"
+        record["config"]["loss"]["_target_"] = "kd.losses.CELoss"
+        (run / name).write_text(json.dumps(record))
+    before = snapshot(run)
+    assert engine.run(cfg, run)["test/acc1"] == result["test/acc1"]  # returned, not refused, not retrained
+    assert snapshot(run) == before
+    old = json.loads((run / "result.json").read_text())
+    assert report.group_key(old) == report.group_key(result)
+    unknown = records.plain_config(cfg)
+    unknown["loss"]["_target_"] = "kd.losses.NotACriterion"  # only the classes that moved are renamed
+    assert [d.split(":")[0] for d in records.config_differences(unknown, records.plain_config(cfg), ())] == [
+        "loss._target_"]

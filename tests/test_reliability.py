@@ -12,6 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, records, teachers
-from support import forked
+from support import forked, wandb_history, wandb_segments
 from support.runs import PLAIN, REPO, command, compose_cfg, epochs_logged, launch, no_data, outcome
 
 
@@ -70,6 +71,8 @@ def test_killed_run_resumes_to_the_same_bits(point, uninterrupted, tmp_path):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
     assert len(runs) == 2 and {p.name.rsplit("-", 1)[1] for p in runs} == {wandb_id}
+    # Its newest segment logged the epochs before the kill again: a sync of the segments gives the whole history.
+    assert [row["_step"] for row in wandb_history(wandb_segments(run)[-1])] == [1, 2, 3]
 
 
 @pytest.mark.slow
@@ -187,13 +190,14 @@ def test_parallel_students_train_their_missing_teacher_once(tmp_path):
 def test_teacher_phase_files_into_the_store_under_its_lock(tmp_path):
     cfg = compose_cfg(tmp_path, "phase=teacher", "teacher_lock_timeout_s=0.2")
     entry, model, metrics = teachers.entry_dir(cfg, cfg.seed), instantiate(cfg.teacher), {"test/acc1": 0.0}
+    data = SimpleNamespace(classes=["a", "b"], train_digest=lambda: "0" * 64)  # what the manifest records of the data
     entry.mkdir(parents=True)
     with FileLock(entry / ".lock"):  # as if another job were filing this teacher
         with pytest.raises(TimeoutError, match="another job is still training this teacher"):
-            teachers.save_to_store(cfg, model, metrics, tmp_path, ["a", "b"])
+            teachers.save_to_store(cfg, model, metrics, tmp_path, data)
     assert teachers.newest_complete(entry) is None
     with teachers.store_lock(entry, 0.2):  # the on-demand path holds the lock already: no wait on itself
-        teachers.save_to_store(cfg, model, metrics, tmp_path, ["a", "b"])
+        teachers.save_to_store(cfg, model, metrics, tmp_path, data)
     assert (entry / "v1" / "manifest.json").is_file()
 
 
@@ -235,9 +239,7 @@ BAD_RUNS = {
     "batch-size-zero": (["batch_size=0"], r"batch_size=0, eval_batch_size=512: need at least 1", True),
     "eval-batch-size-zero": (["eval_batch_size=0"], r"eval_batch_size=0: need at least 1", True),
     "val-fraction-one": (["dataset.val_fraction=1.0"], r"dataset\.val_fraction=1\.0: must be in \[0, 1\)", True),
-    "logger-mode": (["logger.mode=loud"], r"logger\.mode=loud: must be one of online, offline, disabled", True),
     "wandb-timeout": (["logger.init_timeout_s=0"], r"logger\.init_timeout_s=0\.0: must be > 0", True),
-    "precision": (["precision=fp8"], r"precision=fp8: must be auto, fp32, bf16, fp16", True),
     "teacher-cache-dtype": (
         ["teacher_cache_dtype=float64"], r"teacher_cache_dtype=float64: must be one of float32, bfloat16, float16", True
     ),
@@ -285,6 +287,8 @@ BAD_COMPOSITIONS = {
     "misspelt-key": ("epoch=3", ["Could not override 'epoch'"]),
     "wrong-type": ("epochs=abc", ["epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"]),
     "unknown-phase": ("phase=distill", ["Invalid value 'distill', expected one of [teacher, student]"]),
+    "logger-mode": ("logger.mode=loud", ["Invalid value 'loud', expected one of [online, offline, disabled]"]),
+    "precision": ("precision=fp8", ["Invalid value 'fp8', expected one of [auto, fp32, bf16, fp16]"]),
 }
 
 

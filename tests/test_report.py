@@ -10,7 +10,7 @@ import pytest
 
 from kd import report
 from support import forked
-from support.jobs import fake_config, fake_job
+from support.jobs import fake_config, fake_job, section
 
 REPO = Path(__file__).resolve().parents[1]
 # 16x16 digits, small CNNs, batch 128 and one thread keep 9 trainings within seconds; the pipeline is the same as at
@@ -66,10 +66,6 @@ def job_folder(sweep: Path, **values: str) -> Path:
     wanted = {f"{k.replace('__', '.')}={v}" for k, v in values.items()}
     (match,) = [p.parent for p in sweep.rglob("run.json") if wanted <= set(json.loads(p.read_text())["overrides"])]
     return match
-
-
-def section(markdown: str, heading: str) -> str:
-    return markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
 
 
 def test_expected_jobs_are_the_grid(sweep):
@@ -185,8 +181,8 @@ def test_removed_folders_are_missing_from_the_grid(sweep, tmp_path, capsys):
 @pytest.fixture
 def ce_and_kd_sweep(tmp_path) -> Path:
     """CE and KD students at two widths; no multirun.yaml; KD at width 1 has one seed only."""
-    ce, kd = {"_target_": "kd.losses.CELoss", "label_smoothing": 0.0}, {"_target_": "kd.losses.KDLoss", "alpha": 0.9,
-                                                                         "temperature": 4}
+    ce = {"_target_": "kd.methods.base.CELoss", "label_smoothing": 0.0}
+    kd = {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}
     number = 0
     for name, loss in (("ce", ce), ("kd", kd)):
         for width, params in ((0.5, 1000), (1.0, 4000)):
@@ -211,8 +207,9 @@ def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
     assert rows[("KD", "1.0")]["baseline_row"] == rows[(ce, "1.0")]["row"]
     markdown = (ce_and_kd_sweep / "report.md").read_text()
     kd_line = next(l for l in markdown.splitlines() if l.startswith(f"| {rows[('KD', '1.0')]['row']} |"))
-    assert "| 65.00 |" in kd_line and "±" not in kd_line and "best" not in markdown.split("| # |")[1].split("\n")[0]
-    assert "latency (ms)" in markdown and "selected by val/acc1" in markdown
+    # The best mean is bold; the latency a job measured while training (run_info.json) is not a column.
+    assert "| **65.00** |" in kd_line and "±" not in kd_line and "best" not in markdown.split("| # |")[1].split("\n")[0]
+    assert "latency (ms)" not in markdown and "selected by val/acc1" in markdown
     for name in ("acc_vs_params.png", "acc_vs_flops.png", "curves.png"):
         assert (ce_and_kd_sweep / name).read_bytes()[:8] == PNG_SIGNATURE
         assert matplotlib.image.imread(ce_and_kd_sweep / name).size > 0
@@ -221,8 +218,8 @@ def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
 
 def test_size_plot_draws_one_line_per_method_across_student_widths(tmp_path, monkeypatch):
     teacher = {"_target_": "kd.models.cifar_resnet.resnet20", "width": 1.0}
-    losses = {"ce": {"_target_": "kd.losses.CELoss", "label_smoothing": 0.0},
-              "kd": {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4}}
+    losses = {"ce": {"_target_": "kd.methods.base.CELoss", "label_smoothing": 0.0},
+              "kd": {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}}
     for number, (name, width) in enumerate((n, w) for n in losses for w in (0.5, 1.0)):
         fake_job(tmp_path / f"{number}_job", [f"loss={name}", f"student.width={width}"],
                  fake_config(losses[name], width, 0, teacher=teacher), {},
@@ -239,11 +236,11 @@ def key(config: dict, linked: set = frozenset(), **result) -> dict:
 
 
 def test_group_key_drops_seed_and_bookkeeping_but_keeps_seed_links():
-    one = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 0, teacher_seed=0, teacher_store="/a")
-    two = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=0, teacher_store="/b")
+    one = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9}, 0.5, 0, teacher_seed=0, teacher_store="/a")
+    two = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=0, teacher_store="/b")
     assert key(one) == key({**two, "logger": {"mode": "online"}, "progress_bar": True})
     assert key(one)["method"] == "KD" and "seed" not in key(one)
-    paired = fake_config({"_target_": "kd.losses.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=1)
+    paired = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9}, 0.5, 1, teacher_seed=1)
     assert key(paired) != key(one)  # a different teacher is another experiment
     assert key(paired, {"teacher_seed"})["teacher_seed"] == "${seed}"
     teacher = {**one, "phase": "teacher", "teacher": {"_target_": "kd.models.cifar_resnet.resnet8"}}
@@ -264,33 +261,33 @@ def test_bad_pivot_key_and_empty_folder_fail(ce_and_kd_sweep, tmp_path, capsys):
 
 
 def test_method_names_follow_the_papers_tables():
-    ce = {"_target_": "kd.losses.CELoss", "weight": 1.0}
-    feature = {"_target_": "kd.feature_losses.FitNetLoss", "weight": 100.0}
-    crd = {"_target_": "kd.feature_losses.CRDLoss", "weight": 0.8}
-    soft = {"_target_": "kd.losses.SoftTargets", "weight": 9.0, "standardize": True}
+    ce = {"_target_": "kd.methods.base.CELoss", "weight": 1.0}
+    feature = {"_target_": "kd.methods.fitnet.FitNetLoss", "weight": 100.0}
+    crd = {"_target_": "kd.methods.crd.CRDLoss", "weight": 0.8}
+    soft = {"_target_": "kd.methods.kd.SoftTargets", "weight": 9.0, "standardize": True}
     names = {
-        "KD": {"_target_": "kd.losses.KDLoss", "alpha": 0.9},
-        "DKD-LS": {"_target_": "kd.losses.DKDLoss", "standardize": True},
-        "FitNet": {"_target_": "kd.losses.Combined", "ce": ce, "fitnet": feature},
-        "KD+CRD": {"_target_": "kd.losses.Combined", "ce": ce, "kd": {**soft, "standardize": False}, "crd": crd},
-        "KD-LS": {"_target_": "kd.losses.Combined", "ce": ce, "kd": soft},
-        "CE (no teacher)": {"_target_": "kd.losses.Combined", "ce": ce},
+        "KD": {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9},
+        "DKD-LS": {"_target_": "kd.methods.dkd.DKDLoss", "standardize": True},
+        "FitNet": {"_target_": "kd.methods.base.Combined", "ce": ce, "fitnet": feature},
+        "KD+CRD": {"_target_": "kd.methods.base.Combined", "ce": ce, "kd": {**soft, "standardize": False}, "crd": crd},
+        "KD-LS": {"_target_": "kd.methods.base.Combined", "ce": ce, "kd": soft},
+        "CE (no teacher)": {"_target_": "kd.methods.base.Combined", "ce": ce},
     }
     for name, loss in names.items():
         assert report.method_name({"phase": "student", "loss": loss}) == name
-    for baseline in ({"_target_": "kd.losses.CELoss"}, {"_target_": "kd.losses.KDLoss", "alpha": 0}):
+    for baseline in ({"_target_": "kd.methods.base.CELoss"}, {"_target_": "kd.methods.kd.KDLoss", "alpha": 0}):
         assert report.method_name({"phase": "student", "loss": baseline}) == "CE (no teacher)"
 
 
 def test_method_by_pair_pivot_is_one_table(tmp_path):
     """A methods x pairs sweep: each method's own weights and each pair's models and DKD beta follow the pivoted
     keys, so they neither split the pivot into panels nor crowd the table with columns."""
-    ce = {"_target_": "kd.losses.CELoss", "weight": 1.0}
+    ce = {"_target_": "kd.methods.base.CELoss", "weight": 1.0}
     methods = {
-        "kd": {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4},
-        "dkd": {"_target_": "kd.losses.DKDLoss", "beta": None},  # beta: the pair's
-        "fitnet": {"_target_": "kd.losses.Combined", "ce": ce,
-                   "fitnet": {"_target_": "kd.feature_losses.FitNetLoss", "weight": 100.0}},
+        "kd": {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4},
+        "dkd": {"_target_": "kd.methods.dkd.DKDLoss", "beta": None},  # beta: the pair's
+        "fitnet": {"_target_": "kd.methods.base.Combined", "ce": ce,
+                   "fitnet": {"_target_": "kd.methods.fitnet.FitNetLoss", "weight": 100.0}},
     }
     pairs = {"resnet56": ("resnet20", 2.0), "wrn_40_2": ("wrn_16_2", 6.0)}
     number = 0
@@ -311,7 +308,9 @@ def test_method_by_pair_pivot_is_one_table(tmp_path):
     pivot = section(markdown, "Pivot: method × pair (test top-1 last, %)")
     assert sum(line.startswith("| --- ") for line in pivot.splitlines()) == 1  # one panel
     assert "| method \\ pair | resnet56 -> resnet20 | wrn_40_2 -> wrn_16_2 |" in pivot
-    assert "| DKD | 65.50 ± 0.71 | 66.50 ± 0.71 |" in pivot and "| FitNet | 70.50 ± 0.71 | 71.50 ± 0.71 |" in pivot
+    # Each pair's best method is bold (rows of another student do not compete).
+    assert "| DKD | 65.50 ± 0.71 | 66.50 ± 0.71 |" in pivot
+    assert "| FitNet | **70.50 ± 0.71** | **71.50 ± 0.71** |" in pivot
     header = next(line for line in markdown.splitlines() if line.startswith("| # |"))
     # DKD's beta varies with the pair and the method together: it stays a column; nothing else of loss or pair.
     assert "| method | pair | loss.beta | test top-1" in header and "teacher." not in header
@@ -321,7 +320,7 @@ def test_method_by_pair_pivot_is_one_table(tmp_path):
 def test_paper_figures_beside_ours(tmp_path):
     """--paper crd: every cell with a published figure shows ours at the paper's convention, the figure, the
     difference; the teacher row compares the measured teachers; the CSV holds the full-precision numbers."""
-    kd_loss = {"_target_": "kd.losses.KDLoss", "alpha": 0.9, "temperature": 4}
+    kd_loss = {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}
     for number, (alpha, seed, last) in enumerate(((0.9, 0, 69.0), (0.9, 1, 71.0), (0.0, 0, 68.5), (0.0, 1, 69.5))):
         config = fake_config({**kd_loss, "alpha": alpha}, 1.0, seed, teacher={"_target_": "kd.models.zoo.resnet56"})
         config["student"]["_target_"] = "kd.models.zoo.resnet20"
@@ -329,9 +328,10 @@ def test_paper_figures_beside_ours(tmp_path):
                  **{"test/acc1": last, "test/acc1_best": last + 1, "teacher/acc1": 72.0 + seed})
     assert report.main([str(tmp_path), "--pivot", "method", "pair", "--paper", "crd"]) == 0
     section_text = section((tmp_path / "report.md").read_text(), "Beside Tian et al., ICLR 2020 (CRD)")
-    assert "| teacher | 72.50 ± 0.58 / 72.34 (+0.16) |" in section_text  # RepDistiller README line 79
-    assert "| KD | 70.00 ± 1.41 / 70.66 (-0.66) |" in section_text  # line 80: the last epoch, as CRD reports
-    assert "| CE (no teacher) | 69.00 ± 0.71 / 69.06 (-0.06) |" in section_text
+    # Without a recorded sha256 each run's teacher counts as a teacher of its own. RepDistiller README line 79.
+    assert "| teacher | 72.50 ± 0.58 (n=4) / 72.34 (+0.16) |" in section_text
+    assert "| KD | 70.00 ± 1.41 (n=2) / 70.66 (-0.66) |" in section_text  # line 80: the last epoch, as CRD reports
+    assert "| CE (no teacher) | 69.00 ± 0.71 (n=2) / 69.06 (-0.06) |" in section_text
     assert "reports the **last** epoch" in section_text and "README.md line 80" in section_text
     assert "line 81" not in section_text  # only the sources of the figures shown
     with (tmp_path / "paper_crd.csv").open() as f:

@@ -27,45 +27,19 @@ from kd import data, distributed, engine, streaming
 from kd.data import epoch_generator
 from kd.datapath import InMemoryData
 from support import forked
+from support.images import CLASSES, smooth_image, write_imagenet, write_tiny_imagenet
 from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("ant", "bee", "cat")
-PER_CLASS = {"train": 8, "val": 3}
-
-
-def smooth_image(rng: np.random.Generator, height: int, width: int, label: int) -> np.ndarray:
-    """A class-tinted gradient with mild noise: JPEG-friendly and learnable."""
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / width, y * 255 / height, np.full((height, width), 80.0 * label)], axis=-1)
-    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-
-
-def write_imagenet(root: Path, seed: int = 0, per_class: dict = PER_CLASS) -> Path:
-    """root/{train,val}/<class>/*.JPEG of mixed sizes (24..120 px a side) and aspect ratios, with ImageNet's odd
-    files in train/ant: a greyscale JPEG, a CMYK JPEG and a PNG named .JPEG."""
-    rng = np.random.default_rng(seed)
-    for part, count in per_class.items():
-        for label, name in enumerate(CLASSES):
-            (root / part / name).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                height, width = (int(v) for v in rng.integers(24, 121, 2))
-                image = Image.fromarray(smooth_image(rng, height, width, label))
-                image.save(root / part / name / f"{name}_{i:02d}.JPEG", quality=90)
-    odd = Image.fromarray(smooth_image(rng, 50, 70, 0))
-    odd.convert("L").save(root / "train" / "ant" / "ant_grey.JPEG")
-    odd.convert("CMYK").save(root / "train" / "ant" / "ant_cmyk.JPEG")
-    odd.save(root / "train" / "ant" / "ant_png.JPEG", format="PNG")
-    return root
-
-
 @pytest.fixture(scope="module")
 def imagenet_root(tmp_path_factory) -> Path:
     return write_imagenet(tmp_path_factory.mktemp("imagenet") / "imagenet")
 
 
-def stream(root: Path, size: int = 32, workers: int = 0, val_fraction: float = 0.0) -> streaming.StreamingData:
-    source = data.imagenet(str(root), image_size=size, num_workers=workers)
+def stream(
+    root: Path, size: int = 32, workers: int = 0, val_fraction: float = 0.0, scan: bool = True
+) -> streaming.StreamingData:
+    source = data.imagenet(str(root), image_size=size, num_workers=workers, scan=scan)
     train, val = data.hold_out(source.train, val_fraction, 0)
     stats = [torch.full((1, 3, 1, 1), v) for v in (0.5, 0.25)]
     return streaming.StreamingData.from_files(source, train, val, *stats, (0, True))
@@ -272,7 +246,7 @@ def test_an_unreadable_jpeg_met_in_a_worker_is_named(tmp_path):
     root = write_imagenet(tmp_path / "imagenet", per_class={"train": 2, "val": 1})
     broken = root / "train" / "bee" / "bee_01.JPEG"
     broken.write_bytes(broken.read_bytes()[: len(broken.read_bytes()) // 2])  # truncated
-    path = stream(root, workers=2)
+    path = stream(root, workers=2, scan=False)  # past the pre-flight scan, which lists it (test_preflight_scan.py)
     with pytest.raises(Exception, match=re.escape(str(broken)) + r" cannot be decoded as an image"):
         epoch_of(path)
 
@@ -281,7 +255,7 @@ def test_an_empty_file_is_named_by_the_train_digest(tmp_path):
     root = write_imagenet(tmp_path / "imagenet", per_class={"train": 2, "val": 1})
     (root / "train" / "cat" / "cat_00.JPEG").write_bytes(b"")
     with pytest.raises(ValueError, match=re.escape(str(root / "train" / "cat" / "cat_00.JPEG")) + " is empty"):
-        stream(root).train_digest()
+        stream(root, scan=False).train_digest()  # past the pre-flight scan, which lists it
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -317,32 +291,6 @@ def test_train_digest_covers_names_labels_sizes_and_each_files_ends(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tiny ImageNet
-
-
-def write_tiny_imagenet(root: Path, train: int = 3, val: int = 2) -> Path:
-    """tiny-imagenet-200's layout for 3 classes of 64x64 JPEGs: wnids.txt, train/<wnid>/images/<wnid>_<i>.JPEG with a
-    boxes file, val/images/val_<i>.JPEG with val_annotations.txt, and an unlabelled test/images."""
-    rng = np.random.default_rng(2)
-    wnids = ["n02", "n01", "n03"]  # not in sorted order: labels follow the sorted names
-    (root / "wnids.txt").parent.mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    lines = []
-    for wnid in wnids:
-        images = root / "train" / wnid / "images"
-        images.mkdir(parents=True)
-        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
-        for i in range(train):
-            Image.fromarray(smooth_image(rng, 64, 64, int(wnid[-1]))).save(images / f"{wnid}_{i}.JPEG")
-        for i in range(val):
-            lines.append(f"val_{len(lines)}.JPEG\t{wnid}\t0\t0\t63\t63")
-    (root / "val" / "images").mkdir(parents=True)
-    for line in lines:
-        name, wnid = line.split("\t")[:2]
-        Image.fromarray(smooth_image(rng, 64, 64, int(wnid[-1]))).save(root / "val" / "images" / name)
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    (root / "test" / "images").mkdir(parents=True)
-    Image.new("RGB", (64, 64)).save(root / "test" / "images" / "test_0.JPEG")
-    return root
 
 
 def test_tiny_imagenet_layout_loads_in_memory(tmp_path):

@@ -100,6 +100,21 @@ def test_optuna_search_maximises_validation_accuracy(tmp_path, store):
     assert best.best_value == pytest.approx(max(r["val/acc1"] for r in runs))
 
 
+def test_the_grid_sweeper_runs_the_grid_less_its_excluded_jobs_and_logs_the_cost_first(tmp_path, store):
+    """hydra/sweeper=grid in a real multirun (Hydra finds and instantiates the sweeper plugin only there): the
+    excluded job never starts, sweep.json's grid leaves it out, and the cost line comes before the first job."""
+    exclude = "hydra.sweeper.exclude=[{loss.alpha:0.9,seed:1}]"
+    proc = multirun(tmp_path, "phase=student", "hydra/sweeper=grid", "loss.alpha=0,0.9", "seed=0,1", exclude,
+                    store=store)
+    assert proc.returncode == 0, proc.stdout
+    runs = results(tmp_path / "sweep")
+    assert sorted((r["config"]["loss"]["alpha"], r["config"]["seed"]) for r in runs) == [(0, 0), (0, 1), (0.9, 0)]
+    grid = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["grid"]
+    assert len(grid) == 3 and not any({"loss.alpha=0.9", "seed=1"} <= set(job) for job in grid)
+    cost = proc.stdout.index("3 runs (1 excluded by hydra.sweeper.exclude), 0 teachers to train first: about ")
+    assert cost < proc.stdout.index("Launching 3 jobs locally")
+
+
 def test_threads_per_job():
     assert threads_per_job(OmegaConf.create({"n_jobs": 1})) is None
     assert threads_per_job(OmegaConf.create({"cpus_per_task": 3, "n_jobs": 8})) == 3
@@ -112,8 +127,9 @@ def test_sweep_presets_compose(name):
     with initialize(version_base="1.3", config_path="../conf"):
         cfg = compose("config", overrides=[f"sweep={name}"], return_hydra_config=True)
     assert cfg.phase.value == "student" and cfg.hydra.sweeper.params
-    if name.startswith("crd_table"):
-        assert cfg.train_missing_teacher and set(cfg.hydra.sweeper.params) >= {"experiment", "loss.alpha", "seed"}
+    if name.startswith("crd_table"):  # one table, one folder, every row as a loss (tests/test_tables.py)
+        assert cfg.train_missing_teacher and set(cfg.hydra.sweeper.params) == {"experiment", "loss", "seed"}
+        assert cfg.hydra.sweep.dir == f"outputs/tables/{name}"
 
 
 def test_slurm_launcher_config(monkeypatch):

@@ -3,6 +3,7 @@
     python -m tools.bench [--teacher resnet56 --student resnet20 --batch-size 64] [--json PATH] [--sweep-jobs 8]
     python -m tools.bench --data --folder DIR [--make-from IMAGE_FOLDER]   # decode speed: tools/bench_data.py
     python -m tools.bench --topk TEACHER.pt [overrides]   # the top-k teacher cache's error: tools/bench_topk.py
+    python -m tools.bench --scan --folder DIR [--make N] [--evict]   # the pre-flight scan's speed: tools/bench_scan.py
 
 (a) reference: the loop the seed document and the common KD repositories write: a CIFAR-style torchvision
     dataset (uint8 array -> PIL image -> RandomCrop/Flip/ToTensor/Normalize per image) in a DataLoader, eager
@@ -52,7 +53,7 @@ from kd import datapath, engine, loop, records
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
-from tools import bench_data, bench_topk
+from tools import bench_data, bench_scan, bench_topk
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--data"]:  # decode speed: tools/bench_data.py
         return bench_data.main(argv[1:])
+    if argv[:1] == ["--scan"]:  # the pre-flight scan's speed: tools/bench_scan.py
+        return bench_scan.main(argv[1:])
     if argv[:1] == ["--topk"]:  # what teacher_cache_topk costs the KD term: tools/bench_topk.py
         return bench_topk.main(argv[1:])
     args = parse_args(argv)

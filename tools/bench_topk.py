@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import engine, loop, teachers
-from kd.losses import kd_divergence
+from kd.methods.kd import kd_divergence
 from kd.teacher_cache import EpochOutputs
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,8 +34,9 @@ class CifarResNet(nn.Module):
     """3x3 stem, three stages of BasicBlocks (strides 1, 2, 2), global average pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (post-ReLU stage outputs, the pooled
-    # embedding); kd.features.default_layers reads it.
-    feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "fc:in"}
+    # embedding, and as "stem" the stem's output, its first feature); kd.methods.hooks.default_layers reads it. Each
+    # instance adds "preact" (preact_layer), which depends on the blocks it built.
+    feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "fc:in", "stem": "layer1:in"}
 
     def __init__(self, depth: int, filters: list[int], num_classes: int) -> None:
         super().__init__()
@@ -50,12 +51,26 @@ class CifarResNet(nn.Module):
         self.layer3 = _make_stage(filters[2], filters[3], blocks, stride=2)
         self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(filters[3], num_classes)
+        stages = CifarResNet.feature_layers["stages"]
+        self.feature_layers = {**CifarResNet.feature_layers,
+                               "preact": tuple(preact_layer(name, self.get_submodule(name)) for name in stages)}
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def preact_layer(name: str, stage: nn.Sequential) -> str:
+    """Stage `name`'s output before its final ReLU, as hooks can capture it (ReviewKD's teacher levels).
+
+    The last block returns F.relu(bn2(...) + shortcut) and no module outputs that sum, so it is named as the sum
+    ("a+b") of the block's bn2 output and of its shortcut: downsample's output, or the block's input (":in").
+    """
+    last = f"{name}.{len(stage) - 1}"
+    shortcut = f"{last}.downsample" if stage[-1].downsample is not None else f"{last}:in"
+    return f"{last}.bn2+{shortcut}"
 
 
 def _make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

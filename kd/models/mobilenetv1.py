@@ -44,7 +44,7 @@ class MobileNetV1(nn.Module):
     """Stride-2 stem, 13 depthwise-separable units (total stride 32), global average pool, linear."""
 
     # What mdistiller's forward returns as feats (the post-ReLU outputs at strides 4, 8, 16, 32: units 3, 5, 11, 13)
-    # and pooled_feat; kd.features.default_layers reads it.
+    # and pooled_feat; kd.methods.hooks.default_layers reads it.
     feature_layers = {"stages": ("model.3", "model.5", "model.11", "model.13"), "embedding": "fc:in"}
 
     def __init__(self, channels: list[int], num_classes: int) -> None:

@@ -56,7 +56,7 @@ class MobileNetV2(nn.Module):
     """Stride-2 stem, seven inverted-residual stages, 1x1 conv to the last width, pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (the outputs of stages 1, 2, 4 and 6, the
-    # pooled embedding); kd.features.default_layers reads it.
+    # pooled embedding); kd.methods.hooks.default_layers reads it.
     feature_layers = {"stages": ("blocks.1", "blocks.2", "blocks.4", "blocks.6"), "embedding": "classifier:in"}
 
     def __init__(self, num_classes: int, width_mult: float) -> None:

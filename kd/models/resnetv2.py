@@ -64,7 +64,7 @@ class ResNet(nn.Module):
     """3x3 stride-1 stem (no max-pool), four stages (strides 1, 2, 2, 2), global average pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (post-ReLU stage outputs, the pooled
-    # embedding); kd.features.default_layers reads it.
+    # embedding); kd.methods.hooks.default_layers reads it.
     feature_layers = {"stages": ("layer1", "layer2", "layer3", "layer4"), "embedding": "linear:in"}
 
     def __init__(self, block: type[BasicBlock | Bottleneck], blocks: list[int], planes: list[int],

@@ -48,7 +48,7 @@ class ShuffleNetV1(nn.Module):
     """1x1 stem, three stages of Bottlenecks (each opening with a stride-2 concat unit), pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (the stage outputs, the pooled
-    # embedding); kd.features.default_layers reads it.
+    # embedding); kd.methods.hooks.default_layers reads it.
     feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "linear:in"}
 
     def __init__(self, stem: int, planes: list[int], blocks: list[int], groups: int, num_classes: int) -> None:
@@ -140,7 +140,7 @@ class ShuffleNetV2(nn.Module):
     """1x1 stem, three stages (DownBlock then BasicBlocks), 1x1 conv head, pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (the stage outputs, the pooled
-    # embedding); kd.features.default_layers reads it.
+    # embedding); kd.methods.hooks.default_layers reads it.
     feature_layers = {"stages": ("layer1", "layer2", "layer3"), "embedding": "linear:in"}
 
     def __init__(self, stem: int, channels: list[int], blocks: list[int], num_classes: int) -> None:

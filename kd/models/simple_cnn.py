@@ -19,7 +19,7 @@ def _stage(in_channels: int, out_channels: int) -> nn.Sequential:
 class SimpleCNN(nn.Module):
     """Three conv stages (32x32 -> 4x4), global average pool, linear."""
 
-    # Stage outputs and the classifier's input, for distillation (kd.features.default_layers reads it).
+    # Stage outputs and the classifier's input, for distillation (kd.methods.hooks.default_layers reads it).
     feature_layers = {"stages": ("block1", "block2", "block3"), "embedding": "fc:in"}
 
     def __init__(self, channels: list[int], num_classes: int) -> None:

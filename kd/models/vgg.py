@@ -34,8 +34,11 @@ class VGG(nn.Module):
 
     # What RepDistiller's is_feat=True returns between stem and logits: the ReLU'd outputs of blocks 1-4 (as the
     # next pool's input; block 3's is block 4's input, pool3 being skipped at 32x32) and the pooled embedding;
-    # kd.features.default_layers reads it. At 64x64 block 4 sees block 3's output max-pooled.
-    feature_layers = {"stages": ("pool1:in", "pool2:in", "block4:in", "pool4:in"), "embedding": "classifier:in"}
+    # kd.methods.hooks.default_layers reads it. At 64x64 block 4 sees block 3's output max-pooled. "preact": each
+    # stage before that ReLU, i.e. the block's own output (_make_block leaves its last ReLU out), for ReviewKD and AB.
+    # "stem": its first feature, block 0's ReLU'd output (pool0's input).
+    feature_layers = {"stages": ("pool1:in", "pool2:in", "block4:in", "pool4:in"), "embedding": "classifier:in",
+                      "preact": ("block1", "block2", "block3", "block4"), "stem": "pool0:in"}
 
     def __init__(self, layout: list[list[int]], num_classes: int) -> None:
         super().__init__()

@@ -47,8 +47,9 @@ class WideResNet(nn.Module):
     """WRN-depth-k: 3x3 stem, three pre-activation stages, final BN-ReLU, average pool, linear."""
 
     # What RepDistiller's is_feat=True returns between stem and logits (the raw, pre-activation stage outputs,
-    # the pooled embedding); kd.features.default_layers reads it.
-    feature_layers = {"stages": ("block1", "block2", "block3"), "embedding": "fc:in"}
+    # the pooled embedding, and as "stem" the stem conv's output, its first feature); kd.methods.hooks.default_layers
+    # reads it.
+    feature_layers = {"stages": ("block1", "block2", "block3"), "embedding": "fc:in", "stem": "block1:in"}
 
     def __init__(self, depth: int, channels: list[int], num_classes: int) -> None:
         super().__init__()

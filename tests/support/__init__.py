@@ -4,6 +4,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -20,9 +21,40 @@ def tree_state(root: Path) -> dict[str, str]:
                 state[key] = f"link -> {os.readlink(path)}"
             elif path.is_dir():
                 state[key] = f"dir {path.stat().st_mode:o}"
+            elif not path.is_file():  # a pipe or a device: reading it could block
+                state[key] = f"special {path.stat().st_mode:o}"
             else:
                 state[key] = f"{hashlib.sha256(path.read_bytes()).hexdigest()} {path.stat().st_mode:o}"
     return state
+
+
+def wandb_segments(run_dir: Path) -> list[Path]:
+    """The .wandb files of a run folder's offline W&B run, oldest first: one per process that logged to it."""
+    return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda path: path.parent.name)
+
+
+def wandb_records(path: Path) -> list:
+    """Parse an offline run's .wandb file (a LevelDB-style log of protobuf records in 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2  # here: only the tests that read W&B files pay for the import
+
+    data, pos, chunks, out = Path(path).read_bytes(), 7, [], []  # 7-byte file header: ":W&B", magic, version
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunks.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            out.append(wandb_internal_pb2.Record.FromString(b"".join(chunks)))
+            chunks = []
+    return out
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The rows an offline run's .wandb file logged (run.log), each with its `_step`."""
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in wandb_records(path) if r.HasField("history")]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ from PIL import Image
 # 2 classes of BMPs: a BMP's size depends on its dimensions only, so new content can keep every size and mtime (a
 # cache keyed by file stats would not notice it).
 CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = ("cat", "dog"), 24, 8
+# The overrides that train on such a folder (its root and cache folder given apart).
+FOLDER = ["dataset=imagefolder", "dataset.num_classes=2", "dataset.source.image_size=16", "dataset.hflip=true"]
+# Real CIFAR-10 (ImageFolder layout), shared beside the repository; tests that use it skip when it is absent.
+SHARED_CIFAR10 = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
 
 
 def write_folder(root: Path, seed: int, parts=("train", "test")) -> None:

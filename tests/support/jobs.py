@@ -19,3 +19,8 @@ def fake_config(loss: dict, width: float, seed: int, **top) -> dict:
     """The config of a student run on simple_cnn, as result.json records it."""
     return {"phase": "student", "seed": seed, "epochs": 2, "device": "cpu", "logger": {"mode": "disabled"},
             "student": {"_target_": "kd.models.simple_cnn.simple_cnn", "width": width}, "loss": loss, **top}
+
+
+def section(markdown: str, heading: str) -> str:
+    """The text of one `## heading` section of a Markdown report."""
+    return markdown.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]

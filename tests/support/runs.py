@@ -19,6 +19,10 @@ TINY = [
     "model@student=simple_cnn", "student.width=0.25", "++dataset.source.image_size=16", "threads=1", "profile=false",
     "logger.mode=disabled",
 ]
+# Tiny and fast: 16x16 digits, a quarter-width CNN trained on the labels alone (no teacher), one thread, no W&B.
+LABELS_ONLY = ["experiment=quickstart", "model@student=simple_cnn", "student.width=0.25",
+               "++dataset.source.image_size=16", "threads=1", "profile=false", "logger.mode=disabled", "phase=student", "loss=ce",
+               "teacher_checkpoint=none"]
 # A student trained on the labels alone needs no teacher: the cheapest complete run.
 PLAIN = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=3"]
 KILL_RUNNER = "tests/support/kill_runner.py"
@@ -51,6 +55,11 @@ def outcome(run: Path) -> tuple[dict, list[dict]]:
     final = {k: v for k, v in result.items() if k.startswith(("train/", "test/")) or k in ("epochs", "best_epoch")}
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return final, [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+def trained(result: dict) -> dict:
+    """A result's train/ and test/ metrics: what a run learnt, without its times or its config."""
+    return {k: v for k, v in result.items() if k.startswith(("train/", "test/"))}
 
 
 def epochs_logged(run: Path) -> list[int]:
