@@ -3,7 +3,9 @@ W&B and kd once: what `subprocess.run([sys.executable, script, *args])` tests, w
 CPU seconds of imports per run (`time python -c "import torch, hydra, wandb, kd.engine"` on this 2-core machine).
 
 Each run is its own process (its own pid, file locks and memory; SIGKILL kills it alone), started in the given folder
-with exactly the given environment, its stdout and stderr read back together, as the tests read a subprocess's.
+with exactly the given environment. Its stdout and stderr go through FIFOs read here until every process holding them
+has closed them, as subprocess.run's pipes are: a run's end is awaited with its DataLoader workers' (which hold its
+folder's lock until they exit).
 Where a test needs what only a fresh interpreter shows (sys.path of `python tools/X.py`, torchrun, joblib's and
 submitit's own workers), it starts one itself.
 """
@@ -12,6 +14,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,14 +49,15 @@ def _context():
 
 
 def _main(argv: list[str], cwd: str, env: dict, outputs: list[str]) -> None:
-    """In the forked process: become `python *argv` (argv[0] a script) in cwd with env, its stdout written to
-    outputs[0] and its stderr to outputs[-1] (the same file when there is one), then exit with its exit code."""
+    """In the forked process: become `python *argv` (argv[0] a script) in cwd with env, its stdout written to the FIFO
+    outputs[0] and its stderr to outputs[-1] (the same one when there is one), then exit with its exit code."""
     if "support.warm" not in sys.modules:
         raise RuntimeError("the fork server did not import support.warm: run `python -c 'import support.warm'` in "
                            "tests/ to see why")
+    fds = {path: os.open(path, os.O_WRONLY) for path in outputs}
     for target, path in ((1, outputs[0]), (2, outputs[-1])):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        os.dup2(fd, target)
+        os.dup2(fds[path], target)
+    for fd in fds.values():
         os.close(fd)
     os.chdir(cwd)
     os.environ.clear()
@@ -70,6 +74,42 @@ def _main(argv: list[str], cwd: str, env: dict, outputs: list[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+class _Output:
+    """A FIFO a run writes into, read by a thread here until every writer closed it (EOF), as a pipe is."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="forked-")
+        self.path = os.path.join(self.folder, "output")
+        os.mkfifo(self.path)
+        reader = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        self._holder: Optional[int] = os.open(self.path, os.O_WRONLY)  # no EOF before the run has opened it
+        os.set_blocking(reader, True)
+        self._chunks: list[bytes] = []
+        self._thread = threading.Thread(target=self._drain, args=(reader,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, reader: int) -> None:
+        while chunk := os.read(reader, 1 << 16):
+            self._chunks.append(chunk)
+        os.close(reader)
+
+    def text(self) -> str:
+        """What was read so far, decoded as subprocess's text mode does (universal newlines)."""
+        text = b"".join(self._chunks).decode(errors="replace")
+        return text.replace("\r\n", "\n").replace("\r", "\n")
+
+    def close(self, timeout: float) -> bool:
+        """Stop holding the FIFO open; True once every other writer closed it too, within timeout seconds."""
+        if self._holder is not None:
+            os.close(self._holder)
+            self._holder = None
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            return False
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return True
 
 
 def _run(script: str) -> int:
@@ -94,13 +134,10 @@ class Started:
 
     def __init__(self, args: list[str], cwd: Path, env: Optional[dict], separate: bool = False):
         self.args = args
-        self._outputs = []
-        for _ in range(2 if separate else 1):
-            fd, path = tempfile.mkstemp(prefix="forked-", suffix=".log")
-            os.close(fd)
-            self._outputs.append(path)
+        self._outputs = [_Output() for _ in range(2 if separate else 1)]
         environ = dict(os.environ if env is None else env)
-        self._process = _context().Process(target=_main, args=(list(args), str(cwd), environ, self._outputs))
+        paths = [output.path for output in self._outputs]
+        self._process = _context().Process(target=_main, args=(list(args), str(cwd), environ, paths))
         with _starting:
             self._process.start()
         self.pid = self._process.pid
@@ -116,19 +153,21 @@ class Started:
 
     def output(self) -> str:
         """What it printed so far (stdout and stderr)."""
-        return "".join(Path(path).read_text(errors="replace") for path in self._outputs)
+        return "".join(output.text() for output in self._outputs)
 
     def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
-        """Its end; a process still running after timeout seconds is killed and TimeoutExpired raised."""
+        """Its end and its children's closing its output; past timeout seconds it is killed and TimeoutExpired
+        raised."""
+        deadline = time.monotonic() + timeout
         self._process.join(timeout)
-        if self._process.exitcode is None:
+        ended = self._process.exitcode is not None
+        if not ended:
             self.kill()
             self._process.join()
+        closed = [output.close(max(0.0, deadline - time.monotonic())) for output in self._outputs]
+        if not (ended and all(closed)):
             raise subprocess.TimeoutExpired(self.args, timeout, self.output())
-        texts = [Path(path).read_text(errors="replace") for path in self._outputs]
-        for path in self._outputs:
-            os.unlink(path)
-        return subprocess.CompletedProcess(self.args, self._process.exitcode, *texts)
+        return subprocess.CompletedProcess(self.args, self._process.exitcode, *(o.text() for o in self._outputs))
 
 
 def start(args: list[str], cwd: Path = REPO, env: Optional[dict] = None, separate: bool = False) -> Started:
