@@ -188,7 +188,8 @@ def test_sweep_of_two_students_with_the_cache_matches_the_sweep_without(teacher,
     results = {}
     for cache in ("true", "false"):
         args = ["train.py", "-m", *TINY, "phase=student", f"teacher_checkpoint={teacher}", "loss.temperature=2,4",
-                f"teacher_cache={cache}", f"teacher_cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={tmp_path / cache}"]
+                f"teacher_cache={cache}", f"teacher_cache_dir={tmp_path / 'cache'}",
+                f"hydra.sweep.dir={tmp_path / cache}"]
         proc = forked.run(args, REPO)  # train.py -m in a process of its own
         assert proc.returncode == 0, proc.stdout
         results[cache] = [{**json.loads(p.read_text()), **json.loads((p.parent / "run_info.json").read_text())}

@@ -21,8 +21,8 @@ TINY = [
 ]
 # Tiny and fast: 16x16 digits, a quarter-width CNN trained on the labels alone (no teacher), one thread, no W&B.
 LABELS_ONLY = ["experiment=quickstart", "model@student=simple_cnn", "student.width=0.25",
-               "++dataset.source.image_size=16", "threads=1", "profile=false", "logger.mode=disabled", "phase=student", "loss=ce",
-               "teacher_checkpoint=none"]
+               "++dataset.source.image_size=16", "threads=1", "profile=false", "logger.mode=disabled",
+               "phase=student", "loss=ce", "teacher_checkpoint=none"]
 # A student trained on the labels alone needs no teacher: the cheapest complete run.
 PLAIN = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=3"]
 KILL_RUNNER = "tests/support/kill_runner.py"
