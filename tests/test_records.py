@@ -509,6 +509,9 @@ def killed_and_rerun(template: Path, folder: Path, args: list[str], kill_at: str
 
 @pytest.mark.slow
 def test_a_run_killed_at_any_of_20_points_and_rerun_ends_with_the_same_result_and_nothing_half_written(tmp_path):
+    """The suite's longest test (about 10 minutes of a shared 2-core machine, run first): 50 train.py processes, 2
+    references then each of the 24 faults killed and rerun, two at a time. Only a real process killed by SIGKILL shows
+    what each point leaves on disk; support.forked spares each its interpreter's imports."""
     from concurrent.futures import ThreadPoolExecutor
 
     template = tmp_path / "template"
