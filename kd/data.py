@@ -8,11 +8,10 @@ config, whatever happened before it.
 """
 import hashlib
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import PIL
@@ -484,13 +483,6 @@ def crop_and_flip(images: Tensor, padding: int, offsets: Optional[Tensor], flips
     return images
 
 
-def augment(images: Tensor, padding: int, hflip: bool, generator: torch.Generator) -> Tensor:
-    """RandomCrop(size, padding, zero fill) then RandomHorizontalFlip(0.5), drawn per image, for a batch."""
-    offsets, flips = draw_augmentation(len(images), padding, hflip, generator)
-    offsets, flips = (t.to(images.device) if t is not None else None for t in (offsets, flips))
-    return crop_and_flip(images, padding, offsets, flips)
-
-
 @dataclass
 class EpochPlan:
     """An epoch's visiting order and augmentation, all drawn at its start, on the compute device: a training step
@@ -525,15 +517,6 @@ def to_device(tensor: Optional[Tensor], device: torch.device) -> Optional[Tensor
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 images to float, scaled to [0, 1], then standardised per channel (mean/std shaped (1, C, 1, 1))."""
     return (images.float() / 255.0 - mean) / std
-
-
-def batches(split: Split, batch_size: int, generator: Optional[torch.Generator] = None) -> Iterator[Split]:
-    """Mini-batches in a random order drawn from `generator`, or in order when it is None; keeps the last one."""
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    order = order.to(split.labels.device)
-    for start in range(0, n, batch_size):
-        yield split.subset(order[start : start + batch_size])
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -24,7 +24,7 @@ from kd import checkpoints, engine, fileio
 from kd.config import check_config
 from kd.sweep import SweepChecks
 from support import tree_state
-from test_reliability import PLAIN, TINY, compose_cfg, no_data
+from support.runs import PLAIN, TINY, compose_cfg, no_data
 
 
 def refused(cfg, tmp_path: Path, error=ValueError, locked: bool = False) -> str:

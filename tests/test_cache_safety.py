@@ -18,8 +18,8 @@ from support import read_only, tree_state
 import kd.config  # noqa: F401  (registers the schema)
 from kd import data, engine, fileio, teacher_cache
 from kd.teacher_cache import EpochOutputs, TeacherCache
-from test_records import TRAIN_PER_CLASS, write_folder
-from test_reliability import compose_cfg
+from support.folders import TRAIN_PER_CLASS, write_folder
+from support.runs import compose_cfg
 
 LOGITS = EpochOutputs(10, logits=torch.randn(100, 10, generator=torch.Generator().manual_seed(0)))
 

@@ -1,4 +1,8 @@
-"""Data: the embedded digits split, the crop/flip augmentation against torchvision, batching, hold-out, folders."""
+"""Data: the embedded digits split, the crop/flip augmentation against torchvision, batching, hold-out, folders.
+
+augment and batches (support.reference) apply kd.data's draw_augmentation and crop_and_flip batch by batch, as
+kd.data.epoch_plan draws them for an epoch; tests/test_speed.py checks the training loop's views against them.
+"""
 
 import hashlib
 import re
@@ -12,10 +16,11 @@ from PIL import Image
 from scipy import stats
 
 import kd.config  # noqa: F401  (registers the structured schemas the composition needs)
-from kd.data import Split, augment, batches, digits, epoch_generator, hold_out, image_folder, normalize
+from kd.data import Split, digits, epoch_generator, hold_out, image_folder, normalize
+from support.folders import SHARED_CIFAR10
+from support.reference import augment, batches
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
 
 # ---------------------------------------------------------------------------------------------------------------

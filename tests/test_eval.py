@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from support import tree_state
-from test_reliability import compose_cfg
+from support.runs import compose_cfg
 
 from kd import engine, fileio
 from kd.eval import main

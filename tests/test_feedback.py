@@ -33,9 +33,9 @@ from kd import engine, feedback, fileio, loop, records, teachers
 from kd.config import Phase, check_config
 from kd.methods.base import CELoss
 from kd.sweep import SweepChecks
-from syncs import SyncCounter
-from test_io_faults import TINY
-from test_reliability import compose_cfg
+from support.runs import LABELS_ONLY as TINY
+from support.runs import compose_cfg
+from support.syncs import SyncCounter
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")

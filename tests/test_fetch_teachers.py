@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from kd import engine, published_teachers, teachers
 from kd.published_teachers import FetchFailed, fetch
 from support import tree_state
-from test_reliability import compose_cfg as tiny_cfg
+from support.runs import compose_cfg as tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT = "{model}_vanilla/ckpt_epoch_240.pth"

@@ -1,5 +1,6 @@
 """The training step never makes the host wait for the device: no value read back, no data-dependent shape, no copy
-from host memory, for every method, with the teacher live or read from the cache (tests/syncs.py counts them)."""
+from host memory, for every method, with the teacher live or read from the cache (tests/support/syncs.py counts
+them)."""
 import copy
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, loop, teacher_checks
 from kd.config import Phase
 from kd.teacher_cache import TeacherCache
-from syncs import SyncCounter
-from test_reliability import compose_cfg
+from support.runs import compose_cfg
+from support.syncs import SyncCounter
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml"))

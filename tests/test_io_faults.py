@@ -20,13 +20,11 @@ from unittest import mock
 import pytest
 import torch
 from support import read_only, tree_state
+from support.runs import LABELS_ONLY as TINY
 
 from kd import engine, fileio, report
 
 REPO = Path(__file__).resolve().parents[1]
-# Tiny and fast: 16x16 digits, a quarter-width CNN trained on the labels alone (no teacher), one thread, no W&B.
-TINY = ["experiment=quickstart", "model@student=simple_cnn", "student.width=0.25", "++dataset.source.image_size=16",
-        "threads=1", "profile=false", "logger.mode=disabled", "phase=student", "loss=ce", "teacher_checkpoint=none"]
 READ_ONLY = os.strerror(errno.EROFS)
 
 

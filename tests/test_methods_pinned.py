@@ -17,7 +17,7 @@ from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8, resnet8x4, resnet20
 from kd.models.vgg import vgg8
 from kd.models.wrn import wrn_16_2
-from test_reliability import compose_cfg
+from support.runs import compose_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,29 +1,30 @@
 """Optuna searches (sweep=optuna_kd) get the checks of a grid sweep: the missing-teacher preflight, sweep.json, job
 folders named by the swept keys; their study lives in the sweep folder and a relaunch continues it; the preset
-without -m is refused. The multiruns go through real subprocesses (only Hydra's own multirun runs its sweeper and
+without -m is refused. The multiruns go through processes of their own (only Hydra's own multirun runs its sweeper and
 callbacks); the study's continuation and the single-run refusal are checked in-process."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 from hydra import compose, initialize
-from test_reliability import TINY
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import study
 from kd.sweep import SweepChecks
+from support import forked
+from support.runs import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "kd_alpha_temperature"
 
 
 def search(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "train.py", "-m", "sweep=optuna_kd", *TINY, "epochs=1", f"teacher_store={tmp / 'teachers'}",
+    """train.py -m of the preset in a process of its own (support.forked); stdout and stderr together."""
+    args = ["train.py", "-m", "sweep=optuna_kd", *TINY, "epochs=1", f"teacher_store={tmp / 'teachers'}",
             f"hydra.sweep.dir={tmp / 'sweep'}", *overrides]
-    return subprocess.run(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return forked.run(args, REPO)
 
 
 def stored_trials(sweep: Path) -> list[optuna.trial.FrozenTrial]:

@@ -15,9 +15,9 @@ from PIL import Image
 from kd import data, engine, scan, streaming
 from tools import bench
 from support import tree_state
-from test_data import SHARED_CIFAR10
-from test_reliability import PLAIN, compose_cfg
-from test_streaming import write_imagenet, write_tiny_imagenet
+from support.folders import SHARED_CIFAR10
+from support.images import write_imagenet, write_tiny_imagenet
+from support.runs import PLAIN, compose_cfg
 
 CLASSES = ("ant", "bee")
 

@@ -19,7 +19,7 @@ from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import checkpoints, engine, fileio, pretrained, teacher_checks, teachers
-from test_reliability import compose_cfg as tiny_cfg
+from support.runs import compose_cfg as tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,31 +20,13 @@ from PIL import Image
 import kd.config  # noqa: F401  (registers the schema)
 import kd.models
 from kd import data, engine, fileio, records, report, teacher_cache, teachers
-from test_reliability import REPO, TINY, compose_cfg, launch, no_data
-
-# An image folder small enough to train on in seconds: 2 classes, BMP (a file's size depends on its dimensions only,
-# so new content can keep every size and mtime: a cache keyed by file stats would not notice it).
-CLASSES, TRAIN_PER_CLASS, TEST_PER_CLASS = ("cat", "dog"), 24, 8
-FOLDER = ["dataset=imagefolder", "dataset.num_classes=2", "dataset.source.image_size=16", "dataset.hflip=true"]
-
-
-def write_folder(root: Path, seed: int, parts=("train", "test")) -> None:
-    """Random 16x16 RGB BMPs, brighter for the second class (so a teacher learns something), from `seed`."""
-    rng = np.random.default_rng(seed)
-    for part in parts:
-        for label, name in enumerate(CLASSES):
-            (root / part / name).mkdir(parents=True, exist_ok=True)
-            for i in range(TRAIN_PER_CLASS if part == "train" else TEST_PER_CLASS):
-                pixels = rng.integers(0, 160, (16, 16, 3)) + 90 * label
-                Image.fromarray(pixels.astype(np.uint8)).save(root / part / name / f"{i:03d}.bmp")
-
+from support import forked
+from support.folders import CLASSES, FOLDER, TRAIN_PER_CLASS, write_folder
+from support.jobs import fake_config, fake_job
+from support.runs import KILL_RUNNER, REPO, TINY, compose_cfg, launch, no_data, trained
 
 def folder_overrides(tmp: Path, root: Path, *extra: str) -> list[str]:
     return [*FOLDER, f"dataset.source.root={root}", f"dataset.source.cache_dir={tmp / 'decode_cache'}", *extra]
-
-
-def trained(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k.startswith(("train/", "test/"))}
 
 
 def info(run: Path) -> dict:
@@ -177,21 +158,15 @@ def test_4_a_second_process_in_a_busy_run_folder_is_refused_and_a_dead_holders_l
     pause.mkdir()
     args = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=2", "logger.mode=offline"]
     env = {**os.environ, "KD_KILL_AT": "pause:2:0", "KD_PAUSE_DIR": str(pause)}
-    holder = subprocess.Popen(
-        [sys.executable, "tests/kill_runner.py", f"hydra.run.dir={run}", *TINY, f"teacher_store={tmp_path}/t", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    holder = forked.start([KILL_RUNNER, f"hydra.run.dir={run}", *TINY, f"teacher_store={tmp_path}/t", *args], REPO, env)
     try:
-        deadline = time.monotonic() + 240
-        while not (pause / "paused").exists():  # the holder is inside epoch 2, its lock held
-            assert holder.poll() is None and time.monotonic() < deadline, holder.stdout.read()
-            time.sleep(0.1)
+        forked.wait_for(pause / "paused", holder)  # the holder is inside epoch 2, its lock held
         second = launch(run, *args)
         assert second.returncode != 0, second.stdout
         assert f"is in use by another run (pid {holder.pid} on " in second.stdout and ", started 20" in second.stdout
-        holder.send_signal(signal.SIGKILL)  # the holder dies with the lock held
-        holder.wait(timeout=60)
     finally:
-        holder.kill()
+        holder.kill()  # SIGKILL: the holder dies with the lock held
+    assert holder.wait(timeout=60).returncode == -signal.SIGKILL
     third = launch(run, *args)  # the OS released the dead holder's lock: the next run takes it over and resumes
     assert third.returncode == 0, third.stdout
     assert "resuming" in third.stdout and f"pid {holder.pid}" not in (run / ".lock").read_text()
@@ -205,11 +180,11 @@ def test_run_lock_names_its_holder_and_is_released_after_the_run(tmp_path):
     with fileio.folder_lock(tmp_path / "run"):
         holder = (tmp_path / "run" / ".lock").read_text()
         assert holder.startswith(f"pid {os.getpid()} on ")
-        probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from kd import fileio\n"
-             f"with fileio.folder_lock(__import__('pathlib').Path({str(tmp_path / 'run')!r})): pass"],
-            cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert probe.returncode != 0 and f"in use by another run ({holder.strip()})" in probe.stderr
+        script = tmp_path / "probe.py"  # another process asks for the same lock
+        script.write_text("import sys\nfrom pathlib import Path\nfrom kd import fileio\n"
+                          "with fileio.folder_lock(Path(sys.argv[1])):\n    pass\n")
+        probe = forked.run([str(script), str(tmp_path / "run")], REPO, timeout=120)
+        assert probe.returncode != 0 and f"in use by another run ({holder.strip()})" in probe.stdout
     with fileio.folder_lock(tmp_path / "run"):  # released: taken again
         pass
 
@@ -275,8 +250,6 @@ def test_6_a_stored_teacher_is_returned_not_retrained_and_retraining_files_a_new
 
 
 def test_report_flags_rows_of_one_pair_that_used_different_teachers(tmp_path, capsys):
-    from test_report import fake_config, fake_job
-
     for number, (alpha, sha) in enumerate(((0.9, "a" * 64), (0.5, "b" * 64))):
         config = fake_config({"_target_": "kd.methods.kd.KDLoss", "alpha": alpha}, 1.0, 0,
                              teacher={"_target_": "kd.models.cifar_resnet.resnet56"})
@@ -496,10 +469,9 @@ TEACHER_FAULTS = ["write:teacher.pt:1", "write:manifest.json:1"]  # a teacher ph
 
 
 def run_in(folder: Path, args: list[str], kill_at: str = "") -> subprocess.CompletedProcess:
-    script = REPO / ("tests/kill_runner.py" if kill_at else "train.py")
+    script = REPO / (KILL_RUNNER if kill_at else "train.py")
     env = {**os.environ, "KD_KILL_AT": kill_at} if kill_at else dict(os.environ)
-    return subprocess.run([sys.executable, str(script), *args], cwd=folder, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    return forked.run([str(script), *args], folder, env, timeout=600)
 
 
 def check_nothing_half_written(folder: Path) -> None:
@@ -537,6 +509,9 @@ def killed_and_rerun(template: Path, folder: Path, args: list[str], kill_at: str
 
 @pytest.mark.slow
 def test_a_run_killed_at_any_of_20_points_and_rerun_ends_with_the_same_result_and_nothing_half_written(tmp_path):
+    """The suite's longest test (about 10 minutes of a shared 2-core machine, run first): 50 train.py processes, 2
+    references then each of the 24 faults killed and rerun, two at a time. Only a real process killed by SIGKILL shows
+    what each point leaves on disk; support.forked spares each its interpreter's imports."""
     from concurrent.futures import ThreadPoolExecutor
 
     template = tmp_path / "template"

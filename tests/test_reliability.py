@@ -2,15 +2,14 @@
 unsafe checkpoints are refused, parallel jobs train a missing teacher once, bad input fails before any work, a
 W&B outage never stops training, and deterministic=true keeps results repeatable.
 
-The subprocess tests (marked slow) kill real processes with SIGKILL through tests/kill_runner.py.
+The process tests (marked slow) kill real processes with SIGKILL through tests/support/kill_runner.py; support.forked
+forks them from a server that imported torch, Hydra, W&B and kd once.
 """
 import ast
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,62 +17,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from filelock import FileLock
-from hydra import compose, initialize
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fileio, hardware, records, teachers
-from support import wandb_history, wandb_segments
-
-REPO = Path(__file__).resolve().parents[1]
-# Tiny and fast: 16x16 digits, quarter-width CNNs, one thread (the 2 cores are shared), no profiling, no W&B; the
-# teacher trains with the student's recipe (epochs=N sets both).
-TINY = [
-    "experiment=quickstart", "teacher_recipe=student", "model@teacher=simple_cnn", "teacher.width=0.25",
-    "model@student=simple_cnn", "student.width=0.25", "++dataset.source.image_size=16", "threads=1", "profile=false",
-    "logger.mode=disabled",
-]
-# A student trained on the labels alone needs no teacher: the cheapest complete run.
-PLAIN = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=3"]
-
-
-def compose_cfg(tmp: Path, *overrides: str):
-    with initialize(version_base="1.3", config_path="../conf"):
-        return compose("config", overrides=[*TINY, f"teacher_store={tmp / 'teachers'}", *overrides])
-
-
-def command(out: Path, *overrides: str, multirun: bool = False, kill_at: str | None = None) -> list[str]:
-    """train.py (or tests/kill_runner.py when kill_at is set) into run folder `out` (or sweep folder, multirun)."""
-    script = "tests/kill_runner.py" if kill_at else "train.py"
-    # Quoted: job folder names hold = and , (loss.alpha=0.9,seed=1).
-    where = ["-m", f"hydra.sweep.dir='{out}'"] if multirun else [f"hydra.run.dir='{out}'"]
-    return [sys.executable, script, *where, *TINY, f"teacher_store={out.parent / 'teachers'}", *overrides]
-
-
-def launch(out: Path, *overrides: str, multirun: bool = False, kill_at: str | None = None, env=None):
-    """Run `command` to completion; stdout and stderr together in .stdout."""
-    env = {**(env or os.environ), **({"KD_KILL_AT": kill_at} if kill_at else {})}
-    args = command(out, *overrides, multirun=multirun, kill_at=kill_at)
-    return subprocess.run(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300)
-
-
-def outcome(run: Path) -> tuple[dict, list[dict]]:
-    """A run's final train/test metrics and its metrics.jsonl lines, without the wall-clock times."""
-    result = json.loads((run / "result.json").read_text())
-    final = {k: v for k, v in result.items() if k.startswith(("train/", "test/")) or k in ("epochs", "best_epoch")}
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return final, [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
-
-
-def epochs_logged(run: Path) -> list[int]:
-    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+from support import forked, wandb_history, wandb_segments
+from support.runs import PLAIN, REPO, command, compose_cfg, epochs_logged, launch, no_data, outcome
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# exact resume (subprocesses killed with SIGKILL)
+# exact resume (processes killed with SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +39,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run
 
 
-# KD_KILL_AT for tests/kill_runner.py -> (epoch of last.pt when killed, epochs in metrics.jsonl when killed)
+# KD_KILL_AT for tests/support/kill_runner.py -> (epoch of last.pt when killed, epochs in metrics.jsonl when killed)
 KILL_POINTS = {
     "mid-epoch": ("step:2:5", 1, [1]),  # before step 5 of epoch 2
     "after-checkpoint": ("after:last.pt:2", 2, [1, 2]),  # right after epoch 2's last.pt landed
@@ -155,10 +110,6 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
-def no_data(*args, **kwargs):
-    raise AssertionError("the run loaded data: it did work it should not have")
-
-
 def test_finished_run_is_returned_without_training(finished, tmp_path, monkeypatch):
     run = copy_run(finished, tmp_path)
     monkeypatch.setattr(engine, "load_data", no_data)
@@ -213,10 +164,10 @@ def test_parallel_students_train_their_missing_teacher_once(tmp_path):
     store = tmp_path / "teachers"
     # A wider teacher trains for a few seconds: long enough for the second job to find it in training.
     overrides = ["phase=student", "loss=kd", "epochs=3", "teacher.width=1", "train_missing_teacher=true"]
-    args = [command(tmp_path / name, *overrides) for name in ("a", "b")]
-    procs = [subprocess.Popen(a, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in args]
-    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    procs = [forked.start(command(tmp_path / name, *overrides), REPO) for name in ("a", "b")]
+    done = [proc.wait(timeout=300) for proc in procs]
+    outputs = [proc.stdout for proc in done]
+    assert [proc.returncode for proc in done] == [0, 0], outputs
     trained = [out.count("training the missing teacher") for out in outputs]
     assert sorted(trained) == [0, 1]
     assert "another job is training or filing this teacher" in outputs[trained.index(0)]  # it waited on the lock
@@ -225,9 +176,15 @@ def test_parallel_students_train_their_missing_teacher_once(tmp_path):
     assert sorted(p.name for p in (entry / "v1").iterdir()) == ["manifest.json", "run", "teacher.pt"]
     results = [json.loads((tmp_path / name / "result.json").read_text()) for name in ("a", "b")]
     assert {r["teacher_checkpoint"] for r in results} == {str(entry / "v1" / "teacher.pt")}
-    # The teacher's logits, stored by the first student and read by the second.
+    # The two students train side by side: which of the teacher's epochs the second finds stored by the first depends
+    # on timing, and the bits do not (each epoch is read from the cache or computed by the teacher, never both).
     infos = [json.loads((tmp_path / name / "run_info.json").read_text()) for name in ("a", "b")]
-    assert sorted(info["teacher_cache/hits"] for info in infos) == [0, 3]
+    assert [info["teacher_cache/hits"] + info["teacher_cache/misses"] for info in infos] == [3, 3]
+    assert results[0]["test/acc1"] == results[1]["test/acc1"] and results[0]["train/loss"] == results[1]["train/loss"]
+    # A later student of the same teacher reads every epoch the two stored.
+    later = launch(tmp_path / "c", *overrides)
+    assert later.returncode == 0 and "training the missing teacher" not in later.stdout, later.stdout
+    assert json.loads((tmp_path / "c" / "run_info.json").read_text())["teacher_cache/hits"] == 3
 
 
 def test_teacher_phase_files_into_the_store_under_its_lock(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from support import tree_state
-from test_report import fake_config, fake_job, section
+from support.jobs import fake_config, fake_job, section
 
 from kd import report
 from kd.report import latency

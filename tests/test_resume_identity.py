@@ -18,8 +18,8 @@ import torch
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fileio, teachers
 from support import tree_state
-from test_records import CLASSES, FOLDER, trained, write_folder
-from test_reliability import compose_cfg
+from support.folders import CLASSES, FOLDER, write_folder
+from support.runs import compose_cfg, trained
 
 # The teacher trains with the student's recipe (TINY): the same epochs, or it would be another teacher.
 STUDENT = ["phase=student", "epochs=2"]

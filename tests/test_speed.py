@@ -1,8 +1,6 @@
 """The fast paths: teacher-output cache (exact, keyed, bounded, shared by a sweep), precision and memory format
 options, the image-folder decode cache, and the benchmark's command line."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +13,8 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import data, engine, hardware, loop, teacher_cache
 from kd.config import Phase
 from kd.teacher_cache import TOPK_GAP, EpochOutputs, StoredEpoch, TeacherCache
+from support import forked
+from support.reference import augment, batches
 from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,8 +81,8 @@ def test_cache_hit_equals_the_live_teachers_outputs(teacher, tmp_path):
     stored = job.cache.load(1)
     live = []
     generator = data.epoch_generator(cfg.seed, 1)
-    for batch in data.batches(job.data.train, cfg.batch_size, generator):
-        views = data.augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
+    for batch in batches(job.data.train, cfg.batch_size, generator):
+        views = augment(batch.images, job.data.crop_padding, job.data.hflip, generator)
         with torch.inference_mode():
             live.append(job.teacher(job.data.inputs(views)))
     assert torch.equal(stored.logits, torch.cat(live))
@@ -266,11 +266,11 @@ def test_a_top_k_cache_of_every_class_is_the_live_teacher(teacher, tmp_path):
 def test_sweep_of_two_students_with_the_cache_matches_the_sweep_without(teacher, tmp_path):
     results = {}
     for cache in ("true", "false"):
-        args = [sys.executable, "train.py", "-m", *TINY, "phase=student", f"teacher_checkpoint={teacher}",
-                "loss.temperature=2,4", f"teacher_cache={cache}", f"teacher_cache_dir={tmp_path / 'cache'}",
+        args = ["train.py", "-m", *TINY, "phase=student", f"teacher_checkpoint={teacher}", "loss.temperature=2,4",
+                f"teacher_cache={cache}", f"teacher_cache_dir={tmp_path / 'cache'}",
                 f"hydra.sweep.dir={tmp_path / cache}"]
-        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
+        proc = forked.run(args, REPO)  # train.py -m in a process of its own
+        assert proc.returncode == 0, proc.stdout
         results[cache] = [{**json.loads(p.read_text()), **json.loads((p.parent / "run_info.json").read_text())}
                           for p in sorted((tmp_path / cache).glob("*/result.json"))]
     with_cache, without = results["true"], results["false"]

@@ -14,8 +14,8 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, records, stages
 from kd.config import Phase
 from support import tree_state
-from syncs import SyncCounter
-from test_reliability import compose_cfg, launch
+from support.runs import compose_cfg, launch
+from support.syncs import SyncCounter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,8 +156,8 @@ def same_outcome(run: Path, reference: Path) -> bool:
 
 @pytest.mark.slow
 def test_a_run_killed_in_its_init_stage_resumes_to_the_same_bits(teachers, whole, tmp_path):
-    """A real SIGKILL (tests/kill_runner.py) after init epoch 2 was logged and before its last.pt landed: the resumed
-    run drops that line, trains init epoch 2 again, then its epoch. A subprocess, as only a killed process shows
+    """A real SIGKILL (tests/support/kill_runner.py) after init epoch 2 was logged and before its last.pt landed: the
+    resumed run drops that line, trains init epoch 2 again, then its epoch. A subprocess, as only a killed process shows
     what a kill leaves on disk."""
     killed = launch(tmp_path / "run", *student_overrides(teachers, "ab"), kill_at="before:last.pt:2")
     assert killed.returncode == -signal.SIGKILL, killed.stdout

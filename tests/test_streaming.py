@@ -26,38 +26,11 @@ import kd.config  # noqa: F401  (registers the schema)
 from kd import data, distributed, engine, streaming
 from kd.data import epoch_generator
 from kd.datapath import InMemoryData
+from support import forked
+from support.images import CLASSES, smooth_image, write_imagenet, write_tiny_imagenet
 from tools import bench
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = ("ant", "bee", "cat")
-PER_CLASS = {"train": 8, "val": 3}
-
-
-def smooth_image(rng: np.random.Generator, height: int, width: int, label: int) -> np.ndarray:
-    """A class-tinted gradient with mild noise: JPEG-friendly and learnable."""
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x * 255 / width, y * 255 / height, np.full((height, width), 80.0 * label)], axis=-1)
-    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-
-
-def write_imagenet(root: Path, seed: int = 0, per_class: dict = PER_CLASS) -> Path:
-    """root/{train,val}/<class>/*.JPEG of mixed sizes (24..120 px a side) and aspect ratios, with ImageNet's odd
-    files in train/ant: a greyscale JPEG, a CMYK JPEG and a PNG named .JPEG."""
-    rng = np.random.default_rng(seed)
-    for part, count in per_class.items():
-        for label, name in enumerate(CLASSES):
-            (root / part / name).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                height, width = (int(v) for v in rng.integers(24, 121, 2))
-                image = Image.fromarray(smooth_image(rng, height, width, label))
-                image.save(root / part / name / f"{name}_{i:02d}.JPEG", quality=90)
-    odd = Image.fromarray(smooth_image(rng, 50, 70, 0))
-    odd.convert("L").save(root / "train" / "ant" / "ant_grey.JPEG")
-    odd.convert("CMYK").save(root / "train" / "ant" / "ant_cmyk.JPEG")
-    odd.save(root / "train" / "ant" / "ant_png.JPEG", format="PNG")
-    return root
-
-
 @pytest.fixture(scope="module")
 def imagenet_root(tmp_path_factory) -> Path:
     return write_imagenet(tmp_path_factory.mktemp("imagenet") / "imagenet")
@@ -320,32 +293,6 @@ def test_train_digest_covers_names_labels_sizes_and_each_files_ends(tmp_path):
 # Tiny ImageNet
 
 
-def write_tiny_imagenet(root: Path, train: int = 3, val: int = 2) -> Path:
-    """tiny-imagenet-200's layout for 3 classes of 64x64 JPEGs: wnids.txt, train/<wnid>/images/<wnid>_<i>.JPEG with a
-    boxes file, val/images/val_<i>.JPEG with val_annotations.txt, and an unlabelled test/images."""
-    rng = np.random.default_rng(2)
-    wnids = ["n02", "n01", "n03"]  # not in sorted order: labels follow the sorted names
-    (root / "wnids.txt").parent.mkdir(parents=True)
-    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
-    lines = []
-    for wnid in wnids:
-        images = root / "train" / wnid / "images"
-        images.mkdir(parents=True)
-        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
-        for i in range(train):
-            Image.fromarray(smooth_image(rng, 64, 64, int(wnid[-1]))).save(images / f"{wnid}_{i}.JPEG")
-        for i in range(val):
-            lines.append(f"val_{len(lines)}.JPEG\t{wnid}\t0\t0\t63\t63")
-    (root / "val" / "images").mkdir(parents=True)
-    for line in lines:
-        name, wnid = line.split("\t")[:2]
-        Image.fromarray(smooth_image(rng, 64, 64, int(wnid[-1]))).save(root / "val" / "images" / name)
-    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
-    (root / "test" / "images").mkdir(parents=True)
-    Image.new("RGB", (64, 64)).save(root / "test" / "images" / "test_0.JPEG")
-    return root
-
-
 def test_tiny_imagenet_layout_loads_in_memory(tmp_path):
     root = write_tiny_imagenet(tmp_path / "tiny-imagenet-200")
     with initialize(version_base="1.3", config_path="../conf"):
@@ -425,13 +372,16 @@ def test_teacher_cache_serves_the_streaming_path_bit_for_bit(imagenet_root, tmp_
 
 
 def train_py(tmp: Path, root: Path, run: str, *overrides: str, script: str = "train.py", env=None, nproc: int = 0):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc \
-        else [sys.executable]
-    args = [*launcher, script, *RUN, f"dataset.source.root={root}", f"teacher_store={tmp / 'teachers'}",
+    """`script` (train.py or a support/ runner) in a process of its own (support.forked), or under torchrun with
+    nproc ranks; stdout and stderr together in .stdout."""
+    args = [script, *RUN, f"dataset.source.root={root}", f"teacher_store={tmp / 'teachers'}",
             f"hydra.run.dir={tmp / run}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                          env=env)
+    if not nproc:
+        return forked.run(args, REPO, env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*torchrun, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600, env=env)
 
 
 @pytest.mark.slow  # two train.py processes with DataLoader workers: ~30 s on 2 cores
@@ -457,7 +407,7 @@ PLAIN = ["phase=student", "loss=ce", "teacher_checkpoint=none", "epochs=3", "dat
 def test_a_killed_streaming_run_resumes_to_the_same_bits(imagenet_root, tmp_path):
     whole = train_py(tmp_path, imagenet_root, "whole", *PLAIN)
     assert whole.returncode == 0, whole.stdout[-3000:]
-    killed = train_py(tmp_path, imagenet_root, "resumed", *PLAIN, script="tests/kill_runner.py",
+    killed = train_py(tmp_path, imagenet_root, "resumed", *PLAIN, script="tests/support/kill_runner.py",
                       env={"KD_KILL_AT": "step:2:1"})  # mid-epoch 2, its workers decoding
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
     assert not (tmp_path / "resumed" / "result.json").exists()
@@ -472,7 +422,7 @@ def test_two_ranks_decode_each_sample_on_one_rank_and_evaluate_each_image_once(i
     logs = tmp_path / "decodes"
     logs.mkdir()
     proc = train_py(tmp_path, imagenet_root, "ddp", *PLAIN, "epochs=2", "batch_size=7", nproc=2,
-                    script="tests/count_decodes.py", env={"KD_DECODE_LOG": str(logs)})
+                    script="tests/support/count_decodes.py", env={"KD_DECODE_LOG": str(logs)})
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert json.loads((tmp_path / "ddp" / "result.json").read_text())["world_size"] == 2
     decoded = {rank: [line.split() for line in (logs / f"rank{rank}.log").read_text().splitlines()] for rank in (0, 1)}

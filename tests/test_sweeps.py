@@ -1,4 +1,5 @@
-"""Multiruns through real subprocesses: the teacher preflight, joblib, submitit_local and optuna."""
+"""Multiruns of train.py -m, each in a process of its own (support.forked): the teacher preflight, and the joblib,
+submitit_local and optuna plugins, whose workers are processes of their own as on a real machine."""
 import json
 import subprocess
 import sys
@@ -9,20 +10,25 @@ from hydra import compose, initialize
 from omegaconf import OmegaConf
 
 import kd.config  # noqa: F401  (registers the schema)
+from support import forked
+from support.runs import TINY
 from train import threads_per_job
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
-        "student.width=0.25"]
-TINY += ["epochs=1", "logger.mode=disabled", "profile=false"]
+# TINY's runs without threads=1: train.py shares the cores out between a launcher's parallel jobs.
+SWEEP = [o for o in TINY if o != "threads=1"] + ["epochs=1"]
 
 pytestmark = pytest.mark.slow
 
 
-def multirun(tmp: Path, *overrides: str, store: Path | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, "train.py", "-m", *TINY, f"teacher_store={store or tmp / 'teachers'}"]
-    args += [f"hydra.sweep.dir={tmp / 'sweep'}", *overrides]
-    return subprocess.run(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+def multirun(tmp: Path, *overrides: str, store: Path | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """train.py -m of SWEEP's runs, forked (support.forked) or by a fresh interpreter; stdout and stderr together."""
+    args = ["train.py", "-m", *SWEEP, f"teacher_store={store or tmp / 'teachers'}", f"hydra.sweep.dir={tmp / 'sweep'}",
+            *overrides]
+    if not fresh:
+        return forked.run(args, REPO)
+    return subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600)
 
 
 def results(sweep: Path) -> list[dict]:
@@ -56,9 +62,11 @@ def test_sweep_that_would_train_its_teacher_on_unreadable_data_stops_once_before
 
 
 def test_joblib_runs_jobs_in_parallel_with_the_cores_split(tmp_path, store):
-    proc = multirun(
-        tmp_path, "phase=student", "loss.alpha=0,0.9", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", store=store
-    )
+    """Three fresh interpreters (train.py -m and joblib's two loky workers): about 20 CPU s of imports on 2 cores.
+    Its train.py is not forked: loky's results never reach a parent forked from support.forked's server (its
+    workers finish their jobs, and the launcher waits for ever)."""
+    proc = multirun(tmp_path, "phase=student", "loss.alpha=0,0.9", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                    store=store, fresh=True)
     assert proc.returncode == 0, proc.stdout
     runs = results(tmp_path / "sweep")
     assert sorted(r["config"]["loss"]["alpha"] for r in runs) == [0.0, 0.9]

@@ -19,7 +19,7 @@ import kd.config  # noqa: F401  (registers the schema)
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from kd import engine, fileio, profiling, published, records, report, sweep, sweep_cost, teachers
 from support import tree_state
-from test_report import fake_config, fake_job, section
+from support.jobs import fake_config, fake_job, section
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

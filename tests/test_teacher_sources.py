@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import checkpoints, engine, fileio, records, teachers
-from test_reliability import compose_cfg as tiny_cfg
+from support.runs import compose_cfg as tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("crd_*.yaml"))

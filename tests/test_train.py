@@ -12,25 +12,27 @@ from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fileio, loop, teachers
-from support import wandb_history, wandb_records, wandb_segments
+from support import forked, wandb_history, wandb_records, wandb_segments
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
-# Small models keep the suite fast; the pipeline is the same for every pair.
+# Small models on 16x16 digits keep the suite fast; the pipeline is the same for every pair and size.
 TINY = ["experiment=quickstart", "teacher_recipe=student", "model@teacher=resnet8", "model@student=simple_cnn",
-        "student.width=0.25"]
+        "student.width=0.25", "++dataset.source.image_size=16", "threads=1"]
 
 
 def compose_cfg(tmp_path: Path, *overrides: str):
     store = f"teacher_store={tmp_path / 'teachers'}"
     with initialize(version_base="1.3", config_path="../conf"):
-        return compose("config", overrides=[*TINY, "epochs=2", "logger.mode=disabled", store, *overrides])
+        return compose("config", overrides=[*TINY, "epochs=2", "logger.mode=disabled", "profile=false", store,
+                                            *overrides])
 
 
 def train_py(tmp_path: Path, run_dir: str, *overrides: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "train.py", *TINY, "epochs=2", f"teacher_store={tmp_path / 'teachers'}"]
+    """train.py in a process of its own (support.forked), its stdout and stderr apart; speed profiling on."""
+    args = ["train.py", *TINY, "epochs=2", f"teacher_store={tmp_path / 'teachers'}"]
     args += [f"hydra.run.dir={tmp_path / run_dir}", *overrides]
-    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return forked.run(args, REPO, timeout=300, separate=True)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,7 @@ def test_student_run_records(pipeline):
     assert result["teacher/source"] == "store"
     info = json.loads((run / "run_info.json").read_text())
     assert info["wall_time_s"] > 0 and info["env"]["torch"] == torch.__version__
+    assert info["latency_ms"] > 0 and info["throughput_img_s"] > 0  # profile=true (the default) measured the student
     record = json.loads((run / "run.json").read_text())
     assert record["config"] == result["config"] and "phase=student" in record["overrides"]
     assert not (run / ".hydra").exists()  # Hydra's copies are off: run.json is the record
@@ -125,7 +128,7 @@ def test_missing_teacher_names_the_command(tmp_path):
     assert command.startswith("python train.py phase=teacher seed=0 experiment=quickstart")
     assert "loss.alpha" not in command and "student.width" not in command
     assert not (tmp_path / "student" / "result.json").exists()
-    # The printed command really trains the teacher the student needs.
+    # The printed command really trains the teacher the student needs: run as printed, by a fresh interpreter.
     argv = [sys.executable, *command.split()[1:], f"hydra.run.dir={tmp_path / 'teacher'}", "logger.mode=disabled"]
     assert subprocess.run(argv, cwd=REPO, capture_output=True, timeout=300).returncode == 0
     proc = train_py(tmp_path, "student2", "phase=student", "logger.mode=disabled", "loss.alpha=0.5")
@@ -193,7 +196,7 @@ def test_validation_split_selects_the_best_epoch(tmp_path):
 def test_imagefolder_run_on_a_slice_of_cifar10(tmp_path):
     cfg = compose_cfg(
         tmp_path, "phase=teacher", "dataset=imagefolder", f"dataset.source.root={SHARED_CIFAR10}",
-        "dataset.source.max_per_class=20", "epochs=1",
+        "dataset.source.max_per_class=20", "epochs=1", "dataset.source.image_size=32",
     )
     result = engine.run(cfg, tmp_path / "run")
     assert result["config"]["dataset"]["name"] == "imagefolder" and 0 <= result["test/acc1"] <= 100

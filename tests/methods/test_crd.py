@@ -16,7 +16,7 @@ from kd.methods.base import Step
 from kd.methods.crd import (CRDLoss, gathered_dots, momentum_update, momentum_update_, nce_loss, negative_pool,
                             sample_negatives, step_generator)
 from support.criteria import F64, LABELS, bind, configured, forward_step, preset, randn
-from syncs import SyncCounter
+from support.syncs import SyncCounter
 
 # Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.
 pytestmark = pytest.mark.usefixtures("one_thread")

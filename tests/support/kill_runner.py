@@ -1,7 +1,7 @@
 """train.py that SIGKILLs itself at a chosen point, so tests can prove that a killed run resumes exactly and leaves
 nothing half-written that a later run could read.
 
-    KD_KILL_AT=step:E:S        python tests/kill_runner.py <train.py arguments>  # before step S of epoch E
+    KD_KILL_AT=step:E:S        python tests/support/kill_runner.py <train.py arguments>  # before step S of epoch E
     KD_KILL_AT=before:NAME:N   ...   # right before the N-th write of a file whose name matches NAME (fnmatch)
     KD_KILL_AT=write:NAME:N    ...   # during that write: half its bytes are in the temporary file
     KD_KILL_AT=after:NAME:N    ...   # right after that write landed
@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import kd.data  # noqa: E402

@@ -1,6 +1,6 @@
 """train.py that records every view the streaming path decodes, so tests can check which process decoded what.
 
-    KD_DECODE_LOG=DIR python tests/count_decodes.py <train.py arguments>   # or under torchrun
+    KD_DECODE_LOG=DIR python tests/support/count_decodes.py <train.py arguments>   # or under torchrun
 
 Each decoded view appends a line "<split> <epoch> <index>" (epoch -1 for an evaluation view) to DIR/rank<RANK>.log.
 The hook is installed before any DataLoader starts, so the forked workers carry it; their appends are single small
@@ -11,7 +11,7 @@ import runpy
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import kd.streaming  # noqa: E402
