@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, feedback, pretrained, records, stages, teachers, tracking
+from kd import cpu_conv, distributed, feedback, pretrained, records, stages, teachers, tracking
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, value_problems
 from kd.data import FileSplits, Splits, hold_out
@@ -604,10 +604,11 @@ def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
 
 
 def use_channels_last(channels_last: bool, device: torch.device) -> bool:
-    """NHWC on CUDA only. On the CPU, torch 2.14's NHWC backward corrupts the heap for some shapes: a 1x1 stride-2
-    convolution of 4 or 8 input channels on 64-px inputs (resnet8 at width 0.5 on Tiny ImageNet), and gloo DDP with
-    several threads. That crashes a run, or could change its numbers without a crash, so CPU runs keep NCHW."""
-    return channels_last and device.type == "cuda"
+    """NHWC where asked, except for data-parallel CPU runs. torch 2.14's CPU NHWC backward of a strided 1x1
+    convolution corrupts the heap (kd/cpu_conv.py: build_job routes those around it); gloo DDP with NHWC gradients
+    and several CPU threads corrupted the heap too (reproduced with torchrun and OMP_NUM_THREADS=2), so CPU DDP
+    keeps NCHW."""
+    return channels_last and not (device.type == "cpu" and distributed.world_size() > 1)
 
 
 def memory_format(data: DataPath) -> torch.memory_format:
@@ -661,7 +662,7 @@ def build_job(
     precision (a resumed run's: the one its last.pt was trained in) and the forward the training step calls."""
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.student if phase is Phase.student else cfg.teacher)
-    model = model.to(device, memory_format=memory_format(data))
+    model = cpu_conv.prepare(model.to(device, memory_format=memory_format(data)), device.type, data.channels_last)
     criterion.bind(model, teacher, data.sample_inputs(2), data.train_labels)
     criterion.to(device)
     # Adapters (regressors, embeddings) train with the student, under the same optimizer settings.
