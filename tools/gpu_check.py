@@ -58,6 +58,7 @@ if __package__ in (None, ""):  # python tools/gpu_check.py: kd and tools import 
 import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import engine, loop, records
 from kd.config import Phase
+from kd.methods.base import Step
 from kd.teacher_cache import TeacherCache
 from tools import bench
 
@@ -260,6 +261,7 @@ def sync_job(check: Check, loss: str, *extra: str) -> loop.Job:
     data = engine.load_data(cfg.dataset, check.device, engine.use_channels_last(cfg.channels_last, check.device))
     if check.quick:
         data.train = data.train.subset(torch.arange(min(QUICK_TRAIN, len(data.train))))
+    torch.manual_seed(cfg.seed)  # the same untrained teacher in every job (fp16 compares two)
     teacher = engine.freeze_teacher(instantiate(cfg.teacher), data)
     return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, check.device, teacher)
 
@@ -408,29 +410,49 @@ def start_run(folder: Path, overrides: list[str]) -> tuple[subprocess.Popen, Pat
 # fp16
 
 
-FP16_TOLERANCE = 0.05  # relative difference of the fp16 run's final training loss from the fp32 run's
+FP16_TOLERANCE = 0.02  # first-batch fp16 loss vs fp32, same weights (0.8% seen: KD at T=4, CPU fp16 autocast)
 
 
 def check_fp16(check: Check) -> dict[str, Any]:
-    """The same KD student epochs in fp32 and in fp16 with loss scaling (GradScaler): finite losses, close to fp32's,
-    and the scale the scaler ends at (it halves at each step whose gradients overflowed)."""
+    """The same KD student job in fp32 and in fp16 with loss scaling (GradScaler): the first batch's loss on the
+    same initial weights within FP16_TOLERANCE, finite training losses, and the loss scale the scaler ends at (it
+    halves at each step whose gradients overflowed)."""
     runs = {precision: precision_run(check, precision) for precision in ("fp32", "fp16")}
-    fp32, fp16 = runs["fp32"]["train/loss"], runs["fp16"]["train/loss"]
+    fp32, fp16 = runs["fp32"]["first_batch_loss"], runs["fp16"]["first_batch_loss"]
     difference = abs(fp16 - fp32) / abs(fp32)
-    ok = all(math.isfinite(run["train/loss"]) for run in runs.values()) and difference <= FP16_TOLERANCE
-    summary = (f"train loss fp32 {fp32:.4f} fp16 {fp16:.4f} ({difference:.1%} apart, at most {FP16_TOLERANCE:.0%}); "
-               f"loss scale {runs['fp16']['initial_scale']:g} -> {runs['fp16']['final_scale']:g}")
-    return {"status": "pass" if ok else "fail", "runs": runs, "relative_difference": difference, "summary": summary}
+    finite = all(math.isfinite(run["train/loss"]) for run in runs.values())
+    summary = (f"first batch loss fp32 {fp32:.5f} fp16 {fp16:.5f} ({difference:.2%} apart, at most "
+               f"{FP16_TOLERANCE:.0%}); train loss fp32 {runs['fp32']['train/loss']:.4f} fp16 "
+               f"{runs['fp16']['train/loss']:.4f}; loss scale {runs['fp16']['initial_scale']:g} -> "
+               f"{runs['fp16']['final_scale']:g}")
+    return {"status": "pass" if finite and difference <= FP16_TOLERANCE else "fail", "runs": runs,
+            "relative_difference": difference, "summary": summary}
 
 
 def precision_run(check: Check, precision: str) -> dict[str, Any]:
-    """A KD student job (untrained teacher) for the check's epochs in `precision`: its last epoch's metrics."""
+    """A KD student job (untrained teacher) in `precision`: its first batch's loss before training, then its last
+    epoch's metrics after the check's epochs, and the scaler's scale before and after."""
     job = sync_job(check, "kd", f"precision={precision}")
+    first = first_batch_loss(job)
     initial = job.scaler.get_scale() if job.scaler.is_enabled() else None
     epochs = 1 if check.quick else 3
     metrics = [loop.run_epoch(job, epoch) for epoch in range(1, epochs + 1)][-1]
-    return {"train/loss": metrics["train/loss"], "test/acc1": metrics["test/acc1"], "epochs": epochs,
-            "initial_scale": initial, "final_scale": job.scaler.get_scale() if initial is not None else None}
+    return {"first_batch_loss": first, "train/loss": metrics["train/loss"], "test/acc1": metrics["test/acc1"],
+            "epochs": epochs, "initial_scale": initial,
+            "final_scale": job.scaler.get_scale() if initial is not None else None}
+
+
+def first_batch_loss(job: loop.Job) -> float:
+    """The criterion's summed terms on the first training batch, the model in eval mode (nothing updated)."""
+    batch = next(iter(job.data.epoch(job.seed, 1, job.batch_size)))
+    images = job.data.inputs(batch.views)
+    job.model.eval()
+    with torch.no_grad(), job.autocast():
+        logits, teacher_logits = job.model(images), job.teacher(images).float()
+        terms = job.criterion(Step(logits, batch.labels, teacher_logits, {}, {}, batch.index, 1, 0, job.seed,
+                                   batch.size))
+    job.model.train()
+    return float(sum(terms.values()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
