@@ -358,7 +358,7 @@ def test_bench_runs_and_writes_its_figures(tmp_path, monkeypatch):
     real_rounds, real_save, real_load = bench.timed_rounds, TeacherCache.save, TeacherCache.load
 
     def rounds(variants, windows, device):
-        timing.append(len(variants) == 3)  # the variants' rounds, not the matmul ceiling's
+        timing.append(len(variants) == len(bench.VARIANT_FLOPS))  # the variants' rounds, not the matmul ceiling's
         try:
             return real_rounds(variants, windows, device)
         finally:
@@ -376,7 +376,7 @@ def test_bench_runs_and_writes_its_figures(tmp_path, monkeypatch):
     bench.main(["--teacher", "resnet8", "--student", "resnet8", "--window-steps", "1", "--windows", "1",
                 "--workers", "0", "--num-classes", "10", "--json", str(out), "threads=1"])
     figures = json.loads(out.read_text())
-    for name in ("a_reference", "b_engine", "c_engine_cached"):
+    for name in ("a_reference", "b_engine", "c_engine_cached", "d_engine_eval"):
         assert figures[name]["images_per_s"] > 0 and 0 < figures[name]["fraction_of_ceiling"] < 2
         assert figures[name]["steps_per_s"] == pytest.approx(figures[name]["images_per_s"] / 64)
     # The cache is filled before the rounds (one file per epoch), and (c) reads every epoch of the rounds from it.
@@ -386,6 +386,9 @@ def test_bench_runs_and_writes_its_figures(tmp_path, monkeypatch):
     assert figures["b_engine"]["speedup_vs_reference"] == pytest.approx(
         figures["b_engine"]["images_per_s"] / figures["a_reference"]["images_per_s"])
     assert figures["matmul_ceiling_gflops"] > 0
+    # (d): the student's evaluation of the same images, forward only, beside (b)'s training rate.
+    assert figures["config"]["eval_batch_size"] == 512 and figures["d_engine_eval"]["vs_training"] == pytest.approx(
+        figures["d_engine_eval"]["images_per_s"] / figures["b_engine"]["images_per_s"])
 
 
 def test_bench_rejects_bad_arguments():
