@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import completion, distributed, engine, feedback
-from kd.records import CannotWrite, FolderBusy
+from kd.fileio import CannotWrite, FolderBusy
 
 log = logging.getLogger(__name__)
 completion.install()  # tab completion of model@student= and of the Enum keys' values (-sc install=bash)

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kd import pretrained, records
+from kd import fileio, pretrained, records
 from kd.pretrained import LibraryWeights
 
 MODEL_OPTIONS = records.REPO_ROOT / "conf" / "model"  # the registry of model@teacher options
@@ -81,11 +81,11 @@ def _read(path: Path, key: Optional[str] = None) -> TeacherFile:
         try:
             return TeacherFile(_unwrapped(load_file(str(path))), "safetensors")
         except Exception as error:
-            raise records.UnusableCheckpoint(f"{path} is not a readable safetensors file ({error}).") from None
+            raise fileio.UnusableCheckpoint(f"{path} is not a readable safetensors file ({error}).") from None
     try:
-        payload = records.load_checkpoint(path, ())  # weights_only: a pickle holding objects is refused unrun
-    except records.UnsafeCheckpoint as unsafe:
-        raise records.UnsafeCheckpoint(f"{unsafe} {_weights_only_way_out(unsafe.weights_keys)}") from None
+        payload = fileio.load_checkpoint(path, ())  # weights_only: a pickle holding objects is refused unrun
+    except fileio.UnsafeCheckpoint as unsafe:
+        raise fileio.UnsafeCheckpoint(f"{unsafe} {_weights_only_way_out(unsafe.weights_keys)}") from None
     if isinstance(payload, dict) and "arch" in payload and isinstance(payload.get("model"), dict):
         metrics = payload.get("metrics") or {}
         return TeacherFile(payload["model"], "kd", metrics, metrics.get("test/acc1"), payload.get("classes"),
@@ -96,7 +96,7 @@ def _read(path: Path, key: Optional[str] = None) -> TeacherFile:
         return TeacherFile(_unwrapped(payload["model"]), "repdistiller", recorded_acc1=accuracy)
     if isinstance(payload, dict) and payload and all(isinstance(v, Tensor) for v in payload.values()):
         return TeacherFile(_unwrapped(payload), "state_dict")
-    raise records.UnusableCheckpoint(
+    raise fileio.UnusableCheckpoint(
         f"{path} holds neither a state_dict nor a checkpoint dict with one under 'model' "
         f"(top-level keys: {sorted(payload)[:10] if isinstance(payload, dict) else type(payload).__name__})."
     )
@@ -104,9 +104,9 @@ def _read(path: Path, key: Optional[str] = None) -> TeacherFile:
 
 def _read_entry(path: Path, key: str) -> TeacherFile:
     """The state_dict under one top-level key (teacher_checkpoint_key), the file's other keys never built."""
-    state = records.load_checkpoint_entry(path, key)
+    state = fileio.load_checkpoint_entry(path, key)
     if not (isinstance(state, dict) and state and all(isinstance(v, Tensor) for v in state.values())):
-        raise records.UnusableCheckpoint(f"{path}: {key!r} holds no state_dict (a dict of tensors), so "
+        raise fileio.UnusableCheckpoint(f"{path}: {key!r} holds no state_dict (a dict of tensors), so "
                                          f"teacher_checkpoint_key={key} has no weights to read there.")
     return TeacherFile(_unwrapped(state), "state_dict")
 

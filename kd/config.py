@@ -13,6 +13,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationValidationError
 
 from kd.records import bounded_name
+from kd.teacher_cache import DTYPES
 
 
 class Phase(Enum):
@@ -301,3 +302,82 @@ def _takes_number(parameter: inspect.Parameter) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject values no run can use, before any work starts."""
+    wrong = value_problems(cfg)
+    if wrong:  # first: the checks below compare numbers, which a NaN passes and a string breaks
+        raise ValueError("invalid config: " + "; ".join(wrong))
+    problems = []
+    if cfg.epochs < 1:
+        problems.append(f"epochs={cfg.epochs}: need at least 1")
+    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
+        problems.append(f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}: need at least 1")
+    if cfg.progress_every_s is not None and not cfg.progress_every_s >= 0:
+        problems.append(f"progress_every_s={cfg.progress_every_s}: must be >= 0 seconds (0: a line every step), or "
+                        "null for no progress lines")
+    if cfg.threads is not None and cfg.threads < 1:
+        problems.append(f"threads={cfg.threads}: need at least 1 (or null for torch's default)")
+    for role in ("teacher", "student"):
+        if not cfg[role].width > 0:
+            problems.append(f"{role}.width={cfg[role].width}: the width multiplier must be > 0 (1 = standard)")
+    problems += dataset_problems(cfg.dataset) + logger_problems(cfg.logger)
+    lr = cfg.optimizer.get("lr")
+    if isinstance(lr, (int, float)) and lr < 0:
+        problems.append(f"optimizer.lr={lr}: must be a finite number >= 0")
+    if cfg.teacher_acc_tolerance < 0:
+        problems.append(f"teacher_acc_tolerance={cfg.teacher_acc_tolerance}: must be >= 0 (percentage points)")
+    if cfg.teacher_cache_topk is not None and not 1 <= cfg.teacher_cache_topk <= cfg.dataset.num_classes:
+        problems.append(f"teacher_cache_topk={cfg.teacher_cache_topk}: must be between 1 and the "
+                        f"{cfg.dataset.num_classes} classes (or null: every logit, exact)")
+    if cfg.teacher_cache_dtype not in DTYPES:
+        problems.append(f"teacher_cache_dtype={cfg.teacher_cache_dtype}: must be one of {', '.join(DTYPES)}")
+    if cfg.compile_mode not in COMPILE_MODES:
+        problems.append(f"compile_mode={cfg.compile_mode}: must be one of {', '.join(COMPILE_MODES)}")
+    if problems:
+        raise ValueError("invalid config: " + "; ".join(problems))
+
+
+# W&B's rules for a project name (wandb.Settings validates them in every mode, disabled too).
+PROJECT_MAX_CHARS, PROJECT_FORBIDDEN = 128, "/\\#?%:"
+TAG_MAX_CHARS = 64  # wandb.Settings refuses a longer tag, in every mode
+
+
+def logger_problems(logger: DictConfig) -> list[str]:
+    """What W&B would refuse only after run.json is written (in every mode, disabled too); logger.mode is an Enum of
+    the schema (LoggerMode), refused at composition."""
+    problems = []
+    if not logger.init_timeout_s > 0:
+        problems.append(f"logger.init_timeout_s={logger.init_timeout_s}: must be > 0 (seconds)")
+    if len(logger.project) > PROJECT_MAX_CHARS:
+        problems.append(f"logger.project is {len(logger.project)} characters long: W&B allows at most "
+                        f"{PROJECT_MAX_CHARS}, shorten it")
+    forbidden = sorted(set(logger.project) & set(PROJECT_FORBIDDEN))
+    if forbidden:
+        problems.append(f"logger.project={logger.project}: W&B project names cannot hold {' '.join(forbidden)}")
+    return problems + tag_problems(list(logger.tags))
+
+
+def tag_problems(tags: list[str]) -> list[str]:
+    """What W&B would refuse in logger.tags only after run.json is written (in every mode)."""
+    return [f"logger.tags has {tag!r}, {len(tag)} characters: W&B takes tags of 1 to {TAG_MAX_CHARS}, shorten it"
+            for tag in map(str, tags) if not 1 <= len(tag) <= TAG_MAX_CHARS]
+
+
+def dataset_problems(dataset: DictConfig) -> list[str]:
+    """What is wrong with the dataset node's numbers: split fraction, normalisation, crop padding."""
+    problems = []
+    if not 0.0 <= dataset.val_fraction < 1.0:
+        problems.append(f"dataset.val_fraction={dataset.val_fraction}: must be in [0, 1)")
+    mean, std = list(dataset.mean), list(dataset.std)
+    if len(mean) != 3 or len(std) != 3:
+        problems.append(f"dataset.mean={mean}, dataset.std={std}: need one value per RGB channel (3 each)")
+    if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
+        problems.append(f"dataset.mean={mean}, dataset.std={std}: means must be finite and stds finite and > 0")
+    if dataset.crop_padding < 0:
+        problems.append(f"dataset.crop_padding={dataset.crop_padding}: must be >= 0 (0 = no random crop)")
+    return problems

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from kd import records, scan as preflight
+from kd import fileio, scan as preflight
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ def _read_decoded(path: Path, fingerprint: str) -> Optional[Splits]:
     try:
         stored = torch.load(path, weights_only=True)
         tensors = [*stored["train"], *stored["test"]]
-        intact = stored["fingerprint"] == fingerprint and stored["checksum"] == records.sha256_tensors(*tensors)
+        intact = stored["fingerprint"] == fingerprint and stored["checksum"] == fileio.sha256_tensors(*tensors)
     except Exception as error:  # truncated, garbage, or a dict of another shape
         intact, reason = False, f"{type(error).__name__}: {error}"
     else:
@@ -440,11 +440,11 @@ def _read_decoded(path: Path, fingerprint: str) -> Optional[Splits]:
 def _write_decoded(path: Path, fingerprint: str, splits: Splits) -> None:
     """Store the decoded splits (through a temporary file); an unwritable cache folder is skipped with a warning."""
     tensors = [splits.train.images, splits.train.labels, splits.test.images, splits.test.labels]
-    payload = {"fingerprint": fingerprint, "classes": splits.classes, "checksum": records.sha256_tensors(*tensors),
+    payload = {"fingerprint": fingerprint, "classes": splits.classes, "checksum": fileio.sha256_tensors(*tensors),
                "train": tensors[:2], "test": tensors[2:]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        records.save_checkpoint(path, payload)
+        fileio.save_checkpoint(path, payload)
     except OSError as error:
         _warn_once(str(path.parent), f"decode cache folder {path.parent} cannot be written ({error}): going on "
                    "without it (set dataset.source.cache_dir to a writable folder, or null to silence this).")

@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Protocol
 import torch
 from torch import Tensor
 
-from kd import distributed, records
+from kd import distributed, fileio
 from kd.data import Split, crop_and_flip, epoch_generator, epoch_plan, normalize
 
 
@@ -107,7 +107,7 @@ class InMemoryData:
     def train_digest(self) -> str:
         """sha256 of the training split's images and labels, in order: the content the teacher cache keys on."""
         if self._train_digest is None:
-            self._train_digest = records.sha256_tensors(self.train.images, self.train.labels)
+            self._train_digest = fileio.sha256_tensors(self.train.images, self.train.labels)
         return self._train_digest
 
     def inputs(self, views: Tensor) -> Tensor:

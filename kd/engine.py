@@ -9,11 +9,12 @@ train.log and W&B (a refused run changes nothing on disk) -> train epoch by epoc
 
 A resumed run goes on with the teacher and the training images its last.pt was trained with: last.pt records the
 teacher's sha256 and path and the training data's digest, and a resume that would use others is refused.
+
+What the lifecycle calls lives beside it: the config's checks in kd.config, device and precision in kd.hardware, the
+teacher's checks in kd.teacher_checks, the store in kd.teachers, atomic writes and the folder lock in kd.fileio.
 """
 import copy
 import logging
-import math
-import os
 import time
 from contextlib import ExitStack, contextmanager
 from logging.handlers import MemoryHandler
@@ -26,15 +27,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import cpu_conv, distributed, feedback, pretrained, records, stages, teachers, tracking
+from kd import (cpu_conv, distributed, feedback, fileio, hardware, profiling, records, stages, teacher_checks, teachers,
+                tracking)
 from kd.checkpoints import TeacherFile
-from kd.config import Phase, value_problems
+from kd.config import Phase, check_config
 from kd.data import FileSplits, Splits, hold_out
 from kd.datapath import DataPath, InMemoryData
-from kd.loop import COMPILE_MODES, Job, predict, run_epoch, score, training_forward
+from kd.loop import Job, run_epoch, training_forward
 from kd.methods.base import CELoss, Criterion
 from kd.streaming import StreamingData
-from kd.teacher_cache import DTYPES, TeacherCache, model_code
+from kd.teacher_cache import TeacherCache, model_code
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def run(
         # Every check has passed: from here on the run writes into its folder.
         record = distributed.broadcast_object(record or start_record(cfg, out_dir, overrides))
         commit_log()
-        log.info(feedback.start_line(cfg, job, precision_name(job.amp_dtype), out_dir))
+        log.info(feedback.start_line(cfg, job, hardware.precision_name(job.amp_dtype), out_dir))
         if resume_with:
             log.info("resume with: %s", resume_with)
         if checkpoint is not None:
@@ -97,21 +99,13 @@ def run(
         info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
         info["resumed_from_epoch"] = checkpoint["epoch"] if checkpoint else None
         result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
-        records.write_json(out_dir / "run_info.json", info)
-        records.write_json(out_dir / "result.json", result)  # the commit point: the run is finished
+        fileio.write_json(out_dir / "run_info.json", info)
+        fileio.write_json(out_dir / "result.json", result)  # the commit point: the run is finished
         return result
 
 
-def phase_config(cfg: DictConfig) -> DictConfig:
-    """The config as the phase runs it: the teacher phase trains with teacher_recipe, which replaces the top-level
-    recipe (the student's), so a teacher run's records show the recipe that trained it."""
-    if Phase(cfg.phase) is not Phase.teacher:
-        return cfg
-    recipe = OmegaConf.to_container(cfg.teacher_recipe, resolve=True)
-    cfg = copy.deepcopy(cfg)
-    for key in teachers.RECIPE_KEYS:
-        cfg[key] = recipe[key]
-    return cfg
+# ---------------------------------------------------------------------------------------------------------------
+# checks before any work: the phase's config
 
 
 def check_recipe_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
@@ -128,30 +122,32 @@ def check_recipe_overrides(cfg: DictConfig, overrides: Sequence[str]) -> None:
         )
 
 
-def train(
-    job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict], facts: dict[str, Any],
-    info: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The epochs, logged to the folder's W&B run `tracker` (its id is in run.json); returns (result, info)."""
-    tracker.summary.update({**facts, **info})
-    teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
-    result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
-    if job.cache is not None:
-        info.update(teacher_cache_summary(job.cache))
-    tracker.summary.update({**result, **info})
-    return result, info
+def phase_config(cfg: DictConfig) -> DictConfig:
+    """The config as the phase runs it: the teacher phase trains with teacher_recipe, which replaces the top-level
+    recipe (the student's), so a teacher run's records show the recipe that trained it."""
+    if Phase(cfg.phase) is not Phase.teacher:
+        return cfg
+    recipe = OmegaConf.to_container(cfg.teacher_recipe, resolve=True)
+    cfg = copy.deepcopy(cfg)
+    for key in teachers.RECIPE_KEYS:
+        cfg[key] = recipe[key]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run folder: its lock and its log
 
 
 @contextmanager
-def run_folder(out_dir: Path) -> Iterator[Optional[records.CannotWrite]]:
+def run_folder(out_dir: Path) -> Iterator[Optional[fileio.CannotWrite]]:
     """Rank 0 holds out_dir's lock for the run's life; every rank learns whether it got it. Yields the CannotWrite
-    to raise before the first write when out_dir exists but cannot be written (records.folder_lock)."""
+    to raise before the first write when out_dir exists but cannot be written (fileio.folder_lock)."""
     with ExitStack() as stack:
         refusal, unwritable = None, None
         if distributed.is_main():
             try:
-                unwritable = stack.enter_context(records.folder_lock(out_dir))
-            except (records.FolderBusy, records.CannotWrite) as error:
+                unwritable = stack.enter_context(fileio.folder_lock(out_dir))
+            except (fileio.FolderBusy, fileio.CannotWrite) as error:
                 refusal = error
         refusal, unwritable = distributed.broadcast_object((refusal, unwritable))
         if refusal is not None:
@@ -188,77 +184,19 @@ def run_log(out_dir: Path) -> Iterator[Callable[[], None]]:
             handler.close()
 
 
-def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
-    """run.json: the run's own record (overrides, resolved config, the keys tied to the seed, its W&B id), written
-    once, by the run that passed its checks; kd.report lists a sweep's jobs from it."""
-    unresolved = records.flatten(OmegaConf.to_container(cfg, resolve=False))
-    record = {"overrides": list(overrides), "config": records.plain_config(cfg), "wandb_id": tracking.new_run_id(),
-              "seed_linked": sorted(k for k, v in unresolved.items() if v == "${seed}")}
-    if distributed.is_main():
-        records.write_json(out_dir / "run.json", record)
-    return record
-
-
-def set_up(
-    cfg: DictConfig, overrides: Sequence[str], resumed: Optional[dict] = None, data: Optional[DataPath] = None
-) -> tuple[Job, dict[str, Any], dict[str, Any]]:
-    """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; returns the job,
-    the run's facts (part of result.json) and what varies between executions (speed: run_info.json). `resumed`: the
-    last.pt the run goes on from (it keeps that one's teacher, training data and precision); `data`: already loaded."""
-    phase = Phase(cfg.phase)
-    configure_determinism(cfg.deterministic)
-    device = resolve_device(cfg.device)
-    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    required = wants_teacher(cfg, stages.needs_teacher(criterion))
-    teacher_path = first_teacher(cfg, required, overrides, resumed) if phase is Phase.student else None
-    teacher_file = None  # read and checked before any data is decoded
-    if teacher_path is not None:
-        teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
-    if data is None:
-        data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
-    # last.pt records it: on every rank now, not on rank 0 alone after epoch 1 (a streamed folder's takes minutes)
-    data.train_digest()
-    check_resumed_data(cfg, resumed, data)
-    if teacher_path is not None and resumed is None and teachers.from_store(cfg):
-        teacher_path, teacher_file = teacher_for_data(cfg, required, overrides, data, (teacher_path, teacher_file))
-    teacher = frozen_teacher(teacher_file, cfg.teacher, data) if teacher_file is not None else None
-    job = build_job(cfg, phase, criterion, data, device, teacher, resumed.get("precision") if resumed else None)
-    facts = {"phase": phase.value, "params": records.count_parameters(job.model)}
-    facts["adapter_params"] = records.count_parameters(job.criterion)
-    image_shape = data.image_shape
-    facts["flops_per_image"] = records.forward_flops(job.model, image_shape, device)
-    info = records.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
-    if teacher is not None:
-        facts.update(check_teacher(job, cfg, teacher_path, teacher_file))
-        job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
-    return job, facts, info
-
-
-def frozen_teacher(teacher_file: TeacherFile, model_cfg: DictConfig, data: DataPath) -> nn.Module:
-    """The teacher of a checked file, built from its config node and frozen (freeze_teacher)."""
-    return freeze_teacher(teachers.build(teacher_file, model_cfg, data.device), data)
-
-
-def freeze_teacher(teacher: nn.Module, data: DataPath) -> nn.Module:
-    """The teacher as the student phase runs it: on the data's device and memory format, eval mode, no gradients,
-    each BatchNorm after a convolution folded into it (in eval mode it is an affine map). The engine, tools/ and the
-    tests freeze every teacher here, trained or freshly built, so all of them time and check the model a run uses."""
-    teacher = teacher.to(data.device, memory_format=memory_format(data)).eval().requires_grad_(False)
-    teachers.fold_batchnorm(teacher)
-    return teacher
+# ---------------------------------------------------------------------------------------------------------------
+# what the folder holds already: a finished run, a last.pt to resume, or the store's teacher
 
 
 def previous_run(cfg: DictConfig, out_dir: Path) -> tuple[Optional[dict], Optional[dict], Optional[dict]]:
     """(result, None, record) when out_dir holds this run finished, (None, last.pt, record) when interrupted after a
     checkpoint, (None, None, record or None) otherwise; a folder another config wrote is refused."""
     fix = f"Delete {out_dir} to start this run over, or give the run another folder (hydra.run.dir=...)."
-    record = records.read_json(out_dir / "run.json", fix) if (out_dir / "run.json").is_file() else None
+    record = fileio.read_json(out_dir / "run.json", fix) if (out_dir / "run.json").is_file() else None
     if (out_dir / "result.json").is_file():
         if record is not None:
             check_same_config(cfg, _recorded_config(record, out_dir / "run.json", fix), out_dir / "run.json")
-        result = records.read_json(out_dir / "result.json", fix)
+        result = fileio.read_json(out_dir / "result.json", fix)
         check_same_config(cfg, _recorded_config(result, out_dir / "result.json", fix), out_dir / "result.json")
         return result, None, record
     checkpoint = last_checkpoint(out_dir)
@@ -281,9 +219,9 @@ def last_checkpoint(out_dir: Path) -> Optional[dict[str, Any]]:
     if not last.is_file():
         return None
     try:
-        checkpoint = records.load_checkpoint(last, RESUME_KEYS)
-    except records.UnusableCheckpoint as error:
-        raise records.UnusableCheckpoint(
+        checkpoint = fileio.load_checkpoint(last, RESUME_KEYS)
+    except fileio.UnusableCheckpoint as error:
+        raise fileio.UnusableCheckpoint(
             f"cannot resume: {error} Delete it to start this run over in {out_dir}, or pick another hydra.run.dir."
         ) from None
     return {**checkpoint, "path": last}
@@ -300,7 +238,7 @@ def teacher_named_freely(checkpoint: dict[str, Any]) -> bool:
 
 def _recorded_config(record: dict[str, Any], path: Path, fix: str) -> dict[str, Any]:
     if not isinstance(record.get("config"), dict):
-        raise records.CorruptRecord(f"{path} is damaged (it holds no config). {fix}")
+        raise fileio.CorruptRecord(f"{path} is damaged (it holds no config). {fix}")
     return record["config"]
 
 
@@ -327,8 +265,8 @@ def stored_teacher_result(
     entry = teachers.entry_dir(cfg, cfg.seed)
     if teachers.newest_complete(entry) is None:
         return None, None  # nothing stored to compare with: set_up loads the data
-    device = resolve_device(cfg.device)
-    data = load_data(cfg.dataset, device, use_channels_last(cfg.channels_last, device))
+    device = hardware.resolve_device(cfg.device)
+    data = load_data(cfg.dataset, device, hardware.use_channels_last(cfg.channels_last, device))
     path = teachers.stored_teacher(cfg, data.train_digest())
     if path is None:
         log.info("the store's teachers in %s were trained on other images than these: training one on these images "
@@ -343,37 +281,68 @@ def stored_teacher_result(
              "(retrain_teacher=true trains a new version)", path, result["test/acc1"], manifest["run_dir"])
     if record is None and not (out_dir / "last.pt").exists() and distributed.is_main():
         start_record(cfg, out_dir, overrides)
-        records.write_json(out_dir / "result.json", result)
+        fileio.write_json(out_dir / "result.json", result)
     return result, None
 
 
-def restore(job: Job, checkpoint: dict[str, Any]) -> None:
-    """Put the model, optimizer, schedule and global RNG back as they were when last.pt was written."""
-    job.model.load_state_dict(checkpoint["model"])
-    job.criterion.load_state_dict(checkpoint["criterion"])  # adapters (FitNet regressor, CRD embeddings, memory)
-    job.optimizer.load_state_dict(checkpoint["optimizer"])
-    job.scaler.load_state_dict(checkpoint["scaler"])
-    job.scheduler.load_state_dict(checkpoint["scheduler"])
-    # Batches come from epoch_generator; the global RNG matters only to models with dropout.
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for index, state in enumerate(checkpoint["rng"]["cuda"][:visible]):
-        torch.cuda.set_rng_state(state, index)
+# ---------------------------------------------------------------------------------------------------------------
+# set up: the teacher, the data, the job
 
 
-def configure_determinism(deterministic: bool) -> None:
-    """deterministic=true: repeatable kernels (errors where none exists), no cuDNN autotuning; false: autotuning."""
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, so before CUDA work
-    torch.use_deterministic_algorithms(deterministic, warn_only=False)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic  # autotuning picks the fastest kernels, not the same ones
+def set_up(
+    cfg: DictConfig, overrides: Sequence[str], resumed: Optional[dict] = None, data: Optional[DataPath] = None
+) -> tuple[Job, dict[str, Any], dict[str, Any]]:
+    """Everything before the first epoch, cheapest checks first: criterion, teacher, data, model; returns the job,
+    the run's facts (part of result.json) and what varies between executions (speed: run_info.json). `resumed`: the
+    last.pt the run goes on from (it keeps that one's teacher, training data and precision); `data`: already loaded."""
+    phase = Phase(cfg.phase)
+    hardware.configure_determinism(cfg.deterministic)
+    device = hardware.resolve_device(cfg.device)
+    criterion = instantiate(cfg.loss) if phase is Phase.student else CELoss()  # the loss checks its values
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    required = wants_teacher(cfg, stages.needs_teacher(criterion))
+    teacher_path = first_teacher(cfg, required, overrides, resumed) if phase is Phase.student else None
+    teacher_file = None  # read and checked before any data is decoded
+    if teacher_path is not None:
+        teacher_file = teachers.read(teacher_path, cfg.teacher, cfg.teacher_checkpoint_key)
+    if data is None:
+        data = load_data(cfg.dataset, device, hardware.use_channels_last(cfg.channels_last, device))
+    # last.pt records it: on every rank now, not on rank 0 alone after epoch 1 (a streamed folder's takes minutes)
+    data.train_digest()
+    check_resumed_data(cfg, resumed, data)
+    if teacher_path is not None and resumed is None and teachers.from_store(cfg):
+        teacher_path, teacher_file = teacher_for_data(cfg, required, overrides, data, (teacher_path, teacher_file))
+    teacher = teachers.build(teacher_file, cfg.teacher, data.device) if teacher_file is not None else None
+    job = build_job(cfg, phase, criterion, data, device, teacher, resumed.get("precision") if resumed else None)
+    facts = {"phase": phase.value, "params": profiling.count_parameters(job.model)}
+    facts["adapter_params"] = profiling.count_parameters(job.criterion)
+    image_shape = data.image_shape
+    facts["flops_per_image"] = profiling.forward_flops(job.model, image_shape, device)
+    info = profiling.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
+    if teacher is not None:
+        facts.update(teacher_checks.check_teacher(job, cfg, teacher_path, teacher_file))
+        job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
+    return job, facts, info
 
 
 def wants_teacher(cfg: DictConfig, loss_needs_it: bool) -> bool:
     """Whether a student run must have its teacher: when its loss reads it, and with train_missing_teacher=true also
     when it does not (a baseline), so that every row of a table records its pair's teacher and agreement with it."""
     return loss_needs_it or (cfg.train_missing_teacher and cfg.teacher_checkpoint == "auto")
+
+
+def first_teacher(
+    cfg: DictConfig, required: bool, overrides: Sequence[str], resumed: Optional[dict]
+) -> Optional[Path]:
+    """The student's teacher as far as it is known before the data is decoded: a resumed run's is the one its
+    last.pt records (resumed_teacher); otherwise the config's (teacher_for_data may still take another version)."""
+    if resumed is not None and "train_digest" in resumed:
+        return teacher_checks.resumed_teacher(cfg, required, overrides, resumed)
+    path = find_or_train_teacher(cfg, required, overrides)
+    if resumed is not None and path is not None and teachers.from_store(cfg):
+        teacher_checks.check_unrecorded_teacher(resumed["path"], path.parent.parent)
+    return path
 
 
 def find_or_train_teacher(
@@ -399,66 +368,6 @@ def find_or_train_teacher(
                 log.info("training the missing teacher into %s", version)
                 run(teachers.teacher_config(cfg), version / "run", file_into=version)
         return version / "teacher.pt"
-
-
-def first_teacher(
-    cfg: DictConfig, required: bool, overrides: Sequence[str], resumed: Optional[dict]
-) -> Optional[Path]:
-    """The student's teacher as far as it is known before the data is decoded: a resumed run's is the one its
-    last.pt records (resumed_teacher); otherwise the config's (teacher_for_data may still take another version)."""
-    if resumed is not None and "train_digest" in resumed:
-        return resumed_teacher(cfg, required, overrides, resumed)
-    path = find_or_train_teacher(cfg, required, overrides)
-    if resumed is not None and path is not None and teachers.from_store(cfg):
-        check_unrecorded_teacher(resumed["path"], path.parent.parent)
-    return path
-
-
-def resumed_teacher(cfg: DictConfig, required: bool, overrides: Sequence[str], resumed: dict) -> Optional[Path]:
-    """The teacher a resumed run goes on with: the one its last.pt was trained with (by sha256), from the store even
-    after a newer version was filed there, or from the file teacher_checkpoint names; any other is refused."""
-    sha256 = resumed["teacher_sha256"]
-    if sha256 is None:
-        return None  # trained without a teacher (a baseline), it goes on without one
-    if not teachers.from_store(cfg):
-        now = teachers.resolve(cfg, required, list(overrides))
-        now_sha256 = records.sha256_file(now) if now is not None else None
-        if now_sha256 != sha256:
-            raise ValueError(teacher_switch(resumed, now, now_sha256, ""))
-        return now
-    entry = teachers.entry_dir(cfg, cfg.teacher_seed)
-    version, newest = teachers.version_with_sha256(entry, sha256), teachers.newest_complete(entry)
-    if version is None:
-        now = newest / "teacher.pt" if newest is not None else None
-        now_sha256 = teachers.read_manifest(newest)["sha256"] if newest is not None else None
-        raise ValueError(teacher_switch(resumed, now, now_sha256, f" (the store no longer holds it in {entry})"))
-    if version != newest:
-        log.info("resuming with %s, the teacher %s was trained with (sha256 %s): the store's newest version of it, %s, "
-                 "serves new runs only", version, resumed["path"], sha256[:12], newest)
-    return version / "teacher.pt"
-
-
-def teacher_switch(resumed: dict, now: Optional[Path], now_sha256: Optional[str], where: str) -> str:
-    """Why a resume is refused when the teacher it would go on with is not the one last.pt was trained with."""
-    sha256 = resumed["teacher_sha256"]
-    current = f"{now} (sha256 {now_sha256[:12]})" if now is not None else "no teacher"
-    return (f"cannot resume {resumed['path']}: it was trained with teacher {resumed['teacher_checkpoint']} (sha256 "
-            f"{sha256[:12]}){where}, and would go on with {current}. A resumed run keeps its teacher: start over in "
-            f"a new run folder (hydra.run.dir=...), or resume with teacher_checkpoint=PATH naming that teacher (a "
-            f"file of sha256 {sha256}).")
-
-
-def check_unrecorded_teacher(last: Path, entry: Path) -> None:
-    """A last.pt written before runs recorded their teacher's sha256 trained with the store's newest version of the
-    time: when the entry now holds several, which one cannot be told, and the resume is refused."""
-    complete = [v.name for v in teachers.versions(entry) if (v / "manifest.json").is_file()]
-    if len(complete) > 1:
-        raise ValueError(
-            f"cannot resume {last}: it records no teacher sha256 (an earlier version of this repository wrote it), and "
-            f"the store holds {len(complete)} versions of its teacher in {entry} ({', '.join(complete)}): which one it "
-            "was trained with cannot be told here (its train.log names it, in the line 'teacher <path>'). Resume with "
-            "teacher_checkpoint=<that teacher.pt>, or start over in a new run folder (hydra.run.dir=...)."
-        )
 
 
 def teacher_for_data(
@@ -492,127 +401,6 @@ def check_resumed_data(cfg: DictConfig, resumed: Optional[dict], data: DataPath)
             f"(digest {recorded[:12]} when trained, {now[:12]} now: images added, removed or replaced). A resumed run "
             "keeps its data: put those images back, or start over in a new run folder (hydra.run.dir=...)."
         )
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Reject values no run can use, before any work starts."""
-    wrong = value_problems(cfg)
-    if wrong:  # first: the checks below compare numbers, which a NaN passes and a string breaks
-        raise ValueError("invalid config: " + "; ".join(wrong))
-    problems = []
-    if cfg.epochs < 1:
-        problems.append(f"epochs={cfg.epochs}: need at least 1")
-    if cfg.batch_size < 1 or cfg.eval_batch_size < 1:
-        problems.append(f"batch_size={cfg.batch_size}, eval_batch_size={cfg.eval_batch_size}: need at least 1")
-    if cfg.progress_every_s is not None and not cfg.progress_every_s >= 0:
-        problems.append(f"progress_every_s={cfg.progress_every_s}: must be >= 0 seconds (0: a line every step), or "
-                        "null for no progress lines")
-    if cfg.threads is not None and cfg.threads < 1:
-        problems.append(f"threads={cfg.threads}: need at least 1 (or null for torch's default)")
-    for role in ("teacher", "student"):
-        if not cfg[role].width > 0:
-            problems.append(f"{role}.width={cfg[role].width}: the width multiplier must be > 0 (1 = standard)")
-    problems += dataset_problems(cfg.dataset) + logger_problems(cfg.logger)
-    lr = cfg.optimizer.get("lr")
-    if isinstance(lr, (int, float)) and lr < 0:
-        problems.append(f"optimizer.lr={lr}: must be a finite number >= 0")
-    if cfg.teacher_acc_tolerance < 0:
-        problems.append(f"teacher_acc_tolerance={cfg.teacher_acc_tolerance}: must be >= 0 (percentage points)")
-    if cfg.teacher_cache_topk is not None and not 1 <= cfg.teacher_cache_topk <= cfg.dataset.num_classes:
-        problems.append(f"teacher_cache_topk={cfg.teacher_cache_topk}: must be between 1 and the "
-                        f"{cfg.dataset.num_classes} classes (or null: every logit, exact)")
-    if cfg.teacher_cache_dtype not in DTYPES:
-        problems.append(f"teacher_cache_dtype={cfg.teacher_cache_dtype}: must be one of {', '.join(DTYPES)}")
-    if cfg.compile_mode not in COMPILE_MODES:
-        problems.append(f"compile_mode={cfg.compile_mode}: must be one of {', '.join(COMPILE_MODES)}")
-    if problems:
-        raise ValueError("invalid config: " + "; ".join(problems))
-
-
-def logger_problems(logger: DictConfig) -> list[str]:
-    """What W&B would refuse only after run.json is written (in every mode, disabled too); logger.mode is an Enum of
-    the schema (kd.config.LoggerMode), refused at composition."""
-    problems = []
-    if not logger.init_timeout_s > 0:
-        problems.append(f"logger.init_timeout_s={logger.init_timeout_s}: must be > 0 (seconds)")
-    if len(logger.project) > tracking.PROJECT_MAX_CHARS:
-        problems.append(f"logger.project is {len(logger.project)} characters long: W&B allows at most "
-                        f"{tracking.PROJECT_MAX_CHARS}, shorten it")
-    forbidden = sorted(set(logger.project) & set(tracking.PROJECT_FORBIDDEN))
-    if forbidden:
-        problems.append(f"logger.project={logger.project}: W&B project names cannot hold {' '.join(forbidden)}")
-    return problems + tracking.tag_problems(list(logger.tags))
-
-
-def dataset_problems(dataset: DictConfig) -> list[str]:
-    """What is wrong with the dataset node's numbers: split fraction, normalisation, crop padding."""
-    problems = []
-    if not 0.0 <= dataset.val_fraction < 1.0:
-        problems.append(f"dataset.val_fraction={dataset.val_fraction}: must be in [0, 1)")
-    mean, std = list(dataset.mean), list(dataset.std)
-    if len(mean) != 3 or len(std) != 3:
-        problems.append(f"dataset.mean={mean}, dataset.std={std}: need one value per RGB channel (3 each)")
-    if not all(math.isfinite(m) for m in mean) or not all(0 < s < math.inf for s in std):
-        problems.append(f"dataset.mean={mean}, dataset.std={std}: means must be finite and stds finite and > 0")
-    if dataset.crop_padding < 0:
-        problems.append(f"dataset.crop_padding={dataset.crop_padding}: must be >= 0 (0 = no random crop)")
-    return problems
-
-
-def resolve_device(name: str) -> torch.device:
-    """device=auto picks CUDA when present (this rank's GPU under torchrun), else the CPU; a named one must exist."""
-    if name == "auto":
-        return torch.device(f"cuda:{distributed.local_device_index()}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but no CUDA device is visible: use device=auto or device=cpu.")
-    return device
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_name(dtype: Optional[torch.dtype]) -> str:
-    return next(name for name, value in PRECISIONS.items() if value == dtype)
-
-
-def job_precision(name: str, device: torch.device, resumed: Optional[str]) -> Optional[torch.dtype]:
-    """The run's autocast dtype. A resumed run keeps the precision its last.pt was trained in: with precision=auto
-    (which may resolve otherwise on another device) it takes that one; an explicit other precision is refused."""
-    resolved = resolve_precision(name, device)
-    if resumed is None or precision_name(resolved) == resumed:
-        return resolved
-    if name == "auto":
-        log.info("resuming in %s, the precision last.pt was trained in (precision=auto is %s on %s)", resumed,
-                 precision_name(resolved), device)
-        return PRECISIONS[resumed]
-    raise ValueError(f"last.pt was trained in {resumed}, and precision={name} would go on in another precision: "
-                     f"resume with precision={resumed} (or auto), or start over in another run folder.")
-
-
-def resolve_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype: precision=auto is bf16 on GPUs of compute capability 8.0 and up (A100, H100: native bf16,
-    no loss scaling), fp16 with loss scaling below (V100, T4: bf16 there is emulated, slow, and cuDNN may lack bf16
-    convolutions), fp32 on the CPU."""
-    if name == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    if name not in PRECISIONS:
-        raise ValueError(f"precision={name}: must be auto, {', '.join(PRECISIONS)}.")
-    return PRECISIONS[name]
-
-
-def use_channels_last(channels_last: bool, device: torch.device) -> bool:
-    """NHWC where asked, except for data-parallel CPU runs. torch 2.14's CPU NHWC backward of a strided 1x1
-    convolution corrupts the heap (kd/cpu_conv.py: build_job routes those around it); gloo DDP with NHWC gradients
-    and several CPU threads corrupted the heap too (reproduced with torchrun and OMP_NUM_THREADS=2), so CPU DDP
-    keeps NCHW."""
-    return channels_last and not (device.type == "cpu" and distributed.world_size() > 1)
-
-
-def memory_format(data: DataPath) -> torch.memory_format:
-    return torch.channels_last if data.channels_last else torch.contiguous_format
 
 
 def load_data(dataset_cfg: DictConfig, device: torch.device, channels_last: bool = False) -> DataPath:
@@ -658,18 +446,24 @@ def build_job(
     cfg: DictConfig, phase: Phase, criterion: Criterion, data: DataPath, device: torch.device,
     teacher: Optional[nn.Module] = None, resumed_precision: Optional[str] = None,
 ) -> Job:
-    """Seed, build the trained model, bind the criterion to both models (its adapters), optimizer, schedule,
-    precision (a resumed run's: the one its last.pt was trained in) and the forward the training step calls."""
+    """The one place a Job is built (set_up, tools/ and the tests call it): freeze the teacher, trained or freshly
+    built (teacher_checks.freeze_teacher), seed, build the trained model, bind the criterion to both models (its
+    adapters), optimizer, schedule, precision (a resumed run's: the one its last.pt was trained in; fp32 without TF32)
+    and the forward the training step calls."""
+    if teacher is not None:
+        teacher = teacher_checks.freeze_teacher(teacher, data)
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.student if phase is Phase.student else cfg.teacher)
-    model = cpu_conv.prepare(model.to(device, memory_format=memory_format(data)), device.type, data.channels_last)
+    model = cpu_conv.prepare(model.to(device, memory_format=hardware.memory_format(data)), device.type,
+                             data.channels_last)
     criterion.bind(model, teacher, data.sample_inputs(2), data.train_labels)
     criterion.to(device)
     # Adapters (regressors, embeddings) train with the student, under the same optimizer settings.
     optimizer = instantiate(cfg.optimizer)([*model.parameters(), *criterion.parameters()])
     scheduler = instantiate(cfg.scheduler)(optimizer)
     progress = cfg.progress_bar if cfg.progress_bar is not None else _stderr_is_terminal()
-    amp_dtype = job_precision(cfg.precision, device, resumed_precision)
+    amp_dtype = hardware.job_precision(cfg.precision, device, resumed_precision)
+    hardware.set_tf32(amp_dtype)
     job = Job(
         model, teacher, criterion, optimizer, scheduler, data, cfg.seed, cfg.batch_size, cfg.eval_batch_size,
         progress, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
@@ -680,56 +474,10 @@ def build_job(
     return job
 
 
-def check_teacher(job: Job, cfg: DictConfig, path: Path, teacher: TeacherFile) -> dict[str, Any]:
-    """Refuse a teacher of other classes, measure it on this data, and compare with the accuracy its file states:
-    a checkpoint of this repository that disagrees is refused, a published one is warned about. Returns the facts a
-    student's records cite it by (measured accuracy, path, sha256, source, format)."""
-    check_classes(teacher.classes, job.data.classes, path)
-    measured = {}
-    for split in sorted(job.data.splits, key=lambda name: name != "test"):  # test first: its figure is the record
-        logits = predict(job.teacher, job.data, split, job.eval_batch_size, job.amp_dtype)
-        measured[split] = score(logits, job.data.split_labels(split), None)
-        job.teacher_predictions[split] = logits.argmax(1)
-    accuracy, recorded = measured["test"]["acc1"], teacher.recorded_acc1
-    if recorded is not None and abs(accuracy - recorded) > cfg.teacher_acc_tolerance:
-        message = (f"teacher {path} scores {accuracy:.2f}% test top-1 here but {recorded:.2f}% "
-                   f"{'when it was trained' if teacher.format == 'kd' else 'in its file'} (more than "
-                   f"teacher_acc_tolerance={cfg.teacher_acc_tolerance}): wrong checkpoint, dataset or normalization.")
-        if teacher.format == "kd":
-            raise ValueError(message)
-        log.warning("%s Going on: a published file's own figure may have been measured elsewhere.", message)
-    log.info("teacher %s (%s): test top-1 %.2f (its file: %s)", path, teacher.format, accuracy,
-             "none" if recorded is None else f"{recorded:.2f}")
-    facts = {f"teacher/{name}/{key}": value for name, m in measured.items() for key, value in m.items()}
-    facts.update({"teacher/acc1": accuracy, "teacher_checkpoint": str(path), "teacher/format": teacher.format,
-                  "teacher/sha256": records.sha256_file(path), "teacher/source": teacher_source(cfg, path)})
-    if recorded is not None:
-        facts["teacher/recorded_acc1"] = recorded
-    return facts
+def _stderr_is_terminal() -> bool:
+    import sys
 
-
-def teacher_source(cfg: DictConfig, path: Path) -> str:
-    """Where a student's teacher came from: the store, a teachers_dir of published teachers, a library's cache
-    (torchvision, timm), or a file by path."""
-    if isinstance(path, pretrained.LibraryWeights):  # teacher_checkpoint=torchvision:<Weights> / timm:<name>
-        return path.library
-    if (path.parent / "manifest.json").is_file():
-        return "store"
-    return "teachers_dir" if cfg.teacher_checkpoint == "auto" and cfg.teachers_dir is not None else "file"
-
-
-def check_classes(teacher_classes: Optional[list[str]], classes: list[str], path: Path) -> None:
-    """Refuse a teacher trained on other classes, or on the same classes in another order (its outputs would be
-    read under the wrong labels), even when its accuracy here looks plausible."""
-    if teacher_classes is None or list(teacher_classes) == classes:
-        return
-    if sorted(teacher_classes) == sorted(classes):
-        what = "the same classes in another order"
-    else:
-        extra, missing = sorted(set(teacher_classes) - set(classes)), sorted(set(classes) - set(teacher_classes))
-        what = f"other classes (only the teacher's: {extra[:5]}, only this dataset's: {missing[:5]})"
-    raise ValueError(f"teacher {path} was trained on {what} than this dataset: its label i is not this data's "
-                     "label i. Use a teacher trained on this dataset.")
+    return sys.stderr.isatty()
 
 
 def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sha256: str) -> Optional[TeacherCache]:
@@ -753,16 +501,55 @@ def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sh
         "precision": str(job.amp_dtype), "channels_last": job.data.channels_last, "batchnorm_folded": True,
         "device": job.data.device.type, "torch": torch.__version__,
     }
+    if job.amp_dtype is None and job.data.device.type == "cuda":  # an fp32 run on a GPU: without TF32 since set_tf32,
+        key["cudnn_tf32"] = torch.backends.cudnn.allow_tf32  # so entries of earlier code (TF32 convolutions) are apart
     root = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else Path(cfg.teacher_store).parent / "teacher_cache"
     shape = (job.data.num_train, cfg.dataset.num_classes)
     return TeacherCache(root, key, shape, cfg.teacher_cache_dtype, cfg.teacher_cache_max_gb * 1e9,
                         cfg.teacher_cache_topk)
 
 
-def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
-    return {"teacher_cache/hits": cache.hits, "teacher_cache/misses": cache.misses,
-            "teacher_cache/rejected": cache.rejected, "teacher_cache/bytes": cache.size_bytes(),
-            "teacher_cache/dir": str(cache.dir)}
+# ---------------------------------------------------------------------------------------------------------------
+# training and its records
+
+
+def start_record(cfg: DictConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """run.json: the run's own record (overrides, resolved config, the keys tied to the seed, its W&B id), written
+    once, by the run that passed its checks; kd.report lists a sweep's jobs from it."""
+    unresolved = records.flatten(OmegaConf.to_container(cfg, resolve=False))
+    record = {"overrides": list(overrides), "config": records.plain_config(cfg), "wandb_id": tracking.new_run_id(),
+              "seed_linked": sorted(k for k, v in unresolved.items() if v == "${seed}")}
+    if distributed.is_main():
+        fileio.write_json(out_dir / "run.json", record)
+    return record
+
+
+def restore(job: Job, checkpoint: dict[str, Any]) -> None:
+    """Put the model, optimizer, schedule and global RNG back as they were when last.pt was written."""
+    job.model.load_state_dict(checkpoint["model"])
+    job.criterion.load_state_dict(checkpoint["criterion"])  # adapters (FitNet regressor, CRD embeddings, memory)
+    job.optimizer.load_state_dict(checkpoint["optimizer"])
+    job.scaler.load_state_dict(checkpoint["scaler"])
+    job.scheduler.load_state_dict(checkpoint["scheduler"])
+    # Batches come from epoch_generator; the global RNG matters only to models with dropout.
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, state in enumerate(checkpoint["rng"]["cuda"][:visible]):
+        torch.cuda.set_rng_state(state, index)
+
+
+def train(
+    job: Job, cfg: DictConfig, out_dir: Path, tracker, checkpoint: Optional[dict], facts: dict[str, Any],
+    info: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The epochs, logged to the folder's W&B run `tracker` (its id is in run.json); returns (result, info)."""
+    tracker.summary.update({**facts, **info})
+    teacher = {"teacher_sha256": facts.get("teacher/sha256"), "teacher_checkpoint": facts.get("teacher_checkpoint")}
+    result = {**facts, **fit(job, cfg, out_dir, tracker, checkpoint, teacher)}
+    if job.cache is not None:
+        info.update(teacher_cache_summary(job.cache))
+    tracker.summary.update({**result, **info})
+    return result, info
 
 
 def fit(
@@ -777,7 +564,7 @@ def fit(
     metrics, best = (checkpoint["metrics"], checkpoint["best"]) if checkpoint else (None, None)
     main = distributed.is_main()
     if main:
-        records.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
+        fileio.keep_epochs(metrics_file, done)  # drop lines an interrupted run wrote after its last checkpoint
         tracking.log_history(tracker, metrics_file)  # a resumed run's new W&B segment gets the epochs before it
     before_epoch_1 = lambda: checkpoint_payload(job, cfg, None, None, teacher or {})  # noqa: E731
     stages.run_init_stage(job, cfg, out_dir, checkpoint, before_epoch_1)
@@ -787,7 +574,7 @@ def fit(
         tracker.log(metrics, step=epoch)
         log.info(epoch_line(metrics, cfg.epochs))
         if main:
-            records.append_jsonl(metrics_file, metrics)
+            fileio.append_jsonl(metrics_file, metrics)
             save_checkpoints(job, cfg, out_dir, metrics, best, teacher or {})
     return summarize(metrics, best, best_key)
 
@@ -798,9 +585,9 @@ def save_checkpoints(
     """best.pt when this epoch is the best, then last.pt: everything an exact resume needs, written last."""
     payload = checkpoint_payload(job, cfg, metrics, best, teacher)
     if best is metrics:
-        records.save_checkpoint(out_dir / "best.pt", payload)
+        fileio.save_checkpoint(out_dir / "best.pt", payload)
     # last.pt is the epoch's commit point: once it lands, best.pt and metrics.jsonl are already up to date.
-    records.save_checkpoint(out_dir / "last.pt", payload)
+    fileio.save_checkpoint(out_dir / "last.pt", payload)
 
 
 def checkpoint_payload(
@@ -815,7 +602,7 @@ def checkpoint_payload(
     payload.update(teacher_sha256=teacher.get("teacher_sha256"), teacher_checkpoint=teacher.get("teacher_checkpoint"))
     payload["train_digest"] = job.data.train_digest()
     payload.update(criterion=job.criterion.state_dict(), optimizer=job.optimizer.state_dict(), classes=job.data.classes)
-    payload["precision"] = precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
+    payload["precision"] = hardware.precision_name(job.amp_dtype)  # a resume keeps it (job_precision)
     epoch = metrics["epoch"] if metrics is not None else 0
     payload.update(scheduler=job.scheduler.state_dict(), scaler=job.scaler.state_dict(), epoch=epoch, stage="main")
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -842,8 +629,7 @@ def epoch_line(m: dict[str, Any], epochs: int) -> str:
     return " | ".join(parts + [f"lr {m['lr']:.4g}", f"{m['time/epoch_s']:.1f}s"])
 
 
-def _stderr_is_terminal() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
-
+def teacher_cache_summary(cache: TeacherCache) -> dict[str, Any]:
+    return {"teacher_cache/hits": cache.hits, "teacher_cache/misses": cache.misses,
+            "teacher_cache/rejected": cache.rejected, "teacher_cache/bytes": cache.size_bytes(),
+            "teacher_cache/dir": str(cache.dir)}

@@ -23,14 +23,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from kd import engine, pretrained, records, teachers
+from kd import engine, fileio, hardware, pretrained, records, teacher_checks, teachers
 from kd.datapath import DataPath
 from kd.loop import predict, score
 
 SPLITS = ("test", "val", "train")
 CHECKPOINTS = ("last", "best")
 # What this command refuses with one line (a message that names the problem and the fix), as train.py does.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, records.CannotWrite)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, fileio.CannotWrite)
 WHAT_IT_READS = ("kd.eval reads a run folder of this repository, or a checkpoint it wrote (a run's last.pt or best.pt, "
                  "a store's teacher.pt), whose config is inside.")
 
@@ -107,9 +107,9 @@ def checkpoint_path(path: Path, which: str) -> Path:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's payload (weights-only); a foreign or unfinished file is refused."""
     try:
-        checkpoint = records.load_checkpoint(path, ("model", "arch", "config"))
-    except records.UnusableCheckpoint as error:
-        raise records.UnusableCheckpoint(f"{error} {WHAT_IT_READS}") from None
+        checkpoint = fileio.load_checkpoint(path, ("model", "arch", "config"))
+    except fileio.UnusableCheckpoint as error:
+        raise fileio.UnusableCheckpoint(f"{error} {WHAT_IT_READS}") from None
     if checkpoint.get("metrics") is None:  # before epoch 1 (an init stage's): no trained model to score yet
         raise ValueError(f"{path} was written before the run's first epoch ended: score it once that epoch is done.")
     return checkpoint
@@ -147,7 +147,7 @@ def check_out(out: Path, checkpoint: Path) -> None:
         raise ValueError(f"{out} is inside {store_version}, a version of the teacher store, which is never written "
                          f"after it is filed: give --out DIR to score {checkpoint}.")
     existing = next(p for p in (out, *out.parents) if p.exists())
-    records.check_writable(existing, "Give a writable folder as --out DIR.")
+    fileio.check_writable(existing, "Give a writable folder as --out DIR.")
 
 
 def run_teacher(
@@ -168,7 +168,7 @@ def run_teacher(
            "the agreement.")
     if not path.is_file():
         raise FileNotFoundError(f"teacher {path}, which the run was trained with, is not there. {fix}")
-    found = records.sha256_file(path)
+    found = fileio.sha256_file(path)
     if found != sha256:
         raise ValueError(f"teacher {path} is not the one the run was trained with (sha256 {found[:12]}, recorded "
                          f"{sha256[:12]}). {fix}")
@@ -183,7 +183,7 @@ def recorded_teacher(checkpoint: dict[str, Any], folder: Path) -> tuple[Optional
     result = folder / "result.json"
     if not result.is_file():
         return None, None
-    record = records.read_json(result, "Score the checkpoint with --teacher none, or restore that file.")
+    record = fileio.read_json(result, "Score the checkpoint with --teacher none, or restore that file.")
     return record.get("teacher_checkpoint"), record.get("teacher/sha256")
 
 
@@ -191,21 +191,21 @@ def evaluate(target: Target, split: str) -> tuple[dict[str, Any], bytes]:
     """Score the checkpoint's model (and its teacher) on the split, as the run evaluated it: its precision, batch
     size, memory format and threads. Returns eval.json's record and the confusion matrix's PNG."""
     cfg = target.cfg
-    device = engine.resolve_device(cfg.device)
-    engine.configure_determinism(cfg.deterministic)
+    device = hardware.resolve_device(cfg.device)
+    hardware.configure_determinism(cfg.deterministic)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    data = engine.load_data(cfg.dataset, device, engine.use_channels_last(cfg.channels_last, device))
+    data = engine.load_data(cfg.dataset, device, hardware.use_channels_last(cfg.channels_last, device))
     amp_dtype = precision(target, device)
     model = instantiate(target.checkpoint["arch"])
     model.load_state_dict(target.checkpoint["model"])
-    model = model.to(device, memory_format=engine.memory_format(data)).eval()
+    model = model.to(device, memory_format=hardware.memory_format(data)).eval()
     labels = data.split_labels(split)
     logits = predict(model, data, split, cfg.eval_batch_size, amp_dtype)
     reference = None
-    record = {"checkpoint": str(target.path), "checkpoint_sha256": records.sha256_file(target.path), "split": split,
+    record = {"checkpoint": str(target.path), "checkpoint_sha256": fileio.sha256_file(target.path), "split": split,
               "epoch": trained_epochs(target.checkpoint["metrics"]), "images": len(labels), "classes": data.classes,
-              "precision": engine.precision_name(amp_dtype), "device": str(device), "overrides": target.overrides,
+              "precision": hardware.precision_name(amp_dtype), "device": str(device), "overrides": target.overrides,
               "config": records.plain_config(cfg)}
     if target.teacher is not None:
         reference = teacher_predictions(target, data, split, amp_dtype)
@@ -232,15 +232,15 @@ def precision(target: Target, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype the run evaluated in (its last.pt records it); precision=... on the command line wins."""
     recorded = target.checkpoint.get("precision")
     if recorded is None or any(o.split("=", 1)[0] == "precision" for o in target.overrides):
-        return engine.resolve_precision(target.cfg.precision, device)
-    return engine.PRECISIONS[recorded]
+        return hardware.resolve_precision(target.cfg.precision, device)
+    return hardware.PRECISIONS[recorded]
 
 
 def teacher_predictions(target: Target, data: DataPath, split: str, amp_dtype: Optional[torch.dtype]) -> Tensor:
     """The teacher's logits on the split, from the frozen teacher the student phase ran (BatchNorm folded)."""
     path, _ = target.teacher
     teacher_file = teachers.read(path, target.cfg.teacher, target.cfg.get("teacher_checkpoint_key"))
-    teacher = engine.frozen_teacher(teacher_file, target.cfg.teacher, data)
+    teacher = teacher_checks.freeze_teacher(teachers.build(teacher_file, target.cfg.teacher, data.device), data)
     return predict(teacher, data, split, target.cfg.eval_batch_size, amp_dtype)
 
 
@@ -283,9 +283,9 @@ def confusion_png(matrix: Tensor, classes: list[str], title: str) -> bytes:
 def write(out: Path, record: dict[str, Any], png: bytes) -> None:
     """eval.json and confusion.png, each written atomically."""
     fix = "Give a writable folder as --out DIR."
-    with records.writing(out, fix):
-        records.write_json(out / "eval.json", record)
-        records.atomic_write_bytes(out / "confusion.png", png)
+    with fileio.writing(out, fix):
+        fileio.write_json(out / "eval.json", record)
+        fileio.atomic_write_bytes(out / "confusion.png", png)
 
 
 def summary_line(target: Target, record: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 from omegaconf import DictConfig
 
-from kd import records
+from kd import fileio, records
 from kd.config import Phase
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def shell_command(argv: list[str]) -> str:
 
 
 def lock_held(folder: Path) -> bool:
-    """Whether a live process holds the folder's run lock (kd.records.folder_lock) now; nothing is written."""
+    """Whether a live process holds the folder's run lock (kd.fileio.folder_lock) now; nothing is written."""
     try:
         fd = os.open(Path(folder) / ".lock", os.O_RDONLY)
     except OSError:
@@ -137,10 +137,10 @@ def job_states(sweep_dir: Path) -> dict[str, int]:
 def folder_state(folder: Path, damage: Callable[[dict[str, Any]], str]) -> str:
     """finished, skipped or failed (see job_states); `damage`: kd.report's check of a result.json."""
     try:
-        result = records.read_json(folder / "result.json", "")
+        result = fileio.read_json(folder / "result.json", "")
         if not damage(result):
             return "finished"
-    except (OSError, records.CorruptRecord):
+    except (OSError, fileio.CorruptRecord):
         pass
     return "skipped" if lock_held(folder) else "failed"
 

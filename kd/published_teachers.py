@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional, Sequence
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from kd import checkpoints, records
+from kd import checkpoints, fileio
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def in_place(folder: Path, models: Sequence[str], manifest: dict, num_classes: i
         path = folder / PUBLISHED_LAYOUT.format(model=model)
         if not path.is_file():
             continue
-        recorded, digest = manifest["files"].get(relative(model)), records.sha256_file(path)
+        recorded, digest = manifest["files"].get(relative(model)), fileio.sha256_file(path)
         if recorded is not None and digest != recorded["sha256"]:
             refused[model] = (f"{path} has sha256 {digest}, but {folder / MANIFEST} recorded {recorded['sha256']} "
                               f"at its fetch: the file changed since. Delete it to fetch it again.")
@@ -184,7 +184,7 @@ def download_to(url: str, target: Path, timeout_s: float) -> Optional[str]:
 def check(download: Download, model: str, manifest: dict, num_classes: int) -> tuple[str, Optional[str]]:
     """The download's sha256, and why it is refused (None: it is not): another sha256 than the one recorded at the
     first fetch, or not a readable checkpoint of the model."""
-    digest, recorded = records.sha256_file(download.path), manifest["files"].get(relative(model))
+    digest, recorded = fileio.sha256_file(download.path), manifest["files"].get(relative(model))
     if recorded is not None and digest != recorded["sha256"]:
         return digest, (f"refused: sha256 {digest}, but {MANIFEST} recorded {recorded['sha256']} at the first fetch "
                         f"(from {recorded['source']}, {recorded['fetched_at']}); the host now serves other bytes")
@@ -223,7 +223,7 @@ def record(folder: Path, manifest: dict, model: str, entry: dict[str, Any]) -> N
     """Add a teacher's first record to the manifest and write it (atomically)."""
     manifest["files"][relative(model)] = {**entry, "model": model,
                                           "fetched_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    records.write_json(folder / MANIFEST, manifest)
+    fileio.write_json(folder / MANIFEST, manifest)
 
 
 def relative(model: str) -> str:
@@ -235,9 +235,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return {"kind": MANIFEST_KIND, "files": {}}
-    manifest = records.read_json(path, f"Delete {path} to record the teachers' sha256s again at the next fetch.")
+    manifest = fileio.read_json(path, f"Delete {path} to record the teachers' sha256s again at the next fetch.")
     if manifest.get("kind") != MANIFEST_KIND or not isinstance(manifest.get("files"), dict):
-        raise records.CorruptRecord(f"{path} is not a manifest of fetched teachers (kind {manifest.get('kind')!r}): "
+        raise fileio.CorruptRecord(f"{path} is not a manifest of fetched teachers (kind {manifest.get('kind')!r}): "
                                     "fetch into a folder of their own (--dir).")
     return manifest
 
@@ -252,7 +252,7 @@ def verified_sha256(path: Path) -> Optional[str]:
     recorded = read_manifest(folder)["files"].get(relative(model))
     if recorded is None:
         return None
-    digest = records.sha256_file(path)
+    digest = fileio.sha256_file(path)
     if digest != recorded["sha256"]:
         raise ValueError(f"{path} has sha256 {digest}, but {folder / MANIFEST} recorded {recorded['sha256']} when it "
                          f"was fetched ({recorded['source']}): the file changed since. Delete it and run "

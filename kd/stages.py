@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from kd import distributed, records
+from kd import distributed, fileio
 from kd.datapath import Batch
 from kd.loop import Job
 from kd.methods.base import Criterion, InitStage, Step
@@ -64,16 +64,16 @@ def run_init_stage(job: Job, cfg: DictConfig, out_dir: Path, checkpoint: Optiona
     done = resume_point(init, checkpoint)
     main, record = distributed.is_main(), out_dir / RECORD
     if main:
-        records.keep_epochs(record, done)  # drop lines an interrupted run wrote after its last checkpoint
+        fileio.keep_epochs(record, done)  # drop lines an interrupted run wrote after its last checkpoint
     if 0 < done < stage.epochs:
         log.info("resuming the init stage after init epoch %d of %d", done, stage.epochs)
     for epoch in range(done + 1, stage.epochs + 1):
         metrics = train_init_epoch(job, init, epoch)
         log.info(init_line(metrics, stage.epochs))
         if main:
-            records.append_jsonl(record, metrics)
+            fileio.append_jsonl(record, metrics)
             state = {"epoch": epoch, "optimizer": init.optimizer.state_dict(), "scaler": init.scaler.state_dict()}
-            records.save_checkpoint(out_dir / "last.pt", {**payload(), "stage": "init", "init": state})
+            fileio.save_checkpoint(out_dir / "last.pt", {**payload(), "stage": "init", "init": state})
 
 
 def init_optimizer(job: Job, cfg: DictConfig, stage: InitStage) -> tuple[Optimizer, torch.amp.GradScaler]:

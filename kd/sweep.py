@@ -2,7 +2,7 @@
 
 1. The sweep folder: a relaunch into a folder that holds a sweep (its `sweep.json`) may resume it or add jobs (more
    values of the keys it sweeps), nothing else; anything else, or a sweep.json that cannot be read, is refused
-   before Hydra rewrites a file there. So are the sweep's constant settings that engine.check_config refuses.
+   before Hydra rewrites a file there. So are the sweep's constant settings that kd.config.check_config refuses.
 2. Job folders are named by the swept keys only (`loss.alpha=0.9,seed=1`), so a job keeps its folder when a
    relaunch adds values; the constant overrides live in sweep.json and multirun.yaml. Long names are cut and
    completed with a hash (kd.records.bounded_name).
@@ -32,8 +32,8 @@ from hydra_plugins.kd_grid_sweeper import check_exclude, is_excluded
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
-from kd import engine, feedback, records, stages, study, sweep_cost, teachers
-from kd.config import Phase
+from kd import engine, feedback, fileio, records, stages, study, sweep_cost, teachers
+from kd.config import Phase, check_config
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class SweepChecks(Callback):
             raise SystemExit(1)
         name_jobs_by_swept_keys(config, record)
         try:
-            records.write_json(sweep_dir / "sweep.json", record)
-        except records.CannotWrite as error:  # a read-only or full sweep folder: one line, before any job
+            fileio.write_json(sweep_dir / "sweep.json", record)
+        except fileio.CannotWrite as error:  # a read-only or full sweep folder: one line, before any job
             log.error("%s", error)
             raise SystemExit(1) from None
         study.continue_study(config)
@@ -105,9 +105,9 @@ class SweepChecks(Callback):
         run_dir = Path(config.hydra.run.dir)  # the path Hydra creates next: ${now:...} resolves once per config
         fix = "Make the folder it is in writable, or give this run another folder (hydra.run.dir=...)."
         try:
-            with records.writing(run_dir, fix):
+            with fileio.writing(run_dir, fix):
                 run_dir.mkdir(parents=True, exist_ok=True)
-        except records.CannotWrite as error:
+        except fileio.CannotWrite as error:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 return
             print(f"Error: {error}", file=sys.stderr)  # as train.py prints a refused run
@@ -173,10 +173,10 @@ def check_sweep_folder(sweep_dir: Path, new: dict[str, Any]) -> Optional[str]:
         return None
     unchecked = f"This relaunch cannot be checked against the sweep it records, so no job was started. {fix}"
     try:
-        old = records.read_json(path, unchecked)
+        old = fileio.read_json(path, unchecked)
     except OSError as error:
         return f"{path} cannot be read ({error.strerror or error}). {unchecked}"
-    except records.CorruptRecord as error:
+    except fileio.CorruptRecord as error:
         return str(error)
     if not isinstance(old.get("fixed"), dict) or not isinstance(old.get("swept"), dict):
         return f"{path} is damaged (it holds no fixed and swept overrides). {unchecked}"
@@ -227,12 +227,12 @@ def name_jobs_by_swept_keys(config: DictConfig, record: dict[str, Any]) -> None:
 
 
 def settings_refusal(config: DictConfig) -> Optional[str]:
-    """engine.check_config's refusal of the sweep's settings (the swept values are checked by each job)."""
+    """check_config's refusal of the sweep's settings (the swept values are checked by each job)."""
     cfg = _without_hydra(config)
     if set(OmegaConf.missing_keys(cfg)) & split_overrides(config)[0]:
         return None  # a swept value that no config option gives: only the jobs hold it, and each checks its own
     try:
-        engine.check_config(engine.phase_config(cfg))
+        check_config(engine.phase_config(cfg))
     except ValueError as error:
         return str(error)
     return None

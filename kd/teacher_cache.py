@@ -44,7 +44,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from kd import records
+from kd import fileio
 from kd.data import to_device
 
 log = logging.getLogger(__name__)
@@ -284,8 +284,8 @@ class TeacherCache:
             self.root.mkdir(parents=True, exist_ok=True)
             with _locked(self.root):  # no other job evicts this entry while it is written, nor writes while we evict
                 self.dir.mkdir(exist_ok=True)
-                records.write_json(self.dir / "key.json", self.key)  # the marker first: eviction proves ownership by it
-                records.save_checkpoint(self._file(epoch), payload)
+                fileio.write_json(self.dir / "key.json", self.key)  # the marker first: eviction proves ownership by it
+                fileio.save_checkpoint(self._file(epoch), payload)
                 self._evict()
         except OSError as error:  # a read-only or full cache folder
             log.warning("could not store teacher outputs in %s (%s): going on without storing more (reading what is "
@@ -316,7 +316,7 @@ class TeacherCache:
 
 LOCK_NAME = ".teacher_cache.lock"
 ENTRY_NAME = re.compile(r"[0-9a-f]{16}")
-# What the cache writes into an entry: its key, epoch files, and records.atomic_write_bytes' temporaries of both.
+# What the cache writes into an entry: its key, epoch files, and fileio.atomic_write_bytes' temporaries of both.
 ENTRY_FILE = re.compile(r"key\.json|epoch_\d{4}\.pt|\.(key\.json|epoch_\d{4}\.pt)\.\w+\.tmp")
 
 
@@ -393,7 +393,7 @@ def _warn_foreign(root: Path, names: list[str]) -> None:
 
 def _checksum(entry: str, epoch: int, *tensors: Tensor) -> str:
     """sha256 binding an epoch file's rows to its entry and epoch: a file copied from elsewhere does not verify."""
-    return hashlib.sha256(f"{entry}|{epoch}|{records.sha256_tensors(*tensors)}".encode()).hexdigest()
+    return hashlib.sha256(f"{entry}|{epoch}|{fileio.sha256_tensors(*tensors)}".encode()).hexdigest()
 
 
 def _index_dtype(num_classes: int) -> torch.dtype:

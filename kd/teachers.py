@@ -36,13 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from kd import pretrained, published_teachers, records
+from kd import fileio, pretrained, published_teachers, records
 from kd.checkpoints import TeacherFile, read_teacher_file
 from kd.datapath import DataPath
 from kd.published_teachers import PUBLISHED_LAYOUT
-from kd.records import (
-    SOURCE_NEUTRAL, model_name, plain_config, read_json, save_checkpoint, sha256_file, write_json,
-)
+from kd.fileio import read_json, save_checkpoint, sha256_file, write_json
+from kd.records import SOURCE_NEUTRAL, model_name, plain_config
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ def read_manifest(version: Path) -> dict[str, Any]:
     manifest = read_json(version / "manifest.json", fix)
     missing = [key for key, kind in MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
     if missing:
-        raise records.CorruptRecord(f"{version / 'manifest.json'} is damaged (it holds no {', '.join(missing)}). {fix}")
+        raise fileio.CorruptRecord(f"{version / 'manifest.json'} is damaged (it holds no {', '.join(missing)}). {fix}")
     return manifest
 
 
@@ -254,7 +253,7 @@ def stored_alternatives(cfg: DictConfig) -> str:
     for version in same_model_versions(cfg):
         try:
             manifest = read_manifest(version)
-        except (OSError, records.CorruptRecord):  # a damaged version: its own lookup names it
+        except (OSError, fileio.CorruptRecord):  # a damaged version: its own lookup names it
             continue
         stored = records.flatten_config(manifest.get("identity") or {})
         keys = sorted(k for k in stored.keys() | asked.keys() if stored.get(k, _ABSENT) != asked.get(k, _ABSENT))
@@ -383,7 +382,7 @@ def store_lock(entry: Path, timeout_s: float) -> Iterator[None]:
         ) from None
     _HELD.add(key)
     for version in versions(entry):  # what a filing killed mid-write left (no writer is alive: we hold the lock)
-        records.remove_stale_temporaries(version)
+        fileio.remove_stale_temporaries(version)
     try:
         yield
     finally:

@@ -22,16 +22,12 @@ import wandb
 from omegaconf import DictConfig
 
 from kd import distributed, teachers
-from kd.config import Phase
+from kd.config import TAG_MAX_CHARS, Phase
 from kd.labels import method_name, model_label, pair_label
 from kd.records import model_name, plain_config
 
 log = logging.getLogger(__name__)
 
-MODES = ("online", "offline", "disabled")
-# W&B's rules for a project name (wandb.Settings validates them in every mode, disabled too).
-PROJECT_MAX_CHARS, PROJECT_FORBIDDEN = 128, "/\\#?%:"
-TAG_MAX_CHARS = 64  # wandb.Settings refuses a longer tag, in every mode
 ARTIFACT_NAME_MAX_CHARS = 128
 # What `wandb agent` sets for each run it starts, besides WANDB_PROJECT and WANDB_ENTITY.
 AGENT_SWEEP_ID, AGENT_RUN_ID = "WANDB_SWEEP_ID", "WANDB_RUN_ID"
@@ -50,12 +46,6 @@ def run_tags(cfg: DictConfig, choices: Optional[Mapping[str, Any]] = None) -> li
         if (choices or {}).get("loss"):
             tags.append(f"loss:{choices['loss']}")
     return [shortened(tag, TAG_MAX_CHARS) for tag in tags] + list(cfg.logger.tags)
-
-
-def tag_problems(tags: list[str]) -> list[str]:
-    """What W&B would refuse in logger.tags only after run.json is written (in every mode)."""
-    return [f"logger.tags has {tag!r}, {len(tag)} characters: W&B takes tags of 1 to {TAG_MAX_CHARS}, shorten it"
-            for tag in map(str, tags) if not 1 <= len(tag) <= TAG_MAX_CHARS]
 
 
 def shortened(text: str, limit: int) -> str:

@@ -8,7 +8,7 @@ nothing half-written that a later run could read.
     KD_KILL_AT=decode:N        ...   # while decoding the N-th image of an image folder
     KD_KILL_AT=pause:E:S KD_PAUSE_DIR=D ...  # before step S of epoch E: touch D/paused, wait for D/resume
 
-E counts the training epochs this process runs, and N the writes (records.atomic_write_bytes, which every record,
+E counts the training epochs this process runs, and N the writes (fileio.atomic_write_bytes, which every record,
 checkpoint and cache file goes through) or
 decoded images, across the runs of a process (a student training its teacher on demand, the jobs of a multirun).
 The hooks live here, not in kd/, so production code carries no test switches.
@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import kd.data  # noqa: E402
+import kd.fileio  # noqa: E402
 import kd.loop  # noqa: E402
-import kd.records  # noqa: E402
 
 kind, *spec = os.environ["KD_KILL_AT"].split(":")
 counts = {"epochs": 0, "writes": 0, "images": 0}
@@ -84,14 +84,14 @@ def write_hook(path: Path, data, write) -> None:
         die()
 
 
-def killing_atomic_write(path: Path, data: bytes, _real=kd.records.atomic_write_bytes) -> None:
+def killing_atomic_write(path: Path, data: bytes, _real=kd.fileio.atomic_write_bytes) -> None:
     write_hook(path, lambda: data, lambda: _real(path, data))
 
 
 kd.loop.train_one_epoch = counting_epoch
 kd.loop.train_step = killing_step
 kd.data.read_image = killing_read_image
-kd.records.atomic_write_bytes = killing_atomic_write
+kd.fileio.atomic_write_bytes = killing_atomic_write
 
 if __name__ == "__main__":
     sys.argv[0] = str(REPO / "train.py")

@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the schema)
 import train
-from kd import checkpoints, engine, records
+from kd import checkpoints, engine, fileio
+from kd.config import check_config
 from kd.sweep import SweepChecks
 from support import tree_state
 from test_reliability import PLAIN, TINY, compose_cfg, no_data
@@ -110,7 +111,7 @@ def test_a_sweep_over_a_value_no_config_option_gives_runs_and_one_that_leaves_it
 def test_negative_teacher_acc_tolerance_is_refused(tmp_path):
     message = refused(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=-1"), tmp_path)
     assert message == "invalid config: teacher_acc_tolerance=-1.0: must be >= 0 (percentage points)"
-    engine.check_config(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=0"))  # exact agreement: allowed
+    check_config(compose_cfg(tmp_path, *PLAIN, "teacher_acc_tolerance=0"))  # exact agreement: allowed
 
 
 def test_a_project_name_wandb_refuses_is_refused_before_run_json_even_with_wandb_disabled(tmp_path):
@@ -119,7 +120,7 @@ def test_a_project_name_wandb_refuses_is_refused_before_run_json_even_with_wandb
     assert message == ("invalid config: logger.project is 129 characters long: W&B allows at most 128, shorten it")
     message = refused(compose_cfg(tmp_path, *PLAIN, "logger.project='kd:cifar'"), tmp_path)
     assert message == "invalid config: logger.project=kd:cifar: W&B project names cannot hold :"
-    engine.check_config(compose_cfg(tmp_path, *PLAIN, f"logger.project={'p' * 128}"))
+    check_config(compose_cfg(tmp_path, *PLAIN, f"logger.project={'p' * 128}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,14 +152,14 @@ def test_a_teacher_file_holding_a_namespace_names_the_key_and_reads_the_weights_
     marker = tmp_path / "ran"
     path = repdistiller_last(tmp_path, marker)
     args = ["phase=student", "loss=kd", "epochs=1", f"teacher_checkpoint={path}"]
-    message = refused(compose_cfg(tmp_path, *args), tmp_path, records.UnsafeCheckpoint, locked=True)
+    message = refused(compose_cfg(tmp_path, *args), tmp_path, fileio.UnsafeCheckpoint, locked=True)
     assert message == (
         f"{path} holds objects other than tensors and plain values ('opt' holds argparse.Namespace), which are never "
         "unpickled: nothing from the file was run. Its weights under 'model' are tensors only: add "
         "teacher_checkpoint_key=model to read that key alone, weights-only (the other keys are never built).")
     before = tree_state(path.parent)
     result = engine.run(compose_cfg(tmp_path, *args, "teacher_checkpoint_key=model"), tmp_path / "run")
-    assert result["teacher/format"] == "state_dict" and result["teacher/sha256"] == records.sha256_file(path)
+    assert result["teacher/format"] == "state_dict" and result["teacher/sha256"] == fileio.sha256_file(path)
     assert "teacher/recorded_acc1" not in result  # that key alone was read: not the file's `accuracy`
     assert tree_state(path.parent) == before and not marker.exists()
 
@@ -171,12 +172,12 @@ def test_teacher_checkpoint_key_refuses_a_missing_key_an_entry_without_weights_a
     save_file({"w": torch.zeros(1)}, str(tmp_path / "weights.safetensors"))
     before = tree_state(tmp_path)
     for key, error, message in (
-        ("state_dict", records.UnusableCheckpoint,
+        ("state_dict", fileio.UnusableCheckpoint,
          f"{path} has no top-level key 'state_dict' (it holds ['accuracy', 'epoch', 'model', 'opt'])."),
-        ("opt", records.UnsafeCheckpoint,
+        ("opt", fileio.UnsafeCheckpoint,
          f"{path} holds objects other than tensors and plain values ('opt' holds argparse.Namespace), which are never "
          "unpickled: nothing from the file was run."),
-        ("epoch", records.UnusableCheckpoint, f"{path}: 'epoch' holds no state_dict (a dict of tensors), so "
+        ("epoch", fileio.UnusableCheckpoint, f"{path}: 'epoch' holds no state_dict (a dict of tensors), so "
                                               "teacher_checkpoint_key=epoch has no weights to read there."),
     ):
         with pytest.raises(error) as refusal:
@@ -195,13 +196,13 @@ def test_unreadable_checkpoint_message_is_one_plain_line_without_torchs_advice(t
     garbage.write_bytes(b"not a checkpoint" * 8)
     before = tree_state(tmp_path)
     for file, reason in ((path, r"'hook' holds io\.open"), (garbage, r"not a readable checkpoint \(")):
-        with pytest.raises(records.UnusableCheckpoint, match=reason) as refusal:
-            records.load_checkpoint(file, ())
+        with pytest.raises(fileio.UnusableCheckpoint, match=reason) as refusal:
+            fileio.load_checkpoint(file, ())
         text = str(refusal.value)
         assert "\x1b" not in text and "\n" not in text and "weights_only" not in text, text
-    with pytest.raises(records.UnsafeCheckpoint, match=r"'hook' holds io\.open"):
-        records.load_checkpoint_entry(path, "hook")
-    assert records.load_checkpoint_entry(path, "model") == {}
+    with pytest.raises(fileio.UnsafeCheckpoint, match=r"'hook' holds io\.open"):
+        fileio.load_checkpoint_entry(path, "hook")
+    assert fileio.load_checkpoint_entry(path, "model") == {}
     assert tree_state(tmp_path) == before
 
 
@@ -284,7 +285,7 @@ def test_jobs_another_process_holds_are_skipped_with_one_line_each_and_the_sweep
 
     def then_hold(self, config, **kwargs):  # meanwhile, the same sweep launched a moment earlier takes job seed=1
         checks(self, config, **kwargs)
-        held.enter_context(records.folder_lock(sweep / "seed=1"))
+        held.enter_context(fileio.folder_lock(sweep / "seed=1"))
         states.append(tree_state(sweep / "seed=1"))
 
     monkeypatch.setattr(SweepChecks, "on_multirun_start", then_hold)

@@ -16,7 +16,7 @@ import torch
 from support import read_only, tree_state
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import data, engine, records, teacher_cache
+from kd import data, engine, fileio, teacher_cache
 from kd.teacher_cache import EpochOutputs, TeacherCache
 from test_records import TRAIN_PER_CLASS, write_folder
 from test_reliability import compose_cfg
@@ -111,7 +111,7 @@ def test_an_eviction_waits_for_another_jobs_write_and_leaves_no_half_entry(tmp_p
     root, bound = tmp_path / "cache", 2.5 * probe.size_bytes()
     writer, evictor = cache(root, "writer", bound), cache(root, "evictor", bound)
     writer.save(1, LOGITS)
-    mid_write, real_save = threading.Event(), records.save_checkpoint
+    mid_write, real_save = threading.Event(), fileio.save_checkpoint
 
     def slow_save(path: Path, payload: dict) -> None:
         if path.parent == writer.dir:
@@ -119,7 +119,7 @@ def test_an_eviction_waits_for_another_jobs_write_and_leaves_no_half_entry(tmp_p
             time.sleep(0.5)  # the evictor tries now
         real_save(path, payload)
 
-    monkeypatch.setattr(records, "save_checkpoint", slow_save)
+    monkeypatch.setattr(fileio, "save_checkpoint", slow_save)
     job = threading.Thread(target=writer.save, args=(2, LOGITS))
     job.start()
     assert mid_write.wait(10)

@@ -25,11 +25,11 @@ from PIL import Image
 from torch import nn
 
 import kd.config  # noqa: F401  (registers the typed root schema `config_schema`)
-from kd import engine, records, teachers
+from kd import records, teachers
 from kd.methods.base import Step
 from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8
-from kd.config import PairHparams, Phase
+from kd.config import PairHparams, Phase, check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
@@ -73,7 +73,7 @@ def assert_target_accepts(node: DictConfig) -> None:
 def test_root_config_composes_with_the_schema():
     cfg = compose()
     assert cfg.phase is Phase.teacher
-    engine.check_config(cfg)
+    check_config(cfg)
     # Every interpolation (num_classes, logger.mode) resolves and no value is left MISSING.
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
@@ -242,7 +242,7 @@ def test_imagefolder_needs_a_root():
         instantiate(cfg.dataset.source)
     with pytest.raises(ValueError, match=r"dataset\.source\.root: no value given \(\?\?\?\): set each on the command "
                                          r"line \(dataset\.source\.root=\.\.\.\)"):
-        engine.check_config(cfg)  # before any work: a run names it instead of failing when the data loads
+        check_config(cfg)  # before any work: a run names it instead of failing when the data loads
 
 
 # Model options being added in another branch: presets that use them compose once it is merged.
@@ -269,7 +269,7 @@ def composable(names: list[str]) -> list:
 def test_experiment_preset_composes_and_passes_check_config(name):
     root = ["dataset.source.root=/data/imagenet"] if name.startswith("imagenet_") else []  # the one value left to set
     cfg = compose(f"experiment={name}", *root)
-    engine.check_config(cfg)
+    check_config(cfg)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert cfg.teacher.num_classes == cfg.student.num_classes == cfg.dataset.num_classes
     for node in (cfg.teacher, cfg.student, cfg.loss):
@@ -729,4 +729,4 @@ def test_teacher_command_trains_the_teacher_the_student_looks_up():
 def test_check_config_rejects_unusable_values(override, key):
     cfg = compose(override)
     with pytest.raises(ValueError, match=rf"(^|\W){key}="):
-        engine.check_config(cfg)
+        check_config(cfg)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd import cpu_conv, distributed, engine, records
+from kd import cpu_conv, distributed, engine, hardware, records
 from kd.config import Phase
 from kd.methods.base import CELoss
 from kd.models.cifar_resnet import resnet8
@@ -67,7 +67,7 @@ def test_only_strided_unpadded_1x1_convolutions_are_routed_and_the_state_dict_ke
 
 def test_a_cpu_job_trains_channels_last_with_its_strided_convolutions_routed(tmp_path):
     cfg = compose_cfg(tmp_path, "phase=teacher", "model@teacher=resnet8", "channels_last=true")
-    data = engine.load_data(cfg.dataset, torch.device("cpu"), engine.use_channels_last(True, torch.device("cpu")))
+    data = engine.load_data(cfg.dataset, torch.device("cpu"), hardware.use_channels_last(True, torch.device("cpu")))
     job = engine.build_job(cfg, Phase.teacher, CELoss(), data, torch.device("cpu"))
     assert data.channels_last and data.sample_inputs(2).is_contiguous(memory_format=torch.channels_last)
     assert sum(type(m) is cpu_conv.SubsampledPointwiseConv2d for m in job.model.modules()) == 2
@@ -75,11 +75,11 @@ def test_a_cpu_job_trains_channels_last_with_its_strided_convolutions_routed(tmp
 
 def test_cpu_data_parallel_runs_keep_nchw(monkeypatch):
     """gloo DDP with NHWC gradients and several CPU threads corrupted the heap too: those runs stay NCHW."""
-    assert engine.use_channels_last(True, torch.device("cpu"))
-    assert not engine.use_channels_last(False, torch.device("cpu"))
+    assert hardware.use_channels_last(True, torch.device("cpu"))
+    assert not hardware.use_channels_last(False, torch.device("cpu"))
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    assert not engine.use_channels_last(True, torch.device("cpu"))
-    assert engine.use_channels_last(True, torch.device("cuda"))
+    assert not hardware.use_channels_last(True, torch.device("cpu"))
+    assert hardware.use_channels_last(True, torch.device("cuda"))
 
 
 def test_the_crashing_shapes_run_clean_when_routed():

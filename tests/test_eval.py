@@ -13,7 +13,7 @@ import torch
 from support import tree_state
 from test_reliability import compose_cfg
 
-from kd import engine, records
+from kd import engine, fileio
 from kd.eval import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -75,7 +75,7 @@ def test_a_store_teacher_scores_what_its_manifest_records(run, tmp_path, capsys)
 def test_a_teacher_that_moved_is_named_and_taken_from_teacher(run, tmp_path, capsys):
     checkpoint = torch.load(run / "last.pt", weights_only=True)
     checkpoint["teacher_checkpoint"] = str(tmp_path / "gone" / "teacher.pt")
-    records.save_checkpoint(tmp_path / "moved" / "last.pt", checkpoint)
+    fileio.save_checkpoint(tmp_path / "moved" / "last.pt", checkpoint)
     before = tree_state(tmp_path)
     code, _, err = scored(capsys, tmp_path / "moved")
     assert code == 1 and err.count("\n") == 1

@@ -29,8 +29,8 @@ from omegaconf import OmegaConf
 from support import tree_state
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, feedback, loop, records, teachers
-from kd.config import Phase
+from kd import engine, feedback, fileio, loop, records, teachers
+from kd.config import Phase, check_config
 from kd.methods.base import CELoss
 from kd.sweep import SweepChecks
 from syncs import SyncCounter
@@ -281,7 +281,7 @@ def test_without_a_terminal_a_progress_line_every_n_seconds_and_no_host_sync(tmp
     assert job_for(tmp_path, "progress_bar=true").progress is None  # a bar instead
     assert job_for(tmp_path, "progress_every_s=null").progress is None  # no lines
     with pytest.raises(ValueError, match=r"progress_every_s=-1.0: must be >= 0 seconds \(0: a line every step\)"):
-        engine.check_config(compose_cfg(tmp_path, "progress_every_s=-1"))
+        check_config(compose_cfg(tmp_path, "progress_every_s=-1"))
 
 
 def test_progress_line_eta_counts_the_epochs_left_at_the_last_epochs_length(monkeypatch, caplog):
@@ -327,7 +327,7 @@ def test_a_multirun_ends_with_its_counts_its_best_configuration_and_the_report_c
 
     def step(job, context, batch):  # while job 0 trains, another process (this one) takes job 1's folder
         if not taken:
-            taken.append(held.enter_context(records.folder_lock(sweep / "student.width=0.5")))
+            taken.append(held.enter_context(fileio.folder_lock(sweep / "student.width=0.5")))
         real_step(job, context, batch)
 
     monkeypatch.setattr(loop, "train_step", step)

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, loop
+from kd import engine, loop, teacher_checks
 from kd.config import Phase
 from kd.teacher_cache import TeacherCache
 from syncs import SyncCounter
@@ -32,7 +32,7 @@ def job_for(tmp_path: Path, loss: str, *overrides: str) -> loop.Job:
     device = torch.device("cpu")
     data = engine.load_data(cfg.dataset, device, channels_last=True)
     data.train = data.train.subset(torch.arange(200))  # 4 steps: 3 full batches and a short last one
-    teacher = engine.freeze_teacher(instantiate(cfg.teacher), data)
+    teacher = instantiate(cfg.teacher)  # build_job freezes it
     return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
 
 
@@ -103,8 +103,9 @@ def test_a_crd_training_epoch_leaves_the_global_rng_alone(tmp_path, monkeypatch)
 
 
 def test_a_frozen_teacher_computes_what_the_model_does_in_eval_mode(tmp_path):
-    """engine.freeze_teacher, which set_up, tools/ and job_for share: the data's memory format, eval mode, no
-    gradients, and every BatchNorm of resnet8 (each after a convolution) folded, with the outputs unchanged."""
+    """teacher_checks.freeze_teacher, which engine.build_job applies to every teacher (set_up's, tools/' and
+    job_for's): the data's memory format, eval mode, no gradients, and every BatchNorm of resnet8 (each after a
+    convolution) folded, with the outputs unchanged."""
     cfg = compose_cfg(tmp_path, "phase=student", "model@teacher=resnet8")
     data = engine.load_data(cfg.dataset, torch.device("cpu"), channels_last=True)
     torch.manual_seed(0)
@@ -113,7 +114,7 @@ def test_a_frozen_teacher_computes_what_the_model_does_in_eval_mode(tmp_path):
         norm.running_mean.normal_()
         norm.running_var.uniform_(0.5, 2.0)
     expected = copy.deepcopy(model).eval()(data.sample_inputs(16))
-    teacher = engine.freeze_teacher(model, data)
+    teacher = teacher_checks.freeze_teacher(model, data)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules())
     convolutions = [m.weight for m in teacher.modules() if isinstance(m, nn.Conv2d)]

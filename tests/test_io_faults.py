@@ -21,7 +21,7 @@ import pytest
 import torch
 from support import read_only, tree_state
 
-from kd import engine, records, report
+from kd import engine, fileio, report
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny and fast: 16x16 digits, a quarter-width CNN trained on the labels alone (no teacher), one thread, no W&B.
@@ -156,7 +156,7 @@ def test_interrupted_run_in_a_read_only_folder_is_refused_before_any_work(sweep,
                                        "this run another folder (hydra.run.dir=... / hydra.sweep.dir=...).\n")
     assert tree_state(tmp_path) == before
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    with read_only(run), pytest.raises(records.CannotWrite):
+    with read_only(run), pytest.raises(fileio.CannotWrite):
         train_py(tmp_path, "epochs=1", "seed=0", f"hydra.run.dir={run}")
     assert tree_state(tmp_path) == before
 
@@ -189,7 +189,7 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line_and_the_rerun_resumes(t
         at_failure = failing_write(patch, lambda p: p.name.startswith(".last.pt.") and (run / "last.pt").exists())
         assert train_py(tmp_path, *args) == 1
     assert capsys.readouterr().err == f"Error: {run / 'last.pt'}: cannot be written ({os.strerror(errno.ENOSPC)}). " \
-                                      f"{records.FULL_DISK_FIX}\n"
+                                      f"{fileio.FULL_DISK_FIX}\n"
     assert tree_state(run) == at_failure["state"]  # the half-written file is gone; epoch 1's last.pt is intact
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1 and not (run / "result.json").exists()
     assert train_py(tmp_path, *args) == 0
@@ -199,19 +199,19 @@ def test_full_disk_while_saving_a_checkpoint_is_one_line_and_the_rerun_resumes(t
 
 def test_full_disk_under_a_record_keeps_the_old_one_and_other_errors_pass_unchanged(tmp_path, monkeypatch):
     record, lines = tmp_path / "result.json", tmp_path / "metrics.jsonl"
-    records.write_json(record, {"test/acc1": 1.0})
-    records.append_jsonl(lines, {"epoch": 1})
+    fileio.write_json(record, {"test/acc1": 1.0})
+    fileio.append_jsonl(lines, {"epoch": 1})
     before = tree_state(tmp_path)
     failing_write(monkeypatch, lambda path: path.parent == tmp_path)
     full = f"cannot be written \\({os.strerror(errno.ENOSPC)}\\). Free space on that disk"
-    with pytest.raises(records.CannotWrite, match=f"^{record}: {full}"):
-        records.write_json(record, {"test/acc1": 2.0})
-    with pytest.raises(records.CannotWrite, match=f"^{lines}: {full}"):
-        records.append_jsonl(lines, {"epoch": 2})
+    with pytest.raises(fileio.CannotWrite, match=f"^{record}: {full}"):
+        fileio.write_json(record, {"test/acc1": 2.0})
+    with pytest.raises(fileio.CannotWrite, match=f"^{lines}: {full}"):
+        fileio.append_jsonl(lines, {"epoch": 2})
     assert tree_state(tmp_path) == before  # no temporary file left, no half line appended
     monkeypatch.undo()
     failing_write(monkeypatch, lambda path: path.parent == tmp_path, errno.EIO)  # a failing disk: no fix to name
     with pytest.raises(OSError) as raised:
-        records.write_json(record, {"test/acc1": 2.0})
+        fileio.write_json(record, {"test/acc1": 2.0})
     assert type(raised.value) is OSError and raised.value.errno == errno.EIO
     assert tree_state(tmp_path) == before

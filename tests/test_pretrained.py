@@ -18,7 +18,7 @@ import torchvision
 from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import checkpoints, engine, pretrained, records, teachers
+from kd import checkpoints, engine, fileio, pretrained, teacher_checks, teachers
 from test_reliability import compose_cfg as tiny_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,7 +193,7 @@ def test_a_student_distils_from_torchvision_weights_and_records_them(torch_hub, 
                    "teacher.width=1", f"teacher_checkpoint={RESNET18}")
     with caplog.at_level(logging.WARNING):
         result = engine.run(cfg, tmp_path / "run")
-    assert result["teacher_checkpoint"] == str(path) and result["teacher/sha256"] == records.sha256_file(path)
+    assert result["teacher_checkpoint"] == str(path) and result["teacher/sha256"] == fileio.sha256_file(path)
     assert result["teacher/format"] == "ResNet18_Weights.IMAGENET1K_V1"
     assert result["teacher/recorded_acc1"] == RESNET18_ACC1
     # An untrained teacher is far from torchvision's ImageNet figure: warned about, as any published file.
@@ -206,7 +206,7 @@ def test_the_record_names_the_library_as_the_teachers_source(torch_hub, tmp_path
     cfg = tiny_cfg(tmp_path, "phase=student", "epochs=1", "model@teacher=torchvision", "teacher.name=resnet18",
                    "teacher.width=1", f"teacher_checkpoint={RESNET18}")
     located = teachers.resolve(cfg, True, [])
-    assert engine.teacher_source(cfg, located) == "torchvision"
+    assert teacher_checks.teacher_source(cfg, located) == "torchvision"
 
 
 def test_densenets_published_key_names_are_renamed_as_torchvision_does():

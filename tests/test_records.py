@@ -20,7 +20,7 @@ from PIL import Image
 
 import kd.config  # noqa: F401  (registers the schema)
 import kd.models
-from kd import data, engine, records, report, teacher_cache, teachers
+from kd import data, engine, fileio, records, report, teacher_cache, teachers
 from test_reliability import REPO, TINY, compose_cfg, launch, no_data
 
 # An image folder small enough to train on in seconds: 2 classes, BMP (a file's size depends on its dimensions only,
@@ -202,15 +202,15 @@ def test_4_a_second_process_in_a_busy_run_folder_is_refused_and_a_dead_holders_l
 
 
 def test_run_lock_names_its_holder_and_is_released_after_the_run(tmp_path):
-    with records.folder_lock(tmp_path / "run"):
+    with fileio.folder_lock(tmp_path / "run"):
         holder = (tmp_path / "run" / ".lock").read_text()
         assert holder.startswith(f"pid {os.getpid()} on ")
         probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from kd import records\n"
-             f"with records.folder_lock(__import__('pathlib').Path({str(tmp_path / 'run')!r})): pass"],
+            [sys.executable, "-c", "import sys; from kd import fileio\n"
+             f"with fileio.folder_lock(__import__('pathlib').Path({str(tmp_path / 'run')!r})): pass"],
             cwd=REPO, capture_output=True, text=True, timeout=120)
         assert probe.returncode != 0 and f"in use by another run ({holder.strip()})" in probe.stderr
-    with records.folder_lock(tmp_path / "run"):  # released: taken again
+    with fileio.folder_lock(tmp_path / "run"):  # released: taken again
         pass
 
 
@@ -271,7 +271,7 @@ def test_6_a_stored_teacher_is_returned_not_retrained_and_retraining_files_a_new
     assert (v1.stat().st_mtime_ns, v1.stat().st_ino) == (stat.st_mtime_ns, stat.st_ino)
     student = engine.run(compose_cfg(tmp_path, "phase=student", "epochs=2"), tmp_path / "student")
     assert student["teacher_checkpoint"] == str(v2)  # students use the newest version
-    assert student["teacher/sha256"] == records.sha256_file(v2) and student["teacher/source"] == "store"
+    assert student["teacher/sha256"] == fileio.sha256_file(v2) and student["teacher/source"] == "store"
 
 
 def test_report_flags_rows_of_one_pair_that_used_different_teachers(tmp_path, capsys):
@@ -421,14 +421,14 @@ def test_damaged_records_name_the_file_and_the_way_out(tmp_path):
     cfg = compose_cfg(tmp_path, "phase=teacher", "epochs=2")
     result = engine.run(cfg, tmp_path / "run")
     (tmp_path / "run" / "result.json").write_text('{"config": {"seed": 0}, "test/acc')  # cut short
-    with pytest.raises(records.CorruptRecord, match=r"run/result\.json is damaged \(not valid JSON.*Delete .*run to "
+    with pytest.raises(fileio.CorruptRecord, match=r"run/result\.json is damaged \(not valid JSON.*Delete .*run to "
                                                     r"start this run over"):
         engine.run(cfg, tmp_path / "run")
     manifest = Path(result["teacher_checkpoint"]).parent / "manifest.json"
     manifest.chmod(0o644)
     manifest.write_text("[]")
     student = compose_cfg(tmp_path, "phase=student", "epochs=2")
-    with pytest.raises(records.CorruptRecord, match=rf"{manifest} is damaged \(a JSON list.*Delete the version folder"):
+    with pytest.raises(fileio.CorruptRecord, match=rf"{manifest} is damaged \(a JSON list.*Delete the version folder"):
         engine.run(student, tmp_path / "student")
 
 
@@ -507,13 +507,13 @@ def check_nothing_half_written(folder: Path) -> None:
     (entry,) = (folder / "teachers").iterdir()
     assert [v.name for v in teachers.versions(entry)] == ["v1"]
     manifest = json.loads((entry / "v1" / "manifest.json").read_text())
-    assert manifest["sha256"] == records.sha256_file(entry / "v1" / "teacher.pt")
+    assert manifest["sha256"] == fileio.sha256_file(entry / "v1" / "teacher.pt")
     for path in (folder / "teacher_cache").glob("*/epoch_*.pt"):
         stored = torch.load(path, weights_only=True)
         assert stored["sha256"] == teacher_cache._checksum(path.parent.name, stored["epoch"], stored["logits"])
     for path in (folder / "decode_cache").glob("*.pt"):
         stored = torch.load(path, weights_only=True)
-        assert stored["checksum"] == records.sha256_tensors(*stored["train"], *stored["test"])
+        assert stored["checksum"] == fileio.sha256_tensors(*stored["train"], *stored["test"])
     for run in [p.parent for p in folder.rglob("run.json")]:
         for path in run.glob("*.json"):
             json.loads(path.read_text())

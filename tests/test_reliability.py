@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf.errors import OmegaConfBaseException
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, records, teachers
+from kd import engine, fileio, hardware, records, teachers
 from support import wandb_history, wandb_segments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def test_truncated_or_incomplete_last_pt_is_refused_not_loaded(finished, tmp_pat
     (run / "last.pt").write_bytes(data[: len(data) // 2])
     monkeypatch.setattr(engine, "load_data", no_data)
     cfg = compose_cfg(tmp_path, *PLAIN, "epochs=2")
-    with pytest.raises(records.UnusableCheckpoint, match=r"cannot resume: .*last\.pt is not a readable checkpoint"
+    with pytest.raises(fileio.UnusableCheckpoint, match=r"cannot resume: .*last\.pt is not a readable checkpoint"
                        r".*truncated, corrupt.*Delete it to start this run over"):
         engine.run(cfg, run)
     assert (run / "last.pt").read_bytes() == data[: len(data) // 2]  # left as it was, for inspection
@@ -200,7 +200,7 @@ def test_truncated_or_incomplete_last_pt_is_refused_not_loaded(finished, tmp_pat
     payload = torch.load(finished / "last.pt", weights_only=True)
     del payload["rng"]  # e.g. written by an older version of this repository
     torch.save(payload, run / "last.pt")
-    with pytest.raises(records.UnusableCheckpoint, match=r"last\.pt lacks rng"):
+    with pytest.raises(fileio.UnusableCheckpoint, match=r"last\.pt lacks rng"):
         engine.run(cfg, run)
 
 
@@ -396,11 +396,11 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path, monkeypat
     torch.save({"model": WritesMarker(marker), "arch": {}, "metrics": {}}, evil)
     monkeypatch.setattr(engine, "load_data", no_data)
     cfg = compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={evil}")
-    with pytest.raises(records.UnusableCheckpoint, match="holds objects other than tensors and plain values"):
+    with pytest.raises(fileio.UnusableCheckpoint, match="holds objects other than tensors and plain values"):
         engine.run(cfg, tmp_path / "run")
     (tmp_path / "resume").mkdir()
     shutil.copy(evil, tmp_path / "resume" / "last.pt")
-    with pytest.raises(records.UnusableCheckpoint, match="cannot resume"):
+    with pytest.raises(fileio.UnusableCheckpoint, match="cannot resume"):
         engine.run(compose_cfg(tmp_path, *PLAIN), tmp_path / "resume")
     assert not marker.exists()
 
@@ -465,7 +465,7 @@ def test_deterministic_flag_sets_the_switches_and_changes_no_cpu_result(tmp_path
         default = engine.run(compose_cfg(tmp_path, *PLAIN, "epochs=1"), tmp_path / "default")
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     finally:
-        engine.configure_determinism(False)
+        hardware.configure_determinism(False)
         torch.backends.cudnn.benchmark = False
     keys = [k for k in strict if k.startswith(("train/", "test/"))]
     assert keys and {k: strict[k] for k in keys} == {k: default[k] for k in keys}

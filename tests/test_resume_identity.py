@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, records, teachers
+from kd import engine, fileio, teachers
 from support import tree_state
 from test_records import CLASSES, FOLDER, trained, write_folder
 from test_reliability import compose_cfg
@@ -52,7 +52,7 @@ def state(folder: Path) -> dict[str, str]:
 
 
 def sha(path: Path) -> str:
-    return records.sha256_file(path)
+    return fileio.sha256_file(path)
 
 
 def stored_teacher(tmp_path: Path, folder: str, *overrides: str) -> Path:
@@ -91,7 +91,7 @@ def test_a_resumed_student_goes_on_with_its_teacher_after_a_retrain_filed_a_newe
     v2 = stored_teacher(tmp_path, "teacher_2", "retrain_teacher=true")
     assert v2 == v1.parent.parent / "v2" / "teacher.pt" and sha(v2) != sha(v1)
 
-    with caplog.at_level(logging.INFO, logger="kd.engine"):
+    with caplog.at_level(logging.INFO, logger="kd.teacher_checks"):
         resumed = engine.run(compose_cfg(tmp_path, *STUDENT), run)
     assert f"resuming with {v1.parent}, the teacher {run / 'last.pt'} was trained with" in caplog.text
     assert (resumed["teacher_checkpoint"], resumed["teacher/sha256"]) == (str(v1), sha(v1))
@@ -198,7 +198,7 @@ def test_a_stored_manifest_without_config_is_refused_naming_it(tmp_path):
     message = (f"{v1.parent / 'manifest.json'} is damaged \\(it holds no config\\). Delete the version folder "
                f"{v1.parent} to train that teacher again.")
     for phase, folder in ((TEACHER, "teacher_2"), (STUDENT, "student")):
-        with pytest.raises(records.CorruptRecord, match=message):
+        with pytest.raises(fileio.CorruptRecord, match=message):
             engine.run(compose_cfg(tmp_path, *phase), tmp_path / folder)
         assert not [p for p in (tmp_path / folder).iterdir() if p.name != ".lock"]
     assert {k: v for k, v in state(tmp_path).items() if k not in ("teacher_2", "student")} == before
@@ -208,7 +208,7 @@ def test_a_last_pt_of_an_earlier_version_resumes_unless_the_store_holds_several_
                                                                                         caplog):
     v1 = stored_teacher(tmp_path, "teacher_1")
     run = tmp_path / "student"
-    with caplog.at_level(logging.INFO, logger="kd.engine"):  # train.py logs INFO lines into train.log
+    with caplog.at_level(logging.INFO, logger="kd.teacher_checks"):  # train.py logs INFO lines into train.log
         interrupt(monkeypatch, compose_cfg(tmp_path, *STUDENT), run)
     last = torch.load(run / "last.pt", weights_only=True)
     for key in ("teacher_sha256", "teacher_checkpoint", "train_digest"):  # as the previous code wrote it

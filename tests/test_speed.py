@@ -4,14 +4,16 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra import compose, initialize
-from hydra.utils import instantiate as hydra_instantiate
+from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import data, engine, loop
+from kd import data, engine, hardware, loop
+from kd.config import Phase
 from kd.teacher_cache import TOPK_GAP, EpochOutputs, TeacherCache
 from tools import bench
 
@@ -43,6 +45,15 @@ def student(tmp_path: Path, teacher: Path, name: str, *overrides: str) -> dict:
 
 def trained(result: dict) -> dict:
     return {k: v for k, v in result.items() if k.startswith(("train/", "test/"))}
+
+
+@pytest.fixture
+def tf32_flags():
+    """torch's TF32 flags, set back after the test to what they were before it (monkeypatch cannot set back
+    torch.backends.cuda.matmul.allow_tf32, which its module computes: its teardown raises AttributeError)."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    yield lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,11 +101,29 @@ def test_anything_that_changes_the_views_or_numerics_gets_its_own_entry(teacher,
 
 
 def test_the_memory_layout_gets_its_own_entry(teacher, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "use_channels_last", lambda channels_last, device: channels_last)  # as on CUDA
+    monkeypatch.setattr(hardware, "use_channels_last", lambda channels_last, device: channels_last)  # as on CUDA
     common = ["phase=student", f"teacher_checkpoint={teacher}", "teacher_acc_tolerance=100"]
     dirs = [engine.set_up(compose_cfg(tmp_path, *common, f"channels_last={flag}"), [])[0].cache.dir
             for flag in ("true", "false")]
     assert dirs[0] != dirs[1]
+
+
+def test_an_fp32_gpu_run_keeps_apart_from_entries_computed_with_tf32(tmp_path, tf32_flags):
+    """fp32 on a GPU computes without TF32 since hardware.set_tf32, so its key differs from earlier code's entries
+    (TF32 convolutions); bf16 and CPU keys are unchanged. A stand-in job on "cuda": only the key is made here."""
+    cfg = compose_cfg(tmp_path, "phase=student", "loss=kd")
+    criterion, teacher = instantiate(cfg.loss), instantiate(cfg.teacher)  # the key names the teacher's model code
+
+    def key(device: str, amp_dtype) -> dict:
+        stand_in = SimpleNamespace(device=torch.device(device), channels_last=False, num_train=8,
+                                   train_digest=lambda: "digest")
+        job = SimpleNamespace(criterion=criterion, teacher=teacher, data=stand_in, amp_dtype=amp_dtype)
+        return engine.open_teacher_cache(cfg, job, tmp_path / "teacher.pt", "sha256").key
+
+    torch.backends.cudnn.allow_tf32 = True  # set back by tf32_flags
+    hardware.set_tf32(None)  # as build_job does for an fp32 job
+    assert key("cuda", None)["cudnn_tf32"] is False
+    assert "cudnn_tf32" not in key("cuda", torch.bfloat16) and "cudnn_tf32" not in key("cpu", None)
 
 
 def test_another_teacher_never_reads_this_teachers_entry(teacher, tmp_path):
@@ -210,21 +239,21 @@ def test_sweep_of_two_students_with_the_cache_matches_the_sweep_without(teacher,
                                                   ((7, 5), torch.float16), ((7, 0), torch.float16)])
 def test_auto_precision_is_bf16_from_capability_8_and_fp16_below(capability, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)  # H100/A100, T4/V100
-    assert engine.resolve_precision("auto", torch.device("cuda")) is expected
-    assert engine.resolve_precision("auto", torch.device("cpu")) is None
-    assert engine.resolve_precision("fp16", torch.device("cpu")) is torch.float16
+    assert hardware.resolve_precision("auto", torch.device("cuda")) is expected
+    assert hardware.resolve_precision("auto", torch.device("cpu")) is None
+    assert hardware.resolve_precision("fp16", torch.device("cpu")) is torch.float16
     with pytest.raises(ValueError, match="precision=fp8"):
-        engine.resolve_precision("fp8", torch.device("cpu"))
+        hardware.resolve_precision("fp8", torch.device("cpu"))
 
 
 def test_a_resume_keeps_the_precision_its_checkpoint_was_trained_in(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
-    assert engine.job_precision("auto", cpu, None) is None
-    assert engine.job_precision("auto", cpu, "bf16") is torch.bfloat16  # trained in bf16 on a GPU, resumed here
-    assert engine.job_precision("bf16", cpu, "bf16") is torch.bfloat16
+    assert hardware.job_precision("auto", cpu, None) is None
+    assert hardware.job_precision("auto", cpu, "bf16") is torch.bfloat16  # trained in bf16 on a GPU, resumed here
+    assert hardware.job_precision("bf16", cpu, "bf16") is torch.bfloat16
     with pytest.raises(ValueError, match=r"last\.pt was trained in bf16, and precision=fp32 would go on in another "
                                          r"precision: resume with precision=bf16 \(or auto\)"):
-        engine.job_precision("fp32", cpu, "bf16")
+        hardware.job_precision("fp32", cpu, "bf16")
     # End to end: a bf16 run interrupted after its first epoch resumes in bf16 under precision=auto on this CPU.
     real_run_epoch = engine.run_epoch
 
@@ -246,6 +275,19 @@ def test_a_resume_keeps_the_precision_its_checkpoint_was_trained_in(tmp_path, mo
                         lambda job, epoch: seen.append(job.amp_dtype) or real_run_epoch(job, epoch))
     engine.run(compose_cfg(tmp_path, *student, "precision=bf16"), tmp_path / "run")
     assert seen == [torch.bfloat16]
+
+
+def test_fp32_jobs_run_without_tf32_and_bf16_jobs_with_torchs_settings(tmp_path, tf32_flags):
+    """build_job sets torch's TF32 flags for every job (hardware.set_tf32), whatever the job before it left. Only the
+    flags are checked: no GPU here to show the numbers they give."""
+    cpu, common = torch.device("cpu"), ["phase=student", "loss=ce", "teacher_checkpoint=none"]
+    fp32, bf16 = (compose_cfg(tmp_path, *common, f"precision={name}") for name in ("fp32", "bf16"))
+    loaded = engine.load_data(fp32.dataset, cpu)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a job before may leave them
+    engine.build_job(fp32, Phase.student, instantiate(fp32.loss), loaded, cpu)
+    assert tf32_flags() == (False, False)
+    engine.build_job(bf16, Phase.student, instantiate(bf16.loss), loaded, cpu)  # the next job of a multirun
+    assert tf32_flags() == hardware.TORCH_TF32 == (True, False)  # torch's defaults: TF32 convolutions, fp32 matmuls
 
 
 def test_compile_uses_static_shapes_and_cuda_graph_modes_need_a_gpu(teacher, tmp_path, monkeypatch):
@@ -421,7 +463,7 @@ def test_evaluation_runs_a_batchnorm_folded_copy_with_the_same_logits(tmp_path, 
     cfg = compose_cfg(tmp_path, "phase=teacher")
     data = engine.load_data(cfg.dataset, torch.device("cpu"), channels_last=True)
     torch.manual_seed(0)
-    model = hydra_instantiate(cfg.teacher).to(memory_format=torch.channels_last)  # resnet8
+    model = instantiate(cfg.teacher).to(memory_format=torch.channels_last)  # resnet8
     for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
         norm.running_mean.normal_()
         norm.running_var.uniform_(0.5, 2.0)

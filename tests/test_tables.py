@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 import hydra_plugins.kd_grid_sweeper
 import kd.config  # noqa: F401  (registers the schema)
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from kd import engine, published, records, report, sweep, sweep_cost, teachers
+from kd import engine, fileio, profiling, published, records, report, sweep, sweep_cost, teachers
 from support import tree_state
 from test_report import fake_config, fake_job, section
 
@@ -130,7 +130,7 @@ def test_the_cost_is_counted_flops_over_the_jobs_and_the_teachers_to_train(tmp_p
     counted = {}
     for name in ("resnet56", "resnet20", "wrn_40_2", "wrn_16_2"):
         node = OmegaConf.merge(OmegaConf.load(CONF / "model" / f"{name}.yaml"), {"num_classes": 10})
-        counted[name] = records.forward_flops(instantiate(node), (3, 32, 32), torch.device("cpu"))
+        counted[name] = profiling.forward_flops(instantiate(node), (3, 32, 32), torch.device("cpu"))
     expected = 0
     for teacher, student in (("resnet56", "resnet20"), ("wrn_40_2", "wrn_16_2")):
         # ce, kd, crd at 2 seeds: the baseline never runs the teacher.
@@ -249,7 +249,7 @@ def write_published_teachers(folder: Path, num_classes: int) -> dict[str, str]:
         path.parent.mkdir(parents=True)
         torch.save({"epoch": 240, "model": instantiate(node).state_dict(), "accuracy": torch.tensor(10.0 + number),
                     "optimizer": None}, path)
-        shas[name] = records.sha256_file(path)
+        shas[name] = fileio.sha256_file(path)
     return shas
 
 
@@ -285,7 +285,7 @@ def test_a_finished_crd_table1_folder_renders_the_papers_table_with_each_run_onc
             job = [*overrides[:-1], "experiment=crd_resnet56_resnet20", f"loss={loss}", "seed=0"]
             real[loss] = engine.run(compose("config", overrides=job), tmp_path / "real" / loss, overrides=job)
     sweep_dir.mkdir(parents=True)
-    records.write_json(sweep_dir / "sweep.json", record)
+    fileio.write_json(sweep_dir / "sweep.json", record)
     assert len(record["grid"]) == 7 * 15 * 5 - 5
     written = {}
     for number, (job, tree) in enumerate(zip(record["grid"], trees)):

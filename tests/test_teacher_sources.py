@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import checkpoints, engine, records, teachers
+from kd import checkpoints, engine, fileio, records, teachers
 from test_reliability import compose_cfg as tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +115,7 @@ def test_every_accepted_format_reads_and_a_pickle_with_objects_is_refused_unrun(
         assert teacher.format == fmt and all(torch.equal(teacher.state_dict[k], v) for k, v in state.items())
     marker = tmp_path / "ran"
     torch.save({"model": state, "accuracy": Opener(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(records.UnusableCheckpoint, match="holds objects other than tensors and plain values"):
+    with pytest.raises(fileio.UnusableCheckpoint, match="holds objects other than tensors and plain values"):
         checkpoints.read_teacher_file(tmp_path / "evil.pth", model_node("resnet8", 10))
     assert not marker.exists()
 
@@ -172,7 +172,7 @@ def test_a_student_distils_from_a_published_teacher_and_records_it(published_dir
     overrides = ["phase=student", "epochs=2", f"teachers_dir={folder}"]
     first = engine.run(tiny_cfg(tmp_path, *overrides), tmp_path / "first")
     path = folder / "simple_cnn_vanilla" / "ckpt_epoch_240.pth"
-    assert first["teacher_checkpoint"] == str(path) and first["teacher/sha256"] == records.sha256_file(path)
+    assert first["teacher_checkpoint"] == str(path) and first["teacher/sha256"] == fileio.sha256_file(path)
     assert (first["teacher/source"], first["teacher/format"]) == ("teachers_dir", "repdistiller")
     assert first["teacher/acc1"] == pytest.approx(accuracy)
     assert first["teacher/recorded_acc1"] == pytest.approx(accuracy)

@@ -16,9 +16,9 @@ from hydra import compose, initialize
 from omegaconf import OmegaConf
 from wandb.sdk.launch.sweeps import utils as sweep_utils
 
-import kd.config  # noqa: F401  (registers the schema)
+import kd.config  # registers the schema; TAG_MAX_CHARS
 import kd.loop
-from kd import engine, records, teachers, tracking
+from kd import engine, fileio, teachers, tracking
 from support import tree_state, wandb_history, wandb_records, wandb_segments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_student_runs_use_their_teachers_artifact(offline_sweep):
         assert (used.name, used.digest, used.type) == (logged.name, logged.digest, "model")
         assert used.use_after_commit and used.user_created  # what run.use_artifact records, written offline
     (used,) = artifacts(wandb_segments(tmp / "sweep" / "loss=kd,student.width=0.5")[-1])
-    foreign_sha256 = records.sha256_file(foreign)
+    foreign_sha256 = fileio.sha256_file(foreign)
     assert used.name == f"teacher-simple_cnn-x0.25-{foreign_sha256[:12]}" and used.use_after_commit
     assert [e.ref for e in used.manifest.contents] == [foreign.resolve().as_uri()]
     assert json.loads(used.metadata)["sha256"] == foreign_sha256
@@ -230,7 +230,7 @@ def test_tags_fit_wandbs_limit_and_names_follow_the_job(tmp_path):
     long = "vit_base_patch16_224.augreg2_in21k_ft_in1k_and_a_long_suffix"
     cfgs = [compose_cfg(tmp_path, "phase=student", "model@teacher=timm", f"teacher.name={long}{i}") for i in (1, 2)]
     tags = [tracking.run_tags(cfg, {"loss": "kd"}) for cfg in cfgs]
-    assert all(1 <= len(tag) <= tracking.TAG_MAX_CHARS for tag in tags[0] + tags[1])
+    assert all(1 <= len(tag) <= kd.config.TAG_MAX_CHARS for tag in tags[0] + tags[1])
     pairs = [next(tag for tag in run if tag.startswith("pair:")) for run in tags]
     assert pairs[0] != pairs[1]  # cut to 64 characters, still distinct (a hash of the whole)
     cfg = compose_cfg(tmp_path, "phase=student", "student.width=0.5", "seed=3")

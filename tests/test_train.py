@@ -11,7 +11,7 @@ from hydra import compose, initialize
 from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the schema)
-from kd import engine, loop, records, teachers
+from kd import engine, fileio, loop, teachers
 from support import wandb_history, wandb_records, wandb_segments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_teacher_run_records_and_store(pipeline):
     (entry,) = (pipeline / "teachers").iterdir()
     (version,) = teachers.versions(entry)
     manifest = json.loads((version / "manifest.json").read_text())
-    assert manifest["sha256"] == records.sha256_file(version / "teacher.pt")
+    assert manifest["sha256"] == fileio.sha256_file(version / "teacher.pt")
     assert manifest["result"]["test/acc1"] == result["test/acc1"]
     assert manifest["identity"]["teacher"]["_target_"].endswith(".resnet8")
     assert manifest["classes"] == [str(d) for d in range(10)]
@@ -75,7 +75,7 @@ def test_student_run_records(pipeline):
     assert result["params"] == sum(p.numel() for p in student.parameters())
     assert result["flops_per_image"] > 0 and result["config"]["loss"]["alpha"] == 0.9
     (entry,) = (pipeline / "teachers").iterdir()
-    assert result["teacher/sha256"] == records.sha256_file(entry / "v1" / "teacher.pt")
+    assert result["teacher/sha256"] == fileio.sha256_file(entry / "v1" / "teacher.pt")
     assert result["teacher/source"] == "store"
     info = json.loads((run / "run_info.json").read_text())
     assert info["wall_time_s"] > 0 and info["env"]["torch"] == torch.__version__

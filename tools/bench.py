@@ -51,7 +51,7 @@ if __package__ in (None, ""):  # python tools/bench.py: kd and tools import from
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import datapath, engine, loop, records
+from kd import datapath, engine, fileio, hardware, loop, profiling, records
 from kd.config import Phase
 from kd.data import Split
 from kd.teacher_cache import TeacherCache
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return bench_topk.main(argv[1:])
     args = parse_args(argv)
     cfg = compose_config(args)
-    device = engine.resolve_device(cfg.device)
+    device = hardware.resolve_device(cfg.device)
     args.window_steps = args.window_steps or WINDOW_STEPS["cuda" if device.type == "cuda" else "cpu"]
     torch.backends.cudnn.benchmark = True
     if cfg.threads is not None:
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     images = torch.randint(0, 256, (args.batch_size * args.window_steps, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, args.num_classes, (len(images),), generator=torch.Generator().manual_seed(1))
-    amp_dtype = engine.resolve_precision(cfg.precision, device)
-    flops = {role: records.forward_flops(instantiate(cfg[role]).to(device), (3, 32, 32), device)
+    amp_dtype = hardware.resolve_precision(cfg.precision, device)
+    flops = {role: profiling.forward_flops(instantiate(cfg[role]).to(device), (3, 32, 32), device)
              for role in ("teacher", "student")}
     ceilings = measured_ceilings(device, amp_dtype)
     results = {"device": records.environment(device), "config": {**vars(args), "precision": str(amp_dtype),
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["sweep"] = sweep_ratio(args)
     print_table(results)
     if args.json:
-        records.write_json(Path(args.json), results)
+        fileio.write_json(Path(args.json), results)
     return results
 
 
@@ -180,10 +180,10 @@ def timed_rounds(variants: dict[str, Callable[[int], None]], windows: int, devic
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for window in range(windows + 1):
         for name, run_window in variants.items():
-            records.synchronize(device)
+            profiling.synchronize(device)
             start = time.perf_counter()
             run_window(window)
-            records.synchronize(device)
+            profiling.synchronize(device)
             if window > 0:
                 seconds[name].append(time.perf_counter() - start)
     return seconds
@@ -242,8 +242,8 @@ def engine_job(cfg, args, images, labels, device, cache_root: Path | None) -> lo
                                  Split(images, labels).to(device),
                                  *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
                                  crop_padding=4, hflip=True,
-                                 channels_last=engine.use_channels_last(cfg.channels_last, device))
-    teacher = engine.freeze_teacher(instantiate(cfg.teacher), data)
+                                 channels_last=hardware.use_channels_last(cfg.channels_last, device))
+    teacher = instantiate(cfg.teacher)  # build_job freezes it
     job = engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher)
     job.progress_bar = False
     if cfg.teacher_cache and cache_root is not None:

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import engine, loop, teachers
+from kd import engine, hardware, loop, teachers
 from kd.methods.kd import kd_divergence
 from kd.teacher_cache import EpochOutputs
 
@@ -37,7 +37,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         parser.error(f"--k {min(args.k)}: k must be at least 1")  # before any model or image is loaded
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["phase=student", *args.overrides])
-    device = engine.resolve_device(cfg.device)
+    device = hardware.resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = engine.load_data(cfg.dataset, device)
     teacher = teachers.build(teachers.read(args.teacher, cfg.teacher), cfg.teacher, device)

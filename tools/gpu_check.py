@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # python tools/gpu_check.py: kd and tools import 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kd.config  # noqa: F401  (registers the typed root schema)
-from kd import engine, loop, records
+from kd import engine, fileio, hardware, loop, records
 from kd.config import Phase
 from kd.methods.base import Step
 from kd.teacher_cache import TeacherCache
@@ -109,7 +109,7 @@ class Check:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    device = engine.resolve_device(args.device)
+    device = hardware.resolve_device(args.device)
     report = {"command": ["python", "-m", "tools.gpu_check", *(argv if argv is not None else sys.argv[1:])],
               "quick": args.quick, "budget_s": args.budget_s, "data": str(args.data),
               "environment": environment(device), "items": {}}
@@ -121,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             print(f"[gpu_check] {summary_line(name, report['items'][name])}", flush=True)
             report["wall_s"] = time.perf_counter() - started
             report["statuses"] = {name: item["status"].split(":")[0] for name, item in report["items"].items()}
-            records.write_json(args.out, report)  # after every item: a run cut short keeps what it finished
+            fileio.write_json(args.out, report)  # after every item: a run cut short keeps what it finished
     print_summary(report)
     return report
 
@@ -257,12 +257,12 @@ def sync_job(check: Check, loss: str, *extra: str) -> loop.Job:
     overrides = [] if check.quick else LOSS_OVERRIDES.get(loss, [])
     cfg = compose_config(*check.runs(), "phase=student", f"loss={loss}", f"teacher_store={check.work / 'teachers'}",
                          *overrides, *extra)
-    engine.configure_determinism(cfg.deterministic)
-    data = engine.load_data(cfg.dataset, check.device, engine.use_channels_last(cfg.channels_last, check.device))
+    hardware.configure_determinism(cfg.deterministic)
+    data = engine.load_data(cfg.dataset, check.device, hardware.use_channels_last(cfg.channels_last, check.device))
     if check.quick:
         data.train = data.train.subset(torch.arange(min(QUICK_TRAIN, len(data.train))))
     torch.manual_seed(cfg.seed)  # the same untrained teacher in every job (fp16 compares two)
-    teacher = engine.freeze_teacher(instantiate(cfg.teacher), data)
+    teacher = instantiate(cfg.teacher)  # build_job freezes it
     return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, check.device, teacher)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from kd import published, records
+from kd import fileio, published
 from kd.report import latency
 from kd.report.aggregate import SORT_BY_METRIC, Row, check_metric, check_pivots, group_runs, summarize
 from kd.report.collect import Problem, Run, check_repeated_runs, find_problems, job_dirs, load_runs
@@ -98,7 +98,7 @@ def write_report(sweep_dirs: Sequence[Path], out_dir: Optional[Path] = None, opt
     options = options or Options()
     sweep_dirs = [Path(d) for d in sweep_dirs]
     out_dir = Path(out_dir or sweep_dirs[0])
-    records.check_writable(out_dir, "Write the report into another folder: --out DIR.")  # before any file is written
+    fileio.check_writable(out_dir, "Write the report into another folder: --out DIR.")  # before any file is written
     runs = load_runs(sweep_dirs)
     report = compose(sweep_dirs, runs, find_problems(sweep_dirs, runs), options)
     for name, csv_rows in report.csvs.items():
@@ -175,7 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       args.latency_device if args.latency else None)
     try:
         path = write_report(args.sweep_dirs, args.out, options)
-    except (ValueError, records.CannotWrite) as err:
+    except (ValueError, fileio.CannotWrite) as err:
         print(f"kd.report: {err}", file=sys.stderr)
         return 1
     print(path)

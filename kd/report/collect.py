@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from kd import records
+from kd import fileio
 from kd.report.keys import METRICS, SEED_KEY, group_key, is_ignored
 
 
@@ -57,16 +57,16 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
 def load_run(path: Path, sweep_dir: Path) -> Run:
     """Read one job folder; a missing, unreadable or damaged result.json (result_damage) marks it as a problem."""
     try:
-        record = records.read_json(path / "run.json", "")
-    except records.CorruptRecord as error:
+        record = fileio.read_json(path / "run.json", "")
+    except fileio.CorruptRecord as error:
         return Run(path, Path(sweep_dir), (), None, problem=str(error))
     run = Run(path, Path(sweep_dir), tuple(str(o) for o in record.get("overrides", [])), None)
     try:
-        run.result = records.read_json(path / "result.json", "")
+        run.result = fileio.read_json(path / "result.json", "")
     except FileNotFoundError:
         run.problem = "failed or unfinished (no result.json" + _progress(path) + ")"
         return run
-    except records.CorruptRecord as error:
+    except fileio.CorruptRecord as error:
         run.problem = f"unreadable result.json ({error})"
         return run
     damage = result_damage(run.result)
@@ -74,8 +74,8 @@ def load_run(path: Path, sweep_dir: Path) -> Run:
         run.problem, run.result = f"damaged result.json ({path / 'result.json'}: {damage})", None
         return run
     try:
-        run.info = records.read_json(path / "run_info.json", "")
-    except (FileNotFoundError, records.CorruptRecord):
+        run.info = fileio.read_json(path / "run_info.json", "")
+    except (FileNotFoundError, fileio.CorruptRecord):
         run.info = {}
     run.key = group_key(run.result, set(record.get("seed_linked", [])))
     return run
@@ -155,7 +155,7 @@ def expected_jobs(sweep_dir: Path) -> Optional[list[tuple[str, ...]]]:
     path = Path(sweep_dir) / "sweep.json"
     if not path.is_file():
         return None
-    grid = records.read_json(path, f"Delete {path} to report on the job folders alone.").get("grid")
+    grid = fileio.read_json(path, f"Delete {path} to report on the job folders alone.").get("grid")
     return None if grid is None else [tuple(job) for job in grid]
 
 

@@ -75,7 +75,7 @@ def read_only(*folders: Path):
     """Within the block, every write, creation, deletion, rename, chmod or utime under `folders` fails with
     OSError(EROFS) naming the path, as on a read-only mount; reads work. Patches the os and builtins entry points
     that pathlib, tempfile and shutil go through (not torch.save to a path, whose C++ writer opens the file itself:
-    kd.records.save_checkpoint writes through atomic_write_bytes, which is covered)."""
+    kd.fileio.save_checkpoint writes through atomic_write_bytes, which is covered)."""
     roots = [Path(os.path.abspath(f)) for f in folders]
     saved = {}
 
