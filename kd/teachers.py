@@ -435,6 +435,14 @@ def read(path: Path, model_cfg: DictConfig, key: Optional[str] = None) -> Teache
     return teacher
 
 
+class ConvLeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer, with every Conv2d a leaf: kd.cpu_conv's routed convolution (a subclass outside torch.nn,
+    whose forward branches on the device) is called, not traced through."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, nn.Conv2d) or super().is_leaf_module(module, qualified_name)
+
+
 def fold_batchnorm(model: nn.Module, quiet: bool = False) -> int:
     """Fold each BatchNorm that only normalises one convolution's output into that convolution, in an eval-mode
     model that is never trained again (the frozen teacher): the same function with one pass over memory less.
@@ -444,7 +452,7 @@ def fold_batchnorm(model: nn.Module, quiet: bool = False) -> int:
     the forward cannot be traced; logged unless quiet).
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = ConvLeafTracer().trace(model)
     except Exception as error:  # data-dependent control flow: leave the model as it is
         if not quiet:
             log.info("teacher not traceable by torch.fx (%s): BatchNorm left unfolded", type(error).__name__)

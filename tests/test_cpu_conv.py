@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd import cpu_conv, distributed, engine, hardware, records
+from kd import cpu_conv, distributed, engine, hardware, loop, records
 from kd.config import Phase
 from kd.methods.base import CELoss
 from kd.models.cifar_resnet import resnet8
@@ -89,3 +89,16 @@ def test_the_crashing_shapes_run_clean_when_routed():
     if (torch.__version__, records.cpu_name()) == CRASHED_ON:
         crashed = conv_scan.scan(CRASHING[:1], routed=False)
         assert list(crashed) == CRASHING[:1] and "exit code -" in crashed[CRASHING[0]]
+
+
+def test_a_routed_model_still_folds_its_batchnorms_for_evaluation():
+    """torch.fx would trace into the routed convolution's device branch and give up folding the whole model: its
+    tracer keeps every Conv2d a leaf, so evaluation (loop.folded) and the frozen teacher fold it as before."""
+    torch.manual_seed(0)
+    model = cpu_conv.prepare(resnet8(10).to(memory_format=torch.channels_last), "cpu", True).eval()
+    evaluated = loop.folded(model)
+    assert evaluated is not model and not any(isinstance(m, nn.BatchNorm2d) for m in evaluated.modules())
+    assert sum(type(m) is cpu_conv.SubsampledPointwiseConv2d for m in evaluated.modules()) == 2
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(evaluated(x), model(x), rtol=1e-4, atol=1e-4)
