@@ -144,8 +144,8 @@ class Config:
     deterministic: bool = False
     # auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 adds a gradient scaler.
     precision: Precision = Precision.auto
-    # NHWC activations on CUDA (tensor cores prefer them); same results up to rounding. CPU runs stay NCHW:
-    # torch 2.14's CPU NHWC backward corrupts the heap for some shapes (kd.hardware.use_channels_last).
+    # NHWC activations (tensor cores and oneDNN prefer them); same results up to rounding. On the CPU, strided 1x1
+    # convolutions are routed around torch 2.14's crashing NHWC backward (kd/cpu_conv.py); CPU DDP stays NCHW.
     channels_last: bool = True
     # torch.compile the student's training forward (its first step compiles: about a minute on a CPU), with static
     # shapes (the last, shorter batch gets a graph of its own). compile_mode=reduce-overhead also captures the

@@ -27,7 +27,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import distributed, feedback, fileio, hardware, profiling, records, stages, teacher_checks, teachers, tracking
+from kd import (cpu_conv, distributed, feedback, fileio, hardware, profiling, records, stages, teacher_checks, teachers,
+                tracking)
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, check_config
 from kd.data import FileSplits, Splits, hold_out
@@ -453,7 +454,8 @@ def build_job(
         teacher = teacher_checks.freeze_teacher(teacher, data)
     torch.manual_seed(cfg.seed)
     model = instantiate(cfg.student if phase is Phase.student else cfg.teacher)
-    model = model.to(device, memory_format=hardware.memory_format(data))
+    model = cpu_conv.prepare(model.to(device, memory_format=hardware.memory_format(data)), device.type,
+                             data.channels_last)
     criterion.bind(model, teacher, data.sample_inputs(2), data.train_labels)
     criterion.to(device)
     # Adapters (regressors, embeddings) train with the student, under the same optimizer settings.

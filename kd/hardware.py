@@ -82,10 +82,11 @@ def set_tf32(amp_dtype: Optional[torch.dtype]) -> None:
 
 
 def use_channels_last(channels_last: bool, device: torch.device) -> bool:
-    """NHWC on CUDA only. On the CPU, torch 2.14's NHWC backward corrupts the heap for some shapes: a 1x1 stride-2
-    convolution of 4 or 8 input channels on 64-px inputs (resnet8 at width 0.5 on Tiny ImageNet), and gloo DDP with
-    several threads. That crashes a run, or could change its numbers without a crash, so CPU runs keep NCHW."""
-    return channels_last and device.type == "cuda"
+    """NHWC where asked, except for data-parallel CPU runs. torch 2.14's CPU NHWC backward of a strided 1x1
+    convolution corrupts the heap (kd/cpu_conv.py: build_job routes those around it); gloo DDP with NHWC gradients
+    and several CPU threads corrupted the heap too (reproduced with torchrun and OMP_NUM_THREADS=2), so CPU DDP
+    keeps NCHW."""
+    return channels_last and not (device.type == "cpu" and distributed.world_size() > 1)
 
 
 def memory_format(data: DataPath) -> torch.memory_format:

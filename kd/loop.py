@@ -9,6 +9,7 @@ import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional
 
@@ -18,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
-from kd import distributed
+from kd import distributed, teachers
 from kd.datapath import Batch, DataPath
 from kd.feedback import Progress
 from kd.methods.base import Criterion, Step
@@ -250,8 +251,9 @@ def predict(
     """
     was_training = model.training
     model.eval()
+    evaluated = folded(model)
     with autocast(data.device, amp_dtype):
-        parts = [model(data.inputs(views)).float() for views in data.evaluation(split, batch_size)]
+        parts = [evaluated(data.inputs(views)).float() for views in data.evaluation(split, batch_size)]
     model.train(was_training)
     if distributed.world_size() == 1:
         return torch.cat(parts)
@@ -259,6 +261,16 @@ def predict(
     logits = torch.zeros(n, parts[0].shape[1], device=data.device)
     logits[distributed.shard(n)] = torch.cat(parts)
     return distributed.sum_(logits)
+
+
+def folded(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of `model` with each BatchNorm after a convolution folded into it (teachers.fold_batchnorm):
+    the same function to float32 rounding, a quarter less evaluation time for a CIFAR ResNet on the CPU. `model`
+    itself when nothing folds (no BatchNorm, or a forward torch.fx cannot trace)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    copy = deepcopy(model)
+    return copy if teachers.fold_batchnorm(copy, quiet=True) else model
 
 
 def score(logits: Tensor, labels: Tensor, reference: Optional[Tensor]) -> dict[str, float]:

@@ -435,18 +435,27 @@ def read(path: Path, model_cfg: DictConfig, key: Optional[str] = None) -> Teache
     return teacher
 
 
-def fold_batchnorm(model: nn.Module) -> int:
+class ConvLeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer, with every Conv2d a leaf: kd.cpu_conv's routed convolution (a subclass outside torch.nn,
+    whose forward branches on the device) is called, not traced through."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, nn.Conv2d) or super().is_leaf_module(module, qualified_name)
+
+
+def fold_batchnorm(model: nn.Module, quiet: bool = False) -> int:
     """Fold each BatchNorm that only normalises one convolution's output into that convolution, in an eval-mode
     model that is never trained again (the frozen teacher): the same function with one pass over memory less.
 
     The pairs are found by tracing the forward with torch.fx; the model itself keeps its module tree (the folded
     BatchNorm becomes an Identity), so forward hooks by module name still work. Returns the number folded (0 when
-    the forward cannot be traced).
+    the forward cannot be traced; logged unless quiet).
     """
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = ConvLeafTracer().trace(model)
     except Exception as error:  # data-dependent control flow: leave the model as it is
-        log.info("teacher not traceable by torch.fx (%s): BatchNorm left unfolded", type(error).__name__)
+        if not quiet:
+            log.info("teacher not traceable by torch.fx (%s): BatchNorm left unfolded", type(error).__name__)
         return 0
     modules = dict(model.named_modules())
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")

@@ -4,12 +4,15 @@ import json
 import math
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from kd import loop
 from tools import bench, gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,6 +27,10 @@ def test_quick_form_on_the_cpu_runs_what_it_can_and_says_why_it_skips_the_rest(t
     assert list(returned["items"]) == list(gpu_check.ITEMS) and set(items) == set(gpu_check.ITEMS)
     assert items["syncs"]["status"] == "skipped: no CUDA device"
     assert items["compile"]["status"].startswith("skipped: --quick without CUDA")
+    fp16 = items["fp16"]
+    assert fp16["status"] == "pass", fp16
+    assert fp16["runs"]["fp16"]["initial_scale"] == 65536.0 and fp16["runs"]["fp32"]["final_scale"] is None
+    assert fp16["relative_difference"] <= gpu_check.FP16_TOLERANCE
     for name in ("bench", "deterministic", "bf16_accuracy"):
         assert items[name]["status"] == "pass", items[name]
         assert items[name]["wall_s"] > 0 and items[name]["summary"]
@@ -43,8 +50,10 @@ def test_compile_item_compares_a_compiled_run_with_an_eager_one(tmp_path, monkey
     check = gpu_check.Check(torch.device("cpu"), True, tmp_path / "none", tmp_path, 600.0, time.perf_counter())
     result = gpu_check.check_compile(check)
     assert result["status"] == "pass" and set(result["runs"]) == {"eager", "compiled"}
+    assert result["reduce_overhead"] == "skipped: CUDA graphs need a CUDA device"
     for run in result["runs"].values():
         assert len(run["epoch_s"]) == 1 and run["epoch_s"][0] > 0
+        assert run["steps_per_epoch"] == math.ceil(1438 / 64) and 0 < run["ms_per_step"] < 1000 * run["epoch_s"][0]
     assert result["loss_difference"] == result["runs"]["compiled"]["train/loss"] - result["runs"]["eager"]["train/loss"]
 
 
@@ -74,14 +83,22 @@ def test_unknown_items_are_refused():
         gpu_check.main(["--items", "syncs,nonsense"])
 
 
+def test_the_sync_check_covers_every_loss_option():
+    assert gpu_check.LOSSES == sorted(p.stem for p in (REPO / "conf" / "loss").glob("*.yaml"))
+    assert len(gpu_check.LOSSES) >= 17 and {"kd", "crd", "reviewkd", "fsp"} <= set(gpu_check.LOSSES)
+
+
 def test_sync_check_passes_clean_steps_and_locates_a_planted_sync(tmp_path, monkeypatch):
-    """The syncs item without a GPU: torch.cuda's debug mode is stood in for, and a sync planted in CRD's steps
-    raises under "error" and warns under "warn", as c10's check does."""
+    """The syncs item without a GPU, on four of its losses (the others run as these do: tests/test_hot_path.py
+    counts every loss's syncs on the CPU): torch.cuda's debug mode is stood in for, and a sync planted in CRD's steps
+    raises under "error" and warns under "warn", as c10's check does. Cases: live for each loss, cached where the
+    loss reads only the teacher's logits (KD), skipped where it reads features (CRD, AT), none without a teacher."""
     mode, planted = {"now": "default"}, {"on": False}
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda value: mode.update(now=value))
+    monkeypatch.setattr(gpu_check, "LOSSES", ["at", "ce", "crd", "kd"])
     real_job, real_optimize = gpu_check.sync_job, loop.optimize
-    monkeypatch.setattr(gpu_check, "sync_job", lambda check, loss: planted.update(on=loss == "crd") or
-                        real_job(check, loss))
+    monkeypatch.setattr(gpu_check, "sync_job", lambda check, loss, *extra: planted.update(on=loss == "crd") or
+                        real_job(check, loss, *extra))
 
     def optimize_and_sync(job, loss):
         real_optimize(job, loss)
@@ -94,11 +111,16 @@ def test_sync_check_passes_clean_steps_and_locates_a_planted_sync(tmp_path, monk
     check = gpu_check.Check(torch.device("cpu"), True, tmp_path / "none", tmp_path, 600.0, time.perf_counter())
     result = gpu_check.check_syncs(check)
     cases = result["cases"]
-    steps = math.ceil(1438 / 64)  # digits' training split, batch 64
-    assert cases["kd_live"] == cases["kd_cached"] == {"status": "pass", "steps": steps, "syncs_per_step": 0}
-    crd = cases["crd"]
+    steps = math.ceil(gpu_check.QUICK_TRAIN / 64)  # --quick: 200 training images, batch 64
+    assert set(cases) == {"at_live", "at_cached", "ce_live", "crd_live", "crd_cached", "kd_live", "kd_cached"}
+    clean = {"status": "pass", "steps": steps, "syncs_per_step": 0}
+    assert cases["kd_live"] == cases["kd_cached"] == cases["at_live"] == cases["ce_live"] == clean
+    assert cases["at_cached"]["status"] == cases["crd_cached"]["status"] == (
+        "skipped: the loss reads teacher features; the cache holds logits only")
+    crd = cases["crd_live"]
     assert result["status"] == "fail" and crd["status"] == "fail" and crd["failed_step"] == 0
     assert "synchronizing" in crd["error"] and crd["where"].startswith("kd/loop.py:") and "train_step" in crd["where"]
     assert crd["steps"] == steps and crd["syncs_per_step"] == 1
     assert [place.rsplit(":", 1)[0] for place in crd["sync_places"]] == [__file__]
+    assert "4 of 7 cases without a sync" in result["summary"] and "failed: crd_live" in result["summary"]
     assert loop.train_step.__module__ == "kd.loop" and mode["now"] == "default"  # put back

@@ -1,9 +1,10 @@
 """The training step never makes the host wait for the device: no value read back, no data-dependent shape, no copy
-from host memory, for every method, with the teacher live or read from the cache (tests/support/syncs.py counts
-them)."""
+from host memory (nor a tensor made from host data, where such a copy starts), for every method, with the teacher
+live or read from the cache (tests/support/syncs.py counts them)."""
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -75,6 +76,21 @@ def test_the_counter_sees_what_would_sync(monkeypatch, tmp_path):
 
     monkeypatch.setattr(loop, "optimize", optimize_and_read)
     assert syncs_per_step(job, 1, monkeypatch) == [{"aten._local_scalar_dense": 1}] * 4
+
+
+def test_the_counter_sees_a_tensor_made_from_host_data(monkeypatch, tmp_path):
+    """On the CPU the host is the device: a host-to-device copy is seen where it starts, a tensor made from host data
+    in the step (on a GPU it sits in pageable memory and its copy waits for the device)."""
+    job = job_for(tmp_path, "kd")
+    real_optimize = loop.optimize
+
+    def optimize_with_host_data(job, loss):
+        real_optimize(job, loss)
+        loss + torch.tensor([1.0, 2.0], device=job.data.device)  # what a per-step label smoothing table might do
+        loss + torch.as_tensor(np.zeros(2, dtype=np.float32)).to(job.data.device)
+
+    monkeypatch.setattr(loop, "optimize", optimize_with_host_data)
+    assert syncs_per_step(job, 1, monkeypatch) == [{"aten.lift_fresh (a tensor from host data)": 2}] * 4
 
 
 def test_a_crd_training_epoch_leaves_the_global_rng_alone(tmp_path, monkeypatch):

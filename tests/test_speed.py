@@ -392,13 +392,12 @@ def test_bf16_trains_close_to_fp32(teacher, tmp_path):
     assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=0.05)
 
 
-def test_channels_last_applies_on_cuda_only(teacher, tmp_path):
-    assert hardware.use_channels_last(True, torch.device("cuda"))
-    assert not hardware.use_channels_last(False, torch.device("cuda"))
+def test_channels_last_applies_on_the_cpu_too(teacher, tmp_path):
+    """Strided 1x1 convolutions are routed around torch 2.14's crashing CPU NHWC backward (tests/test_cpu_conv.py)."""
     job, _, _ = engine.set_up(compose_cfg(tmp_path, "phase=student", f"teacher_checkpoint={teacher}",
                                           "channels_last=true"), [])
-    assert not job.data.channels_last  # torch 2.14's CPU NHWC backward can corrupt the heap
-    assert all(p.is_contiguous() for p in job.model.parameters())
+    assert job.data.channels_last
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in job.model.parameters() if p.dim() == 4)
 
 
 def test_compile_refuses_feature_losses(teacher, tmp_path):
@@ -450,7 +449,7 @@ def test_bench_runs_and_writes_its_figures(tmp_path, monkeypatch):
     real_rounds, real_save, real_load = bench.timed_rounds, TeacherCache.save, TeacherCache.load
 
     def rounds(variants, windows, device):
-        timing.append(len(variants) == 3)  # the variants' rounds, not the matmul ceiling's
+        timing.append(len(variants) == len(bench.VARIANT_FLOPS))  # the variants' rounds, not the matmul ceiling's
         try:
             return real_rounds(variants, windows, device)
         finally:
@@ -468,7 +467,7 @@ def test_bench_runs_and_writes_its_figures(tmp_path, monkeypatch):
     bench.main(["--teacher", "resnet8", "--student", "resnet8", "--window-steps", "1", "--windows", "1",
                 "--workers", "0", "--num-classes", "10", "--json", str(out), "threads=1"])
     figures = json.loads(out.read_text())
-    for name in ("a_reference", "b_engine", "c_engine_cached"):
+    for name in ("a_reference", "b_engine", "c_engine_cached", "d_engine_eval"):
         assert figures[name]["images_per_s"] > 0 and 0 < figures[name]["fraction_of_ceiling"] < 2
         assert figures[name]["steps_per_s"] == pytest.approx(figures[name]["images_per_s"] / 64)
     # The cache is filled before the rounds (one file per epoch), and (c) reads every epoch of the rounds from it.
@@ -478,6 +477,9 @@ def test_bench_runs_and_writes_its_figures(tmp_path, monkeypatch):
     assert figures["b_engine"]["speedup_vs_reference"] == pytest.approx(
         figures["b_engine"]["images_per_s"] / figures["a_reference"]["images_per_s"])
     assert figures["matmul_ceiling_gflops"] > 0
+    # (d): the student's evaluation of the same images, forward only, beside (b)'s training rate.
+    assert figures["config"]["eval_batch_size"] == 512 and figures["d_engine_eval"]["vs_training"] == pytest.approx(
+        figures["d_engine_eval"]["images_per_s"] / figures["b_engine"]["images_per_s"])
 
 
 def test_bench_rejects_bad_arguments():
@@ -502,3 +504,25 @@ def test_topk_benchmark_refuses_k_below_1_before_loading_anything(monkeypatch, c
     with pytest.raises(SystemExit):
         bench.main(["--topk", "no_such_teacher.pt", "--k", "0"])
     assert "k must be at least 1" in capsys.readouterr().err
+
+
+def test_evaluation_runs_a_batchnorm_folded_copy_with_the_same_logits(tmp_path, monkeypatch):
+    """loop.predict evaluates a copy with each BatchNorm folded into its convolution (a quarter of the CPU's
+    evaluation time): the same logits to float32 rounding, and the trained model itself untouched."""
+    cfg = compose_cfg(tmp_path, "phase=teacher")
+    data = engine.load_data(cfg.dataset, torch.device("cpu"), channels_last=True)
+    torch.manual_seed(0)
+    model = instantiate(cfg.teacher).to(memory_format=torch.channels_last)  # resnet8
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        expected = torch.cat([model.eval()(data.inputs(views)) for views in data.evaluation("test", 128)])
+    evaluated, real_folded = [], loop.folded
+    monkeypatch.setattr(loop, "folded", lambda m: evaluated.append(real_folded(m)) or evaluated[-1])
+    logits = loop.predict(model.train(), data, "test", 128)
+    assert len(evaluated) == 1 and evaluated[0] is not model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in evaluated[0].modules())
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert model.training and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

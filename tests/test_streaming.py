@@ -387,7 +387,7 @@ def train_py(tmp: Path, root: Path, run: str, *overrides: str, script: str = "tr
 @pytest.mark.slow  # two train.py processes with DataLoader workers: ~30 s on 2 cores
 def test_teacher_then_student_through_train_py_with_two_workers(imagenet_root, tmp_path):
     # resnet8 at width 0.25 on 64-px inputs: the shape whose NHWC backward corrupts the heap in torch 2.14 on the CPU
-    # (kd.hardware.use_channels_last keeps CPU runs NCHW), with the default channels_last=true.
+    # (kd/cpu_conv.py routes its strided 1x1 convolutions around the kernel), with the default channels_last=true.
     workers = ["dataset.source.num_workers=2", "dataset.source.image_size=64"]
     teacher = train_py(tmp_path, imagenet_root, "teacher", "phase=teacher", *workers)
     assert teacher.returncode == 0, teacher.stdout[-3000:]

@@ -16,6 +16,8 @@
 (c) engine with a warm teacher cache: the same epochs, the teacher's logits read from the cache. Each window holds
     what a cached epoch costs: reading its file (checksum verified), one copy to the device, the training steps.
     The cache is filled by an untimed pass over every epoch before the timed rounds, so no window writes a file.
+(d) engine evaluation: what every epoch does with its test split (kd.loop.predict: the student in eval mode, forward
+    only, eval_batch_size per batch) over the window's images; its images/s is given as a multiple of (b)'s.
 
 Each variant trains on the same random 32x32 images (speed does not depend on their content) for a warm-up
 window, then for several timed windows, the variants taking turns window by window (so a slow spell of a shared
@@ -84,17 +86,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops = {role: profiling.forward_flops(instantiate(cfg[role]).to(device), (3, 32, 32), device)
              for role in ("teacher", "student")}
     ceilings = measured_ceilings(device, amp_dtype)
-    results = {"device": records.environment(device), "config": {**vars(args), "precision": str(amp_dtype)},
+    results = {"device": records.environment(device), "config": {**vars(args), "precision": str(amp_dtype),
+                                                                      "eval_batch_size": cfg.eval_batch_size},
                **{f"{name}_gflops": rate / 1e9 for name, rate in ceilings.items()},
                "forward_gflop_per_image": {role: value / 1e9 for role, value in flops.items()}}
     step_flops = {"full": args.batch_size * (3 * flops["student"] + flops["teacher"]),
-                  "cached": args.batch_size * 3 * flops["student"]}
+                  "cached": args.batch_size * 3 * flops["student"], "forward": args.batch_size * flops["student"]}
     seconds = time_variants(cfg, args, images, labels, device)
-    for name, flop_kind in (("a_reference", "full"), ("b_engine", "full"), ("c_engine_cached", "cached")):
+    for name, flop_kind in VARIANT_FLOPS.items():
         results[name] = variant_figures(statistics.median(seconds[name]) / args.window_steps, args.batch_size,
                                         step_flops[flop_kind], ceilings)
     for name in ("b_engine", "c_engine_cached"):
         results[name]["speedup_vs_reference"] = results[name]["images_per_s"] / results["a_reference"]["images_per_s"]
+    results["d_engine_eval"]["vs_training"] = results["d_engine_eval"]["images_per_s"] / results["b_engine"][
+        "images_per_s"]
     if args.sweep_jobs:
         results["sweep"] = sweep_ratio(args)
     print_table(results)
@@ -103,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
+# Each timed variant and the FLOPs an image costs it: teacher forward + 3x the student's (forward and backward),
+# the student's 3x alone (teacher from the cache), or the student's forward alone (evaluation).
+VARIANT_FLOPS = {"a_reference": "full", "b_engine": "full", "c_engine_cached": "cached", "d_engine_eval": "forward"}
 # Default steps per timed window (one epoch), on the CPU and on CUDA: a CUDA step takes milliseconds, and a window
 # of 100 lasts long enough that the host clock and the synchronisation at its edges are a small part of it.
 WINDOW_STEPS = {"cpu": 10, "cuda": 100}
@@ -111,10 +119,12 @@ WINDOW_STEPS = {"cpu": 10, "cuda": 100}
 def time_variants(cfg, args, images, labels, device) -> dict[str, list[float]]:
     """Seconds of each variant's timed windows; (c)'s cache is filled by an untimed pass before the first round."""
     with tempfile.TemporaryDirectory() as cache_root:
+        live = engine_job(cfg, args, images, labels, device, None)
         variants = {
             "a_reference": reference_window(cfg, args, images, labels, device),
-            "b_engine": engine_window(cfg, args, images, labels, device, None),
-            "c_engine_cached": engine_window(cfg, args, images, labels, device, Path(cache_root)),
+            "b_engine": lambda window: loop.train_one_epoch(live, epoch=window + 1),
+            "c_engine_cached": engine_window(engine_job(cfg, args, images, labels, device, Path(cache_root))),
+            "d_engine_eval": evaluation_window(live, cfg.eval_batch_size),
         }
         for window in range(args.windows + 1):  # live epochs that store what (c)'s windows will read
             variants["c_engine_cached"](window)
@@ -227,12 +237,12 @@ def reference_window(cfg, args, images, labels, device) -> Callable[[int], None]
     return window
 
 
-def engine_window(cfg, args, images, labels, device, cache_root: Path | None) -> Callable[[int], None]:
-    """(b)/(c) The engine's training epoch (one epoch = one window) with its config's defaults. With cache_root
-    (c), the teacher cache lives there: an epoch's first call stores its teacher logits, later calls read them;
-    without it (b), the teacher runs live and nothing is recorded."""
+def engine_job(cfg, args, images, labels, device, cache_root: Path | None) -> loop.Job:
+    """(b)/(c) The engine's student job with its config's defaults; the images are its training and test splits.
+    With cache_root (c), the teacher cache lives there: an epoch's first call stores its teacher logits, later calls
+    read them; without it (b), the teacher runs live and nothing is recorded."""
     data = datapath.InMemoryData(Split(images.to(device), labels.to(device)), None,
-                                 Split(images[:8], labels[:8]).to(device),
+                                 Split(images, labels).to(device),
                                  *[torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (MEAN, STD)],
                                  crop_padding=4, hflip=True,
                                  channels_last=hardware.use_channels_last(cfg.channels_last, device))
@@ -242,7 +252,18 @@ def engine_window(cfg, args, images, labels, device, cache_root: Path | None) ->
     if cfg.teacher_cache and cache_root is not None:
         key = {"bench": [args.teacher, args.student, args.batch_size, args.num_classes, str(job.amp_dtype)]}
         job.cache = TeacherCache(cache_root, key, (len(images), args.num_classes), cfg.teacher_cache_dtype, 1e12)
+    return job
+
+
+def engine_window(job: loop.Job) -> Callable[[int], None]:
+    """One training epoch of `job` per window."""
     return lambda window: loop.train_one_epoch(job, epoch=window + 1)
+
+
+def evaluation_window(job: loop.Job, eval_batch_size: int) -> Callable[[int], None]:
+    """(d) The engine's evaluation of the student (loop.predict: forward only, eval mode, eval_batch_size) over the
+    window's images, as every epoch evaluates its test split."""
+    return lambda window: loop.predict(job.model, job.data, "test", eval_batch_size, job.amp_dtype)
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
@@ -313,6 +334,9 @@ def print_table(results: dict[str, Any]) -> None:
         line = (f"{name:<18}{r['images_per_s']:>10.1f}{r['steps_per_s']:>9.1f}{ratio:>7.2f}x{r['gflops']:>10.1f}"
                 f"{r['fraction_of_ceiling']:>11.0%}")
         print(line + (f"{r['fraction_of_bf16_peak']:>13.1%}" if peak else ""))
+    r = results["d_engine_eval"]
+    print(f"evaluation (forward only, eval batch {config['eval_batch_size']}): {r['images_per_s']:.1f} images/s, "
+          f"{r['vs_training']:.2f}x the engine's training images/s (b)")
     if "sweep" in results:
         s = results["sweep"]
         print(f"sweep of {s['jobs']} students: {s['wall_s_with_cache']:.1f} s with the teacher cache, "

@@ -6,26 +6,34 @@ Items, in the order they run; each records a status ("pass", "fail", or "skipped
 wall time. A failing item is recorded (its error and traceback) and the next one runs; the JSON is rewritten after
 every item, so a run cut short keeps what it finished. An item starts only while the time budget lasts.
 
-  syncs          every training step of an epoch under torch.cuda.set_sync_debug_mode("error"), for KD with the live
-                 teacher, KD with the teacher's logits read from the cache, and CRD: a step that makes the host wait
+  syncs          every training step of an epoch under torch.cuda.set_sync_debug_mode("error"), for every
+                 conf/loss option (LOSSES), with the teacher live (recording its logits in the teacher cache) and
+                 again reading them from the cache where the loss reads only logits: a step that makes the host wait
                  for the device fails its case, with the error and the line it came from; the failed epoch is then
-                 run again under "warn" to count the syncs of each step.
-  bench          tools.bench's three variants (reference loop, engine, engine with a warm teacher cache) in a short
-                 configuration: images/s, steps/s, fractions of the matmul ceiling and, on CUDA, of the bf16 peak.
+                 run again under "warn" to count the syncs of each step. --quick: 200 training images per epoch.
+  bench          tools.bench's variants (reference loop, engine, engine with a warm teacher cache, evaluation) in a
+                 short configuration: images/s, steps/s, fractions of the matmul ceiling and, on CUDA, of the bf16 peak.
   deterministic  two train.py processes at once with deterministic=true (a teacher trained on demand, then a KD
                  student): passes when their result.json metrics are exactly equal.
   bf16_accuracy  resnet20 -> resnet8 on the CIFAR-10 JPEG folder (--data), 5 epochs for the teacher and 5 for the
                  KD student (teacher_recipe=student), in fp32 and in bf16 (two train.py processes at once): both
                  test accuracies of each and their differences.
-  compile        one short KD student run with compile=true and one eager: losses, accuracies and seconds per epoch
-                 (the compiled run's first epoch includes the compilation).
+  fp16           the same KD student epochs in fp32 and in fp16 with loss scaling (GradScaler): final training
+                 losses within 5% of each other, and the loss scale the scaler ends at.
+  compile        one short KD student run eager, one with compile=true and, on CUDA, one with
+                 compile_mode=reduce-overhead (CUDA graphs): losses, accuracies, seconds per epoch (the first includes
+                 the compilation) and milliseconds per training step.
 
 Without CUDA, syncs and the bench's bf16 peak are "skipped: no CUDA device". --quick shrinks every run to seconds on
 a CPU (quarter-width CNNs on 16x16 digits, 1 epoch, one-step bench windows); compile is then skipped on the CPU,
 where inductor's first compile alone takes minutes.
+
+Never run on a GPU yet (written on a CPU-only machine, their logic tested there with CUDA stood in for): the syncs
+cases beyond KD and CRD (every loss, live and cached), fp16, and compile's reduce_overhead run.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -50,6 +58,7 @@ if __package__ in (None, ""):  # python tools/gpu_check.py: kd and tools import 
 import kd.config  # noqa: F401  (registers the typed root schema)
 from kd import engine, fileio, hardware, loop, records
 from kd.config import Phase
+from kd.methods.base import Step
 from kd.teacher_cache import TeacherCache
 from tools import bench
 
@@ -192,46 +201,67 @@ def skip_reason(name: str, check: Check) -> str:
 # syncs
 
 
-SYNC_CASES = ("kd_live", "kd_cached", "crd")
+# Every conf/loss option, live and (where its teacher term reads only logits) from the teacher cache.
+LOSSES = sorted(path.stem for path in (REPO / "conf" / "loss").glob("*.yaml"))
+# FSP compares FSP matrices of equal sizes: its teacher is the student's model (quickstart: half-width resnet8).
+LOSS_OVERRIDES = {"fsp": ["model@teacher=resnet8", "teacher.width=0.5"]}
+QUICK_TRAIN = 200  # --quick: training images per checked epoch (3 full batches of 64 and a short last one)
 
 
 def check_syncs(check: Check) -> dict[str, Any]:
-    """Every training step of an epoch under sync debug mode "error": KD live, KD from the teacher cache, CRD."""
-    cases = {name: guarded(lambda: sync_case(check, name)) for name in SYNC_CASES}
-    failed = [name for name, case in cases.items() if case["status"] != "pass"]
-    summary = ", ".join(f"{name} {case.get('syncs_per_step', '?')}" for name, case in cases.items())
-    return {"status": "fail" if failed else "pass", "cases": cases, "summary": f"syncs per step: {summary}"}
+    """Every training step of an epoch under sync debug mode "error", for every loss, live and cached."""
+    cases: dict[str, dict[str, Any]] = {}
+    for loss in LOSSES:
+        cases.update(guarded_cases(loss, lambda: loss_cases(check, loss)))
+    failed = [name for name, case in cases.items() if case["status"] == "fail"]
+    checked = [name for name, case in cases.items() if case["status"] == "pass"]
+    summary = (f"{len(checked)} of {len(cases)} cases without a sync ({len(LOSSES)} losses, live and cached)"
+               + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return {"status": "fail" if failed else "pass", "cases": cases, "summary": summary}
 
 
-def guarded(case: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A case's result, or a failure holding its error: one case's error never hides the others' results."""
+def guarded_cases(loss: str, cases: Callable[[], dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """A loss's cases, or one failure holding its error: one loss's error never hides the others' results."""
     try:
-        return case()
+        return cases()
     except Exception as error:
-        return {"status": "fail", "error": f"{type(error).__name__}: {error}"[:4000],
-                "traceback": traceback.format_exc()[-6000:]}
+        return {f"{loss}_live": {"status": "fail", "error": f"{type(error).__name__}: {error}"[:4000],
+                                 "traceback": traceback.format_exc()[-6000:]}}
 
 
-def sync_case(check: Check, name: str) -> dict[str, Any]:
-    """One case: a warm-up epoch unchecked (cuDNN autotuning, library handles), then one epoch checked."""
-    job = sync_job(check, "crd" if name == "crd" else "kd")
+def loss_cases(check: Check, loss: str) -> dict[str, dict[str, Any]]:
+    """A warm-up epoch unchecked (cuDNN autotuning, library handles), then one epoch checked with the teacher live
+    (recording its logits in the cache, as a sweep's first job does, where the loss reads only logits), then that
+    epoch again, checked, reading them from the cache."""
+    job = sync_job(check, loss)
     loop.train_one_epoch(job, 1)
-    if name != "crd":  # the teacher's logits recorded (live), or read (cached), as a sweep's jobs do
+    cacheable = job.criterion.needs_teacher and not job.criterion.layers()[1]
+    if cacheable:
         shape = (len(job.data.train), len(job.data.classes))
-        job.cache = TeacherCache(check.work / "syncs_cache", {"gpu_check": name}, shape, "float32", 1e12)
-    if name == "kd_cached":
-        loop.train_one_epoch(job, 2)  # stores epoch 2
-    result = checked_epoch(job, 2)
-    if name == "kd_cached" and job.cache.hits == 0:
-        result.update(status="fail", error="the checked epoch did not read the teacher cache")
-    return result
+        job.cache = TeacherCache(check.work / "syncs_cache", {"gpu_check": loss}, shape, "float32", 1e12)
+    cases = {f"{loss}_live": checked_epoch(job, 2)}
+    if not job.criterion.needs_teacher:
+        return cases
+    if not cacheable:
+        return {**cases, f"{loss}_cached": {"status": "skipped: the loss reads teacher features; the cache holds "
+                                                      "logits only"}}
+    cached = checked_epoch(job, 2)
+    if job.cache.hits == 0:
+        cached.update(status="fail", error="the checked epoch did not read the teacher cache")
+    return {**cases, f"{loss}_cached": cached}
 
 
-def sync_job(check: Check, loss: str) -> loop.Job:
-    """A student job (as tests/test_hot_path.py builds one) with an untrained teacher: a step runs as in training."""
-    cfg = compose_config(*check.runs(), "phase=student", f"loss={loss}", f"teacher_store={check.work / 'teachers'}")
+def sync_job(check: Check, loss: str, *extra: str) -> loop.Job:
+    """A student job (as tests/test_hot_path.py builds one) with an untrained teacher: a step runs as in training.
+    --quick trains on the first QUICK_TRAIN images only."""
+    overrides = [] if check.quick else LOSS_OVERRIDES.get(loss, [])
+    cfg = compose_config(*check.runs(), "phase=student", f"loss={loss}", f"teacher_store={check.work / 'teachers'}",
+                         *overrides, *extra)
     hardware.configure_determinism(cfg.deterministic)
     data = engine.load_data(cfg.dataset, check.device, hardware.use_channels_last(cfg.channels_last, check.device))
+    if check.quick:
+        data.train = data.train.subset(torch.arange(min(QUICK_TRAIN, len(data.train))))
+    torch.manual_seed(cfg.seed)  # the same untrained teacher in every job (fp16 compares two)
     teacher = instantiate(cfg.teacher)  # build_job freezes it
     return engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, check.device, teacher)
 
@@ -377,22 +407,77 @@ def start_run(folder: Path, overrides: list[str]) -> tuple[subprocess.Popen, Pat
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# fp16
+
+
+FP16_TOLERANCE = 0.02  # first-batch fp16 loss vs fp32, same weights (0.8% seen: KD at T=4, CPU fp16 autocast)
+
+
+def check_fp16(check: Check) -> dict[str, Any]:
+    """The same KD student job in fp32 and in fp16 with loss scaling (GradScaler): the first batch's loss on the
+    same initial weights within FP16_TOLERANCE, finite training losses, and the loss scale the scaler ends at (it
+    halves at each step whose gradients overflowed)."""
+    runs = {precision: precision_run(check, precision) for precision in ("fp32", "fp16")}
+    fp32, fp16 = runs["fp32"]["first_batch_loss"], runs["fp16"]["first_batch_loss"]
+    difference = abs(fp16 - fp32) / abs(fp32)
+    finite = all(math.isfinite(run["train/loss"]) for run in runs.values())
+    summary = (f"first batch loss fp32 {fp32:.5f} fp16 {fp16:.5f} ({difference:.2%} apart, at most "
+               f"{FP16_TOLERANCE:.0%}); train loss fp32 {runs['fp32']['train/loss']:.4f} fp16 "
+               f"{runs['fp16']['train/loss']:.4f}; loss scale {runs['fp16']['initial_scale']:g} -> "
+               f"{runs['fp16']['final_scale']:g}")
+    return {"status": "pass" if finite and difference <= FP16_TOLERANCE else "fail", "runs": runs,
+            "relative_difference": difference, "summary": summary}
+
+
+def precision_run(check: Check, precision: str) -> dict[str, Any]:
+    """A KD student job (untrained teacher) in `precision`: its first batch's loss before training, then its last
+    epoch's metrics after the check's epochs, and the scaler's scale before and after."""
+    job = sync_job(check, "kd", f"precision={precision}")
+    first = first_batch_loss(job)
+    initial = job.scaler.get_scale() if job.scaler.is_enabled() else None
+    epochs = 1 if check.quick else 3
+    metrics = [loop.run_epoch(job, epoch) for epoch in range(1, epochs + 1)][-1]
+    return {"first_batch_loss": first, "train/loss": metrics["train/loss"], "test/acc1": metrics["test/acc1"],
+            "epochs": epochs, "initial_scale": initial,
+            "final_scale": job.scaler.get_scale() if initial is not None else None}
+
+
+def first_batch_loss(job: loop.Job) -> float:
+    """The criterion's summed terms on the first training batch, the model in eval mode (nothing updated)."""
+    batch = next(iter(job.data.epoch(job.seed, 1, job.batch_size)))
+    images = job.data.inputs(batch.views)
+    job.model.eval()
+    with torch.no_grad(), job.autocast():
+        logits, teacher_logits = job.model(images), job.teacher(images).float()
+        terms = job.criterion(Step(logits, batch.labels, teacher_logits, {}, {}, batch.index, 1, 0, job.seed,
+                                   batch.size))
+    job.model.train()
+    return float(sum(terms.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # compile
 
 
 def check_compile(check: Check) -> dict[str, Any]:
-    """The same short KD student eager and with compile=true (one teacher): losses, accuracies, seconds per epoch."""
+    """The same short KD student eager, with compile=true, and (CUDA) with compile_mode=reduce-overhead (CUDA graphs),
+    one teacher: losses, accuracies, seconds per epoch and milliseconds per training step."""
     store = f"teacher_store={check.work / 'compile' / 'teachers'}"
     # No teacher cache: the second run would read the first one's teacher outputs and look faster for it.
     overrides = [*check.runs(), "phase=student", "loss=kd", "train_missing_teacher=true", "teacher_cache=false", store]
-    runs = {name: compile_run(check.work / "compile" / name, [*overrides, f"compile={flag}"])
-            for name, flag in (("eager", "false"), ("compiled", "true"))}
+    modes = {"eager": ["compile=false"], "compiled": ["compile=true"]}
+    if check.device.type == "cuda":
+        modes["reduce_overhead"] = ["compile=true", "compile_mode=reduce-overhead"]
+    runs = {name: compile_run(check.work / "compile" / name, [*overrides, *flags]) for name, flags in modes.items()}
     eager, compiled = runs["eager"], runs["compiled"]
     result = {"status": "pass", "runs": runs, "loss_difference": compiled["train/loss"] - eager["train/loss"],
               "acc1_difference": compiled["test/acc1"] - eager["test/acc1"]}
+    if "reduce_overhead" not in runs:
+        result["reduce_overhead"] = "skipped: CUDA graphs need a CUDA device"
     summary = (f"train loss eager {eager['train/loss']:.4f} compiled {compiled['train/loss']:.4f}; test acc1 "
                f"{eager['test/acc1']:.2f} / {compiled['test/acc1']:.2f}; first epoch {eager['epoch_s'][0]:.1f} s / "
-               f"{compiled['epoch_s'][0]:.1f} s")
+               f"{compiled['epoch_s'][0]:.1f} s; ms per step " + " / ".join(
+                   f"{name} {run['ms_per_step']:.2f}" for name, run in runs.items()))
     if len(eager["epoch_s"]) > 1:  # the epochs after the first, without the compilation
         later = {name: statistics.median(run["epoch_s"][1:]) for name, run in runs.items()}
         result.update(later_epoch_s=later, later_epoch_speedup=later["eager"] / later["compiled"])
@@ -401,11 +486,16 @@ def check_compile(check: Check) -> dict[str, Any]:
 
 
 def compile_run(out_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """One run through kd.engine.run: its final loss and accuracy, and every epoch's seconds (train + evaluation)."""
-    result = engine.run(compose_config(*overrides), out_dir)
+    """One run through kd.engine.run: its final loss and accuracy, every epoch's seconds (train + evaluation), and
+    milliseconds per training step (the median epoch after the first, which compiles; the first if it is alone)."""
+    cfg = compose_config(*overrides)
+    result = engine.run(cfg, out_dir)
     lines = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = math.ceil(engine.load_data(cfg.dataset, torch.device("cpu")).num_train / cfg.batch_size)
+    train_s = [line["time/train_s"] for line in lines]
     return {"train/loss": result["train/loss"], "test/acc1": result["test/acc1"],
-            "epoch_s": [line["time/epoch_s"] for line in lines]}
+            "epoch_s": [line["time/epoch_s"] for line in lines], "steps_per_epoch": steps,
+            "ms_per_step": 1000 * statistics.median(train_s[1:] or train_s) / steps}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -432,7 +522,8 @@ def print_summary(report: dict[str, Any]) -> None:
 
 ITEMS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "syncs": check_syncs, "bench": check_bench, "deterministic": check_deterministic,
-    "bf16_accuracy": check_bf16_accuracy, "compile": check_compile,
+    "bf16_accuracy": check_bf16_accuracy, "fp16": check_fp16, "compile": check_compile,
+    # The fused sweep's item (kd/fused*.py: one process training several students) goes here, with its section above.
 }
 NEEDS_CUDA = {"syncs"}
 

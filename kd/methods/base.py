@@ -281,6 +281,8 @@ def average_pool_to(feature: Tensor, size: tuple[int, int]) -> Tensor:
     height, width = feature.shape[2:]
     if (height, width) == size:
         return feature
+    if size == (1, 1):  # what adaptive_avg_pool2d itself runs for a 1x1 output: the same bits as before
+        return feature.mean((2, 3), keepdim=True)
     if height % size[0] == 0 and width % size[1] == 0:
         factor = (height // size[0], width // size[1])
         return F.avg_pool2d(feature, kernel_size=factor, stride=factor)

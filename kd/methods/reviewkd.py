@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.methods.base import FeatureCriterion, Step, autocast_off, full_precision
+from kd.methods.base import FeatureCriterion, Step, autocast_off, average_pool_to, full_precision
 from kd.methods.hooks import default_layers, probe_shapes
 
 SUM = "+"  # a teacher layer "a+b" is the sum of the features captured at a and b
@@ -25,15 +25,17 @@ SUM = "+"  # a teacher layer "a+b" is the sum of the features captured at a and 
 def hierarchical_context_loss(student: Tensor, teacher: Tensor, levels: Sequence[int]) -> Tensor:
     """Chen et al. CVPR 2021 (HCL): (MSE(f_s, f_t) + sum_k 2^-k MSE(P_k f_s, P_k f_t)) / (1 + sum_k 2^-k).
 
-    P_k is adaptive average pooling to levels[k] x levels[k]; only levels smaller than the map's height count, and
-    the weights 1/2, 1/4, 1/8 go to the levels kept, in order (hcl_loss in mdistiller/distillers/ReviewKD.py).
+    P_k is adaptive average pooling to levels[k] x levels[k] (as a plain avg_pool2d where the size divides the map:
+    the same bins, and a deterministic CUDA backward); only levels smaller than the map's height count, and the
+    weights 1/2, 1/4, 1/8 go to the levels kept, in order (hcl_loss in mdistiller/distillers/ReviewKD.py).
     """
     loss, total, weight = F.mse_loss(student, teacher), 1.0, 1.0
     for size in levels:
         if size >= student.shape[2]:
             continue
         weight /= 2.0
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size))
+        pooled = (average_pool_to(feature, (size, size)) for feature in (student, teacher))
+        loss = loss + weight * F.mse_loss(*pooled)
         total += weight
     return loss / total
 

@@ -178,10 +178,10 @@ def test_new_criteria_distillation_term_alone_has_a_gradient(name):
 
 
 @pytest.mark.parametrize("shape, size", [((2, 3, 8, 8), (4, 4)), ((2, 3, 32, 32), (8, 8)), ((1, 2, 8, 4), (2, 2)),
-                                         ((2, 3, 6, 6), (4, 4))])
+                                         ((2, 3, 6, 6), (4, 4)), ((2, 3, 8, 8), (1, 1))])
 def test_average_pool_to_is_adaptive_pooling(shape, size):
     """Integer factors take avg_pool2d (a deterministic CUDA backward): the same values as adaptive pooling; the
-    6 -> 4 case (overlapping bins) stays adaptive."""
+    6 -> 4 case (overlapping bins) stays adaptive; a 1x1 output is the mean, as adaptive pooling computes it."""
     feature = randn(*shape, seed=3)
     assert_close(average_pool_to(feature, size), torch.nn.functional.adaptive_avg_pool2d(feature, size))
     assert_close(average_pool_to(feature.float(), size), torch.nn.functional.adaptive_avg_pool2d(feature.float(), size))

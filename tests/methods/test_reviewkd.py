@@ -116,6 +116,32 @@ def test_hcl_matches_the_pyramid_formula(size):
     assert hierarchical_context_loss(fs, ft, (4, 2, 1)).item() == pytest.approx(ref_hcl(fs, ft), rel=1e-12)
 
 
+def test_hcl_never_calls_adaptive_pooling_where_sizes_divide(monkeypatch):
+    """adaptive_avg_pool2d's CUDA backward refuses deterministic=true: HCL's usual levels (4, 2, 1 of 32/16/8-px
+    maps) pool with avg_pool2d (and mean for 1x1), and loss and gradients keep the bits adaptive pooling gave."""
+    maps = [torch.randn(4, 8, size, size, generator=torch.Generator().manual_seed(size)) for size in (32, 16, 8)]
+    expected = []
+    for fs in maps:  # the reference: the same formula with adaptive pooling
+        fs = fs.clone().requires_grad_()
+        loss, total, weight = torch.nn.functional.mse_loss(fs, fs.detach().flip(0)), 1.0, 1.0
+        for size in (4, 2, 1):
+            weight /= 2.0
+            pooled = [torch.nn.functional.adaptive_avg_pool2d(f, size) for f in (fs, fs.detach().flip(0))]
+            loss, total = loss + weight * torch.nn.functional.mse_loss(*pooled), total + weight
+        (loss / total).backward()
+        expected.append((loss / total, fs.grad))
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation")
+
+    monkeypatch.setattr(torch.nn.functional, "adaptive_avg_pool2d", refused)
+    for fs, (loss, grad) in zip(maps, expected):
+        fs = fs.clone().requires_grad_()
+        got = hierarchical_context_loss(fs, fs.detach().flip(0), (4, 2, 1))
+        got.backward()
+        assert torch.equal(got, loss) and torch.equal(fs.grad, grad)
+
+
 def test_hcl_is_zero_on_equal_maps():
     f = randn(2, 3, 8, 8, seed=3)
     assert hierarchical_context_loss(f, f.clone(), (4, 2, 1)).item() == 0.0

@@ -6,6 +6,10 @@ shape depends on the data (nonzero, masked_select, boolean-mask indexing and ass
 repeat_interleave by a tensor), multinomial sampling (its CUDA kernel reads a count), and a copy to another device
 (a pageable host tensor copied to the GPU waits for it). TorchDispatchMode sees every aten call a step makes, on any
 device, so the count is the same here as on a GPU.
+
+On the CPU the host is the device, so a host-to-device copy is no aten call at all: what is counted instead is where
+such a copy starts, a tensor made from host data inside the step (torch.tensor, torch.as_tensor, torch.from_numpy:
+aten.lift_fresh). On a GPU that tensor lives in pageable host memory, and its copy to the device waits for the copy.
 """
 from collections import Counter
 
@@ -15,6 +19,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 SYNCING = {"aten._local_scalar_dense", "aten.equal", "aten.nonzero", "aten.nonzero_static", "aten.masked_select",
            "aten._unique2", "aten.unique_dim", "aten.unique_consecutive", "aten.bincount", "aten.multinomial",
            "aten.repeat_interleave"}
+
+# A tensor made from Python or numpy data: in host memory, pageable (kd's hot path builds tensors on the device).
+HOST_DATA = {"aten.lift_fresh", "aten.lift_fresh_copy", "aten.lift"}
 
 
 class SyncCounter(TorchDispatchMode):
@@ -33,6 +40,10 @@ class SyncCounter(TorchDispatchMode):
             self.found[f"{name} (boolean mask)"] += 1
         elif name == "aten._to_copy" and "device" in kwargs and kwargs["device"] != args[0].device:
             self.found["aten._to_copy (to another device)"] += 1
+        elif name == "aten.copy_" and args[1].device != args[0].device:
+            self.found["aten.copy_ (from another device)"] += 1
+        elif name in HOST_DATA:
+            self.found[f"{name} (a tensor from host data)"] += 1
         return func(*args, **kwargs)
 
 
