@@ -10,7 +10,7 @@ from kd import cpu_conv, distributed, engine, hardware, loop, records
 from kd.config import Phase
 from kd.methods.base import CELoss
 from kd.models.cifar_resnet import resnet8
-from test_reliability import compose_cfg
+from support.runs import compose_cfg
 from tools import conv_scan
 
 pytestmark = pytest.mark.usefixtures("one_thread")

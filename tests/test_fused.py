@@ -20,8 +20,7 @@ from hydra import compose, initialize
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fused, loop
 from support import tree_state
-from test_records import report_text
-from test_reliability import TINY, compose_cfg, launch
+from support.runs import TINY, compose_cfg, launch, report_text
 
 # fp32: after the first step each parameter is within FP32_PARAMS of the lone run's (relative to the tensor's largest
 # value), and the loss of each of the first 3 steps within FP32_LOSS (relative). fp64: within FP64 after 5 steps.

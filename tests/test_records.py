@@ -23,7 +23,7 @@ from kd import data, engine, fileio, records, report, teacher_cache, teachers
 from support import forked
 from support.folders import CLASSES, FOLDER, TRAIN_PER_CLASS, write_folder
 from support.jobs import fake_config, fake_job
-from support.runs import KILL_RUNNER, REPO, TINY, compose_cfg, launch, no_data, trained
+from support.runs import KILL_RUNNER, REPO, TINY, compose_cfg, launch, no_data, report_text, trained
 
 def folder_overrides(tmp: Path, root: Path, *extra: str) -> list[str]:
     return [*FOLDER, f"dataset.source.root={root}", f"dataset.source.cache_dir={tmp / 'decode_cache'}", *extra]
@@ -123,11 +123,6 @@ def finished_sweep(tmp_path_factory) -> Path:
                   multirun=True)
     assert proc.returncode == 0, proc.stdout
     return tmp / "sweep"
-
-
-def report_text(sweep: Path, out: Path) -> str:
-    assert report.main([str(sweep), "--out", str(out)]) == 0
-    return (out / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -68,3 +68,11 @@ def epochs_logged(run: Path) -> list[int]:
 
 def no_data(*args, **kwargs):
     raise AssertionError("the run loaded data: it did work it should not have")
+
+
+def report_text(sweep: Path, out: Path) -> str:
+    """kd.report's report.md for a sweep folder, written into out."""
+    from kd import report  # here, not at the top: most users of this module never make a report
+
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    return (out / "report.md").read_text()
