@@ -69,7 +69,10 @@ OUTPUT_CODE_VERSIONS = {1: "2b235ce38fda365f360ebbd6c57a103f928d2a9f0e30d7d9b140
                         # 4: kd/models left this list: each teacher's own model code is in its key (model_code)
                         4: "edb63b580230f8c1621d34736c2a751f647ef359891d8b15f147beab648b5f46",
                         # 5: an epoch's outputs stream to and from host memory in chunks (RecordedEpoch; same rows)
-                        5: "e4ab0d4c1a0e5abe0f2af8356a5faed305d2ac87f221dcb0da805270dd2d6a23"}
+                        5: "e4ab0d4c1a0e5abe0f2af8356a5faed305d2ac87f221dcb0da805270dd2d6a23",
+                        # 6: CPU runs channels-last again, strided 1x1 convolutions routed (kd.cpu_conv), with 5's
+                        # chunked epochs
+                        6: "2cc912a3e5f850886302351b6ae45faf1830f53cc46bdf92be563c8d4397ec3d"}
 OUTPUT_CODE_VERSION = max(OUTPUT_CODE_VERSIONS)
 
 

@@ -24,8 +24,10 @@ from support.runs import TINY, compose_cfg, launch, report_text
 
 # fp32: after the first step each parameter is within FP32_PARAMS of the lone run's (relative to the tensor's largest
 # value), and the loss of each of the first 3 steps within FP32_LOSS (relative). fp64: within FP64 after 5 steps.
+# A lone CPU run is channels-last (oneDNN's NHWC kernels) while vmap's batched convolutions sum in another order:
+# by the third step DIST's Pearson terms have grown that difference to 3e-4 of the loss.
 FP64 = 1e-12
-FP32_PARAMS, FP32_LOSS = 1e-4, 1e-4
+FP32_PARAMS, FP32_LOSS = 1e-4, 1e-3
 # Three members: two share seed 0 (one batch, one teacher pass), one has seed 1 (its own batches).
 MEMBERS = {
     "kd": [["loss.alpha=0.5", "loss.temperature=2"], ["optimizer.lr=0.1"], ["seed=1", "optimizer.weight_decay=0"]],
