@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from kd import fileio, scan as preflight
+from kd import fileio
+from kd import scan as preflight
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +347,7 @@ def file_split(root: Path, names: list[str], labels: list[int]) -> FileSplit:
 def _content_fingerprint(root: Path, files: Listing, image_size: int) -> str:
     """sha256 of the decoder (its version, Pillow's), the size, and every listed file's relative path and bytes."""
     digest = hashlib.sha256(f"{DECODER_VERSION}|{PIL.__version__}|{image_size}|".encode())
-    for part, entries in files.items():
+    for entries in files.values():
         for file, label in entries:
             digest.update(f"{file.relative_to(root)}|{label}|".encode())
             digest.update(hashlib.sha256(file.read_bytes()).digest())
@@ -368,7 +369,8 @@ def _class_dirs(path: Path, parts: tuple[str, str] = ("train", "test")) -> list[
 def _decode(files: Listing, classes: list[str], image_size: int) -> Splits:
     def split(entries: list[tuple[Path, int]]) -> Split:
         pixels = np.stack([read_image(file, image_size) for file, _ in entries])
-        return Split(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.tensor([l for _, l in entries]))
+        labels = torch.tensor([label for _, label in entries])
+        return Split(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels)
 
     return Splits(split(files["train"]), split(files["test"]), classes)
 

@@ -27,8 +27,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd import (cpu_conv, distributed, feedback, fileio, hardware, profiling, records, stages, teacher_checks, teachers,
-                tracking)
+from kd import (
+    cpu_conv,
+    distributed,
+    feedback,
+    fileio,
+    hardware,
+    profiling,
+    records,
+    stages,
+    teacher_checks,
+    teachers,
+    tracking,
+)
 from kd.checkpoints import TeacherFile
 from kd.config import Phase, check_config
 from kd.data import FileSplits, Splits, hold_out

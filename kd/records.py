@@ -18,7 +18,6 @@ from typing import Any, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Data-source settings that say where or how to fetch the data, not what it is: how many workers decode it, whether

@@ -9,6 +9,7 @@ the sampler's seed by the number of trials the study holds, so that its draws ar
 stays RUNNING in the study and is not resumed: the search draws another in its place; its folder stays unfinished.
 """
 import logging
+
 from omegaconf import DictConfig, read_write
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from hydra_plugins.kd_grid_sweeper import check_exclude, is_excluded
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 import kd.config  # noqa: F401  (registers the kd_job_dir resolver, also in launcher worker processes)
+from hydra_plugins.kd_grid_sweeper import check_exclude, is_excluded
 from kd import engine, feedback, fileio, records, stages, study, sweep_cost, teachers
 from kd.config import Phase, check_config
 

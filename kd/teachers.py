@@ -39,8 +39,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from kd import fileio, pretrained, published_teachers, records
 from kd.checkpoints import TeacherFile, read_teacher_file
 from kd.datapath import DataPath
-from kd.published_teachers import PUBLISHED_LAYOUT
 from kd.fileio import read_json, save_checkpoint, sha256_file, write_json
+from kd.published_teachers import PUBLISHED_LAYOUT
 from kd.records import SOURCE_NEUTRAL, model_name, plain_config
 
 log = logging.getLogger(__name__)

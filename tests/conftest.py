@@ -13,7 +13,8 @@ import torch  # noqa: E402
 # The files that take longest (the sums of their tests' --durations in a full run with -n 2 on a shared 2-core
 # machine: the ranking is what matters), longest first. --dist loadfile hands whole files to the two workers as they
 # free up, in collection order (pyproject's --no-loadscope-reorder keeps it): longest first (longest-processing-time
-# first) leaves the short files to fill the end, so neither worker is left running a long file alone. The rest follow in their usual order.
+# first) leaves the short files to fill the end, so neither worker is left running a long file alone. The rest
+# follow in their usual order.
 LONGEST_FIRST = [
     "test_records.py", "test_train.py", "test_distributed.py", "test_reliability.py", "test_sweeps.py", "test_speed.py",
     "test_config.py", "test_feedback.py", "test_gpu_check.py", "test_optuna.py", "test_streaming.py",

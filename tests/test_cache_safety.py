@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import read_only, tree_state
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import data, engine, fileio, teacher_cache
 from kd.teacher_cache import EpochOutputs, TeacherCache
+from support import read_only, tree_state
 from support.folders import TRAIN_PER_CLASS, write_folder
 from support.runs import compose_cfg
 

@@ -26,10 +26,10 @@ from torch import nn
 
 import kd.config  # noqa: F401  (registers the typed root schema `config_schema`)
 from kd import records, teachers
+from kd.config import PairHparams, Phase, check_config
 from kd.methods.base import Step
 from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8
-from kd.config import PairHparams, Phase, check_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CONFIG_ERRORS = (HydraException, OmegaConfBaseException)

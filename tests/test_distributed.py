@@ -14,8 +14,8 @@ from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import distributed, engine, loop, teachers
-from kd.methods.base import Step
 from kd.methods import crd as crd_module
+from kd.methods.base import Step
 from kd.methods.crd import CRDLoss, negative_pool, sample_negatives, step_generator
 from support import forked
 
@@ -33,7 +33,7 @@ def test_shards_of_all_ranks_cover_every_item_once(monkeypatch, world, n):
     covered = []
     for rank in range(world):
         monkeypatch.setattr(distributed, "world_size", lambda: world)
-        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
         share = list(range(n))[distributed.shard(n)]
         assert distributed.shard_sizes(n)[rank] == len(share)  # every rank knows every rank's share size
         covered += share

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import tree_state
-from support.runs import compose_cfg
 
 from kd import engine, fileio
 from kd.eval import main
+from support import tree_state
+from support.runs import compose_cfg
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]

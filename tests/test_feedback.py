@@ -26,13 +26,13 @@ import torch
 from hydra import compose, initialize
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from support import tree_state
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, feedback, fileio, loop, records, teachers
 from kd.config import Phase, check_config
 from kd.methods.base import CELoss
 from kd.sweep import SweepChecks
+from support import tree_state
 from support.runs import LABELS_ONLY as TINY
 from support.runs import compose_cfg
 from support.syncs import SyncCounter

@@ -12,11 +12,11 @@ from hydra.errors import HydraException
 from hydra.plugins.completion_plugin import DefaultCompletionPlugin
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from support import tree_state
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import completion, engine, records
 from kd.config import LoggerMode, Precision
+from support import tree_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,10 +19,10 @@ from unittest import mock
 
 import pytest
 import torch
-from support import read_only, tree_state
-from support.runs import LABELS_ONLY as TINY
 
 from kd import engine, fileio, report
+from support import read_only, tree_state
+from support.runs import LABELS_ONLY as TINY
 
 REPO = Path(__file__).resolve().parents[1]
 READ_ONLY = os.strerror(errno.EROFS)

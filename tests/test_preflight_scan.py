@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from kd import data, engine, scan, streaming
-from tools import bench
 from support import tree_state
 from support.folders import SHARED_CIFAR10
 from support.images import write_imagenet, write_tiny_imagenet
 from support.runs import PLAIN, compose_cfg
+from tools import bench
 
 CLASSES = ("ant", "bee")
 

@@ -25,6 +25,7 @@ from support.folders import CLASSES, FOLDER, TRAIN_PER_CLASS, write_folder
 from support.jobs import fake_config, fake_job
 from support.runs import KILL_RUNNER, REPO, TINY, compose_cfg, launch, no_data, report_text, trained
 
+
 def folder_overrides(tmp: Path, root: Path, *extra: str) -> list[str]:
     return [*FOLDER, f"dataset.source.root={root}", f"dataset.source.cache_dir={tmp / 'decode_cache'}", *extra]
 

@@ -26,7 +26,6 @@ from kd import engine, fileio, hardware, records, teachers
 from support import forked, wandb_history, wandb_segments
 from support.runs import PLAIN, REPO, command, compose_cfg, epochs_logged, launch, no_data, outcome
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # exact resume (processes killed with SIGKILL)
 

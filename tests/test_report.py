@@ -156,7 +156,7 @@ def test_deleted_result_is_listed_and_its_group_is_short(sweep, tmp_path, capsys
     assert (row["n"], row["n_expected"], row["test_acc1_last_std"]) == ("1", "2", "")
     other_seed = job_folder(copy, loss__alpha="0.9", loss__temperature="4", seed="0")
     assert float(row["test_acc1_last_mean"]) == json.loads((other_seed / "result.json").read_text())["test/acc1"]
-    table_line = next(l for l in (copy / "report.md").read_text().splitlines() if "| KD | 4 |" in l)
+    table_line = next(line for line in (copy / "report.md").read_text().splitlines() if "| KD | 4 |" in line)
     assert "| 1 of 2 |" in table_line
 
 
@@ -206,7 +206,7 @@ def test_ce_baseline_sizes_and_extras(ce_and_kd_sweep):
     assert float(rows[("KD", "1.0")]["delta_last"]) == pytest.approx(65 - 60.5)
     assert rows[("KD", "1.0")]["baseline_row"] == rows[(ce, "1.0")]["row"]
     markdown = (ce_and_kd_sweep / "report.md").read_text()
-    kd_line = next(l for l in markdown.splitlines() if l.startswith(f"| {rows[('KD', '1.0')]['row']} |"))
+    kd_line = next(line for line in markdown.splitlines() if line.startswith(f"| {rows[('KD', '1.0')]['row']} |"))
     # The best mean is bold; the latency a job measured while training (run_info.json) is not a column.
     assert "| **65.00** |" in kd_line and "±" not in kd_line and "best" not in markdown.split("| # |")[1].split("\n")[0]
     assert "latency (ms)" not in markdown and "selected by val/acc1" in markdown

@@ -6,11 +6,11 @@ import re
 from pathlib import Path
 
 import pytest
-from support import tree_state
-from support.jobs import fake_config, fake_job, section
 
 from kd import report
 from kd.report import latency
+from support import tree_state
+from support.jobs import fake_config, fake_job, section
 
 KD_LOSS = {"_target_": "kd.methods.kd.KDLoss", "alpha": 0.9, "temperature": 4}
 TEACHER = {"_target_": "kd.models.cifar_resnet.resnet56"}

@@ -96,7 +96,7 @@ def test_each_rank_decodes_only_its_share_of_each_global_batch(imagenet_root, mo
     for rank in (0, 1):
         decoded[rank] = []
         monkeypatch.setattr(distributed, "world_size", lambda: 2)
-        monkeypatch.setattr(distributed, "rank", lambda: rank)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
         for batch, full in zip(epoch_of(path, batch_size=7), whole, strict=True):
             share = slice(*((0, full.size // 2) if rank == 0 else (full.size // 2, full.size)))
             assert torch.equal(batch.index, full.index[share]) and torch.equal(batch.views, full.views[share])

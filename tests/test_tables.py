@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import hydra_plugins.kd_grid_sweeper
 import kd.config  # noqa: F401  (registers the schema)
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from kd import engine, fileio, profiling, published, records, report, sweep, sweep_cost, teachers
 from support import tree_state
 from support.jobs import fake_config, fake_job, section

@@ -134,7 +134,8 @@ def decoder_rates(files: list[Path], size: int, repeats: int) -> list[tuple[str,
                 started = time.process_time()
                 for i, file in enumerate(files):
                     rng = streaming.view_generator(0, 1, i)
-                    view(file, size, lambda h, w: streaming.resized_crop_box(h, w, rng, (0.08, 1.0), (3 / 4, 4 / 3)))
+                    box = lambda h, w, rng=rng: streaming.resized_crop_box(h, w, rng, (0.08, 1.0), (3 / 4, 4 / 3))  # noqa: E731
+                    view(file, size, box)
                 rate = len(files) / (time.process_time() - started)
                 decode = _rate(DECODES[decoder], contents) if decoder else 0.0
                 previous = best.get(name, (0.0, 0.0))

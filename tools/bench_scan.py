@@ -2,8 +2,8 @@
 on ImageNet-1k (1,281,167 training + 50,000 validation files) at that rate.
 
     python -m tools.bench --scan --folder /tmp/kd_scan100k --make 100000 --evict   # 100,000 32x32 JPEGs, written once
-    python -m tools.bench --scan --folder /tmp/kd_scan500 --make 10000 --size 500x375 --evict   # ImageNet-sized (110 KB)
-    python -m tools.bench --scan --folder ../shared/data/cifar10                 # an existing root/{train,test}/<class>/
+    python -m tools.bench --scan --folder /tmp/kd_scan500 --make 10000 --size 500x375 --evict  # ImageNet-sized, 110 KB
+    python -m tools.bench --scan --folder ../shared/data/cifar10   # an existing root/{train,test}/<class>/
 
 --make N writes N JPEGs of --size (32x32 by default; a noisy gradient, quality 90: 110 KB at 500x375, ImageNet's
 typical size and file size; 90% under train/, 10% under test/, 10 classes) into --folder once, when it holds none

@@ -212,7 +212,7 @@ def check_syncs(check: Check) -> dict[str, Any]:
     """Every training step of an epoch under sync debug mode "error", for every loss, live and cached."""
     cases: dict[str, dict[str, Any]] = {}
     for loss in LOSSES:
-        cases.update(guarded_cases(loss, lambda: loss_cases(check, loss)))
+        cases.update(guarded_cases(loss, lambda loss=loss: loss_cases(check, loss)))
     failed = [name for name, case in cases.items() if case["status"] == "fail"]
     checked = [name for name, case in cases.items() if case["status"] == "pass"]
     summary = (f"{len(checked)} of {len(cases)} cases without a sync ({len(LOSSES)} losses, live and cached)"

@@ -8,8 +8,15 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from kd.methods.base import FeatureCriterion, InitStage, Step, autocast_off, check_init_stage, check_spatial
-from kd.methods.base import full_precision
+from kd.methods.base import (
+    FeatureCriterion,
+    InitStage,
+    Step,
+    autocast_off,
+    check_init_stage,
+    check_spatial,
+    full_precision,
+)
 from kd.methods.fitnet import hint_regressor
 
 

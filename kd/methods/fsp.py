@@ -10,8 +10,15 @@ from typing import Optional, Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd.methods.base import FeatureCriterion, InitStage, Step, autocast_off, check_init_stage, check_spatial
-from kd.methods.base import pool_to_common_size
+from kd.methods.base import (
+    FeatureCriterion,
+    InitStage,
+    Step,
+    autocast_off,
+    check_init_stage,
+    check_spatial,
+    pool_to_common_size,
+)
 
 
 def fsp_matrix(lower: Tensor, upper: Tensor) -> Tensor:

@@ -12,8 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd.methods.base import FeatureCriterion, InitStage, Step, autocast_off, check_init_stage, check_spatial
-from kd.methods.base import full_precision, pool_to_common_size
+from kd.methods.base import (
+    FeatureCriterion,
+    InitStage,
+    Step,
+    autocast_off,
+    check_init_stage,
+    check_spatial,
+    full_precision,
+    pool_to_common_size,
+)
 
 
 def factor(feature: Tensor) -> Tensor:

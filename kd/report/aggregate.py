@@ -11,7 +11,16 @@ import numpy as np
 from kd.records import is_under
 from kd.report.collect import Problem, Run, normalize, read_jsonl, seedless, sweep_jobs
 from kd.report.keys import (
-    BASELINE, METHOD, METRICS, MISSING, PAIR, TEACHER_SHA, fmt_value, is_ignored, is_number, lower_is_better,
+    BASELINE,
+    METHOD,
+    METRICS,
+    MISSING,
+    PAIR,
+    TEACHER_SHA,
+    fmt_value,
+    is_ignored,
+    is_number,
+    lower_is_better,
     metric_key,
 )
 

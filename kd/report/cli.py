@@ -17,8 +17,17 @@ from kd.report.figures import write_plots
 from kd.report.keys import METHOD, METRICS, metric_name
 from kd.report.paper import paper_section
 from kd.report.render import (
-    COLUMN_NAMES, Table, aligned_table, check_columns, csv_records, default_columns, latex_table, markdown_table,
-    run_records, table, write_csv,
+    COLUMN_NAMES,
+    Table,
+    aligned_table,
+    check_columns,
+    csv_records,
+    default_columns,
+    latex_table,
+    markdown_table,
+    run_records,
+    table,
+    write_csv,
 )
 from kd.report.sections import intro, method_settings, pivot_sections, problem_section, teacher_warnings
 

@@ -8,7 +8,16 @@ from typing import Any, Callable, Optional, Sequence
 
 from kd.report.aggregate import Group, Panel, Row, best_rows, key_columns, varying_keys
 from kd.report.keys import (
-    METHOD, METRICS, MISSING, PAIR, SEED_KEY, TEACHER_SHA, fmt_value, is_number, metric_column, short_names,
+    METHOD,
+    METRICS,
+    MISSING,
+    PAIR,
+    SEED_KEY,
+    TEACHER_SHA,
+    fmt_value,
+    is_number,
+    metric_column,
+    short_names,
 )
 
 # The main table's number columns, by their --columns name: header, LaTeX header, Row.numbers key, decimals.

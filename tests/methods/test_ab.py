@@ -2,12 +2,12 @@
 connectors, its layers (before the final ReLU) and where its gradients go: only its init stage distils."""
 import pytest
 import torch
-from support.criteria import LABELS, bind, compose_loss, configured, forward_step, probe_images, randn, tiny_models
 from torch import nn
 
 from kd.methods.ab import ABLoss, ab_loss, boundary_loss, connector
 from kd.methods.base import Step
 from kd.methods.hooks import capture
+from support.criteria import LABELS, bind, compose_loss, configured, forward_step, probe_images, randn, tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -26,9 +26,20 @@ from kd.methods.sp import SPLoss, similarity_loss
 from kd.methods.vid import VIDLoss
 from kd.models.cifar_resnet import resnet8
 from support.criteria import (
-    BATCH, LABELS, bind, configured, forward_step, frozen_teacher_logits, make_logits, preset, probe_images, randn,
+    BATCH,
+    LABELS,
+    bind,
+    configured,
+    forward_step,
+    frozen_teacher_logits,
+    make_logits,
+    preset,
+    probe_images,
+    randn,
     reference_ce,
-    reference_kl, reference_softmax, tiny_models,
+    reference_kl,
+    reference_softmax,
+    tiny_models,
 )
 
 # Tiny tensors: one thread is faster, and keeps these tests quick when the CPU is shared.

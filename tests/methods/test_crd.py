@@ -13,8 +13,16 @@ from torch.testing import assert_close
 
 from kd.methods import crd
 from kd.methods.base import Step
-from kd.methods.crd import (CRDLoss, gathered_dots, momentum_update, momentum_update_, nce_loss, negative_pool,
-                            sample_negatives, step_generator)
+from kd.methods.crd import (
+    CRDLoss,
+    gathered_dots,
+    momentum_update,
+    momentum_update_,
+    nce_loss,
+    negative_pool,
+    sample_negatives,
+    step_generator,
+)
 from support.criteria import F64, LABELS, bind, configured, forward_step, preset, randn
 from support.syncs import SyncCounter
 

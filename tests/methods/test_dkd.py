@@ -10,7 +10,13 @@ from kd.methods.base import Step
 from kd.methods.dkd import DKDLoss, dkd_divergence
 from kd.methods.kd import kd_divergence
 from support.criteria import (
-    CLASS_COUNTS, TEMPERATURES, compose_loss, make_logits, reference_ce, reference_kl, reference_softmax,
+    CLASS_COUNTS,
+    TEMPERATURES,
+    compose_loss,
+    make_logits,
+    reference_ce,
+    reference_kl,
+    reference_softmax,
 )
 
 

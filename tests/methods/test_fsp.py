@@ -2,7 +2,6 @@
 every stage), the refusal of unequal widths, and where its gradients go: only its init stage distils."""
 import pytest
 import torch
-from support.criteria import LABELS, compose_loss, configured, forward_step, probe_images, randn, ref_average_pool
 from torch.testing import assert_close
 
 from kd.methods.base import Step
@@ -11,6 +10,7 @@ from kd.methods.hooks import capture
 from kd.models.cifar_resnet import resnet8
 from kd.models.vgg import vgg8
 from kd.models.wrn import wrn_16_1
+from support.criteria import LABELS, compose_loss, configured, forward_step, probe_images, randn, ref_average_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from support.criteria import bind, compose_loss, configured, forward_step, randn, ref_average_pool
 from torch import nn
 from torch.testing import assert_close
 
 from kd.methods.base import Step
 from kd.methods.ft import FTLoss, factor_loss, paraphraser, translator
+from support.criteria import bind, compose_loss, configured, forward_step, randn, ref_average_pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

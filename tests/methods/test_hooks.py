@@ -17,9 +17,9 @@ from kd.methods.base import Step
 from kd.methods.fitnet import FitNetLoss
 from kd.methods.hooks import capture, default_layers, probe_shapes
 from kd.models.cifar_resnet import resnet8
+from kd.models.torchvision_models import torchvision_model
 from kd.models.vgg import vgg8
 from kd.models.wrn import wrn_16_1
-from kd.models.torchvision_models import torchvision_model
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 MODEL_OPTIONS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -120,7 +120,7 @@ def test_hooks_are_removed_on_exit_and_on_error():
     assert hook_count(model) == 0
     with pytest.raises(ZeroDivisionError):
         with capture(model, ["layer1", "fc:in"]):
-            1 / 0
+            raise ZeroDivisionError  # an error inside the block
     assert hook_count(model) == 0
     with pytest.raises(RuntimeError):  # a failing forward inside the block
         with capture(model, ["layer1"]):

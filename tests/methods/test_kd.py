@@ -13,8 +13,17 @@ from kd.methods.dist import DISTLoss
 from kd.methods.dkd import DKDLoss
 from kd.methods.kd import KDLoss, SoftTargets, kd_divergence, standardize
 from support.criteria import (
-    ALPHAS, BATCH, CLASS_COUNTS, TEMPERATURES, compose_loss, frozen_teacher_logits, make_logits, reference_ce,
-    reference_kd_loss, reference_kl, reference_softmax,
+    ALPHAS,
+    BATCH,
+    CLASS_COUNTS,
+    TEMPERATURES,
+    compose_loss,
+    frozen_teacher_logits,
+    make_logits,
+    reference_ce,
+    reference_kd_loss,
+    reference_kl,
+    reference_softmax,
 )
 
 

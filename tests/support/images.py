@@ -48,7 +48,7 @@ def write_tiny_imagenet(root: Path, train: int = 3, val: int = 2) -> Path:
         (root / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
         for i in range(train):
             Image.fromarray(smooth_image(rng, 64, 64, int(wnid[-1]))).save(images / f"{wnid}_{i}.JPEG")
-        for i in range(val):
+        for _ in range(val):
             lines.append(f"val_{len(lines)}.JPEG\t{wnid}\t0\t0\t63\t63")
     (root / "val" / "images").mkdir(parents=True)
     for line in lines:
