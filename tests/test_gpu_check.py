@@ -105,7 +105,7 @@ def test_sync_check_passes_clean_steps_and_locates_a_planted_sync(tmp_path, monk
         if planted["on"] and mode["now"] == "error":
             raise RuntimeError("called a synchronizing CUDA operation")
         if planted["on"] and mode["now"] == "warn":
-            warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=1)  # here: the place the check reports
 
     monkeypatch.setattr(loop, "optimize", optimize_and_sync)
     check = gpu_check.Check(torch.device("cpu"), True, tmp_path / "none", tmp_path, 600.0, time.perf_counter())
