@@ -11,7 +11,6 @@ handler raises it in a real process (one subprocess test sends a real SIGINT).
 import json
 import logging
 import re
-import runpy
 import shlex
 import signal
 import subprocess
@@ -19,7 +18,6 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
-from unittest import mock
 
 import pytest
 import torch
@@ -34,27 +32,12 @@ from kd.methods.base import CELoss
 from kd.sweep import SweepChecks
 from support import tree_state
 from support.runs import LABELS_ONLY as TINY
-from support.runs import compose_cfg
+from support.runs import compose_cfg, train_in_process
 from support.syncs import SyncCounter
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "train.py")
 ARGS = [*TINY, "teacher_store=teachers", "epochs=2"]
-
-
-def train_py(argv: list[str]) -> int:
-    """Run train.py in this process with these arguments, as `python train.py ARGV` does; its exit code."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # Hydra configures the root logger: give it back as it was
-    try:
-        with mock.patch.object(sys, "argv", [TRAIN, *argv]):
-            runpy.run_path(TRAIN, run_name="__main__")
-    except SystemExit as exit:
-        return exit.code
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return 0
 
 
 def interrupt_at(monkeypatch, epoch: int, folders: dict) -> None:
@@ -78,7 +61,7 @@ def replay(command: str) -> int:
     """Run a printed `python train.py ...` command (in this process)."""
     python, script, *argv = shlex.split(command)
     assert (python, script) == ("python", TRAIN)
-    return train_py(argv)
+    return train_in_process(argv)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,7 +77,7 @@ def test_run_name_gives_a_lasting_folder_and_ctrl_c_names_the_same_command_which
     at_interrupt = {"run": lambda: run}
     with monkeypatch.context() as patch:
         interrupt_at(patch, 2, at_interrupt)
-        assert train_py(argv) == 130
+        assert train_in_process(argv) == 130
     out, err = capsys.readouterr()
     assert f"resume with: {command}\n" in out  # on start
     assert err == f"interrupted after epoch 1 of 2; resume with: {command}\n"  # the one line, no traceback
@@ -110,7 +93,7 @@ def test_ctrl_c_in_a_folder_named_by_the_time_names_it_in_the_command_that_resum
     at_interrupt = {"run": lambda: runs()[0]}
     with monkeypatch.context() as patch:
         interrupt_at(patch, 2, at_interrupt)
-        assert train_py(ARGS) == 130
+        assert train_in_process(ARGS) == 130
     [run] = runs()
     folder = run.relative_to(tmp_path)
     command = shlex.join(["python", TRAIN, *ARGS, f"hydra.run.dir={folder}"])
@@ -134,7 +117,7 @@ def test_ctrl_c_in_a_sweep_stops_it_with_one_line_and_the_relaunch_resumes_it(tm
     at_interrupt = {"run": lambda: sweeps()[0]}
     with monkeypatch.context() as patch:
         interrupt_at(patch, 2, at_interrupt)
-        assert train_py(argv) == 130
+        assert train_in_process(argv) == 130
     [sweep] = sweeps()
     command = shlex.join(["python", TRAIN, *argv, f"hydra.sweep.dir={sweep.relative_to(tmp_path)}"])
     out, err = capsys.readouterr()
@@ -155,7 +138,7 @@ def test_ctrl_c_before_the_run_starts_is_one_line_too(tmp_path, capsys, monkeypa
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(SweepChecks, "on_run_start", interrupted)
-    assert train_py(ARGS) == 130
+    assert train_in_process(ARGS) == 130
     assert capsys.readouterr().err == "interrupted\n"
 
 
@@ -334,7 +317,7 @@ def test_a_multirun_ends_with_its_counts_its_best_configuration_and_the_report_c
     with held:
         fixed = [a for a in ARGS if not a.startswith(("epochs=", "student.width="))]
         argv = ["-m", *fixed, "epochs=1", "student.width=0.25,0.5,-1", f"hydra.sweep.dir={sweep}"]
-        assert train_py(argv) == 1  # the basic sweeper raises the failed job's error after the last job
+        assert train_in_process(argv) == 1  # the basic sweeper raises the failed job's error after the last job
         out, err = capsys.readouterr()
         acc1 = json.loads((sweep / "student.width=0.25" / "result.json").read_text())["test/acc1"]
         summary = [f"sweep {sweep}: 1 finished, 1 failed, 1 skipped: another process runs them, relaunch once it "

@@ -9,13 +9,9 @@ the callbacks and prints the errors, so no subprocess is needed. Read-only folde
 import csv
 import errno
 import json
-import logging
 import os
-import runpy
 import shutil
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +19,7 @@ import torch
 from kd import engine, fileio, report
 from support import read_only, tree_state
 from support.runs import LABELS_ONLY as TINY
+from support.runs import train_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 READ_ONLY = os.strerror(errno.EROFS)
@@ -31,18 +28,7 @@ READ_ONLY = os.strerror(errno.EROFS)
 def train_py(tmp: Path, *args: str) -> int:
     """Run train.py in this process as `python train.py [-m] TINY ARGS` does; its exit code (0 when it returns)."""
     flags, overrides = [a for a in args if a == "-m"], [a for a in args if a != "-m"]
-    argv = [str(REPO / "train.py"), *flags, *TINY, f"teacher_store={tmp / 'teachers'}", *overrides]
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level  # Hydra configures the root logger: give it back as it was
-    try:
-        with mock.patch.object(sys, "argv", argv):
-            runpy.run_path(str(REPO / "train.py"), run_name="__main__")
-    except SystemExit as exit:
-        return exit.code
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return 0
+    return train_in_process([*flags, *TINY, f"teacher_store={tmp / 'teachers'}", *overrides])
 
 
 @pytest.fixture(scope="module")

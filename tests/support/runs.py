@@ -1,10 +1,15 @@
-"""Tiny runs for the tests: composed in this process (compose_cfg, for kd.engine.run) or launched as train.py
-processes (launch: forked by support.forked, stdout and stderr together), and what they left (outcome)."""
+"""Tiny runs for the tests: composed in this process (compose_cfg, for kd.engine.run), train.py run in this process
+(train_in_process) or launched as train.py processes (launch: forked by support.forked, stdout and stderr together),
+and what they left (outcome)."""
 import json
+import logging
 import os
+import runpy
 import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 from hydra import compose, initialize
 
@@ -76,3 +81,18 @@ def report_text(sweep: Path, out: Path) -> str:
 
     assert report.main([str(sweep), "--out", str(out)]) == 0
     return (out / "report.md").read_text()
+
+
+def train_in_process(argv: list[str]) -> int:
+    """Run train.py in this process with these arguments, as `python train.py ARGV` does; its exit code."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # Hydra configures the root logger: give it back as it was
+    try:
+        with mock.patch.object(sys, "argv", [str(REPO / "train.py"), *argv]):
+            runpy.run_path(str(REPO / "train.py"), run_name="__main__")
+    except SystemExit as exit:
+        return exit.code
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return 0
