@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 PUBLISHED_LAYOUT = "{model}_vanilla/ckpt_epoch_240.pth"
 MANIFEST = "manifest.json"
 MANIFEST_KIND = "kd.published_teachers"
+# Written into each fetch's scratch folder (.fetch-*): a later fetch deletes a scratch folder a killed one left only
+# when it holds this file, so a folder of the user's that happens to match the name is never touched.
+SCRATCH_MARKER = ".kd-fetch-scratch"
 # The teachers of both CRD CIFAR-100 tables, by this repository's model names (which are RepDistiller's); the DKD
 # tables use the same files (mdistiller/models/cifar/__init__.py reads these six from cifar_teachers/).
 TEACHERS = ("resnet56", "resnet110", "resnet32x4", "wrn_40_2", "vgg13", "ResNet50")
@@ -71,8 +74,10 @@ def fetch(folder: Path, models: Sequence[str], sources: Sequence[str] = DEFAULT_
     # One fetch per folder at a time; scratch files live in the folder, so a rename files them atomically.
     with FileLock(folder / ".fetch.lock"):
         for stale in folder.glob(".fetch-*"):  # what a killed fetch left (none is running: we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+            if (stale / SCRATCH_MARKER).is_file():  # only a folder a fetch made and marked; anything else stays
+                shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as scratch:
+            (Path(scratch) / SCRATCH_MARKER).touch()
             return fetch_into(folder, models, sources, Path(scratch), num_classes, timeout_s)
 
 

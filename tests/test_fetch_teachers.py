@@ -120,6 +120,24 @@ def test_the_fetch_command_stores_the_files_with_their_manifest_and_a_later_fetc
     assert len(server.requests) == requests and tree_state(folder) == before
 
 
+def test_a_killed_fetchs_scratch_is_removed_and_a_folder_it_did_not_make_is_left(tmp_path, server):
+    """A later fetch deletes the scratch folder a killed fetch left (it holds the marker fetch writes), never a
+    folder of the same name pattern that holds no marker."""
+    serve(server, "repo/" + LAYOUT.format(model="resnet56"), published_bytes("resnet56"))
+    folder = tmp_path / "cifar_teachers"
+    killed, mine = folder / ".fetch-killed1", folder / ".fetch-notes"
+    killed.mkdir(parents=True)
+    (killed / published_teachers.SCRATCH_MARKER).touch()
+    (killed / "resnet56.download").write_bytes(b"half a download")
+    mine.mkdir()
+    (mine / "todo.txt").write_text("the user's own")
+    before = tree_state(mine)
+    command = ["fetch", "crd", "--dir", str(folder), "--from", server.template(), "--only", "resnet56"]
+    assert published_teachers.main(command) == 0
+    assert not killed.exists() and tree_state(mine) == before
+    assert sorted(p.name for p in folder.glob(".fetch-*")) == [".fetch-notes"]  # this fetch's scratch is gone too
+
+
 def test_teachers_come_from_a_release_archive_under_its_top_folder_when_the_host_has_none(tmp_path, server):
     files = {model: published_bytes(model, num_classes=100) for model in ("resnet8", "wrn_16_1")}
     with tarfile.open(server.root / "cifar_teachers.tar", "w") as tar:  # mdistiller's: cifar_teachers/<layout>
