@@ -1,5 +1,6 @@
 """Fused sweeps (kd.fused, hydra/launcher=fused): each member of a fused group trains as its lone run would, within
-a stated float tolerance at fp32 (vmap sums in another order) and to the last bit at fp64; its records have the lone
+a stated float tolerance at fp32 (grouped convolutions and vmap sum in another order) and to the last bit at fp64,
+through either way of stacking them (GroupedStudents, StackedStudents); its records have the lone
 run's form; a finished member is not retrained, a killed group resumes to the same bits, a diverging member stops
 alone, a refused member leaves its folder as it was.
 
@@ -51,8 +52,9 @@ def members(tmp: Path, teacher: Path, jobs: list[list[str]], *common: str) -> li
     return [fused.Member(student(tmp, teacher, *common, *job), tmp / f"job{i}") for i, job in enumerate(jobs)]
 
 
-def first_steps(group: list[fused.Member], steps: int) -> tuple[list, list]:
-    """(lone, fused): per member, its losses over the first `steps` steps and its parameters after them."""
+def first_steps(group: list[fused.Member], steps: int, stack=fused.stack_students) -> tuple[list, list]:
+    """(lone, fused): per member, its losses over the first `steps` steps and its parameters after them, the
+    members stacked by `stack`."""
     fused.set_up_members(group)
     data = group[0].job.data
     epoch = data.epoch
@@ -68,7 +70,8 @@ def first_steps(group: list[fused.Member], steps: int) -> tuple[list, list]:
         loop.train_one_epoch(job, 1)
         lone.append((losses[id(m.job.criterion)][:], job.model.state_dict()))
     jobs = [m.job for m in group]
-    students = fused.StackedStudents(jobs)
+    students = stack(jobs)
+    assert type(students) is (fused.GroupedStudents if stack is fused.stack_students else stack)  # simple_cnn groups
     fused.fused_steps(jobs, students, 1, [loop.EpochSums(data.device) for _ in jobs])
     students.write_back(jobs)
     together = [(losses[id(m.job.criterion)][steps:], m.job.model.state_dict()) for m in group]
@@ -91,19 +94,47 @@ def test_each_logit_method_fused_equals_its_lone_runs_first_steps_at_fp32(loss, 
         assert fused_losses == pytest.approx(lone_losses, rel=FP32_LOSS)
 
 
-def test_members_of_different_seeds_equal_their_lone_runs_at_fp64(teacher, tmp_path):
+@pytest.mark.parametrize("stack", [fused.GroupedStudents, fused.StackedStudents], ids=["grouped", "vmap"])
+def test_members_of_different_seeds_equal_their_lone_runs_at_fp64(stack, teacher, tmp_path):
     """At fp64 five steps agree to 1e-12 (a last bit at most), so the fp32 differences above are the order of
-    vmap's sums, not another computation."""
+    the stacked model's sums, not another computation."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        lone, together = first_steps(members(tmp_path, teacher, MEMBERS["kd"]), 5)
+        lone, together = first_steps(members(tmp_path, teacher, MEMBERS["kd"]), 5, stack)
     finally:
         torch.set_default_dtype(default)
     assert next(iter(together[0][1].values())).dtype == torch.float64
     for (lone_losses, lone_params), (fused_losses, fused_params) in zip(lone, together):
         assert fused_losses == pytest.approx(lone_losses, rel=FP64)
         assert largest_difference(lone_params, fused_params) < FP64
+
+
+class ShuffledCNN(torch.nn.Module):
+    """simple_cnn with its channels reversed after the first stage: right alone, wrong on grouped channels."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.model.block3(self.model.block2(self.model.block1(x).flip(1)))
+        return self.model.fc(torch.flatten(self.model.avgpool(x), 1))
+
+
+def test_a_model_that_mixes_channels_is_stacked_through_vmap(teacher, tmp_path, caplog):
+    group = members(tmp_path, teacher, MEMBERS["kd"])
+    fused.set_up_members(group)
+    jobs = [m.job for m in group]
+    assert type(fused.stack_students(jobs)) is fused.GroupedStudents
+    for job in jobs:
+        job.model = ShuffledCNN(job.model)
+    fused.say_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="kd.fused"):
+        students = fused.stack_students(jobs)
+    assert type(students) is fused.StackedStudents
+    assert "runs through vmap: the grouped model's logits differ" in caplog.text
+    assert "member 0's depend on other members" in caplog.text
 
 
 def without_times(run: Path) -> list[dict]:

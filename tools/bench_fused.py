@@ -101,7 +101,7 @@ def fused_ratio(pair: list[str], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def fused_window(jobs: list, epoch: int) -> None:
-    students = fused.StackedStudents(jobs)
+    students = fused.stack_students(jobs)
     fused.fused_steps(jobs, students, epoch, [loop.EpochSums(jobs[0].data.device) for _ in jobs])
     students.write_back(jobs)
 
