@@ -8,11 +8,12 @@ seed's batch order and augmentation; members of one seed share the batch and the
 returned without training, an interrupted one resumes from its own last.pt, a member whose loss turns non-finite is
 stopped with the lone run's error while the others go on. hydra_plugins/kd_fused_launcher groups a sweep's jobs.
 
-Two ways to run the stacked members (stack_students picks): GroupedStudents, HFTA's own, runs the members as one
-model whose channels are the members' side by side (grouped convolutions, BatchNorm over all members' channels,
-batched linear layers), at a third less time than vmap on the CPU (tools/bench_fused.py); StackedStudents runs
+Two ways to run the stacked members (plan picks, once per group): GroupedStudents, HFTA's own, runs the members as
+one model whose channels are the members' side by side (grouped convolutions, BatchNorm over all members' channels,
+batched linear layers), in less time than vmap on the CPU (tools/bench_fused.py); StackedStudents runs
 vmap(functional_call), for any model. GroupedStudents is used when every layer with weights is a Conv2d,
-BatchNorm2d or Linear and its logits equal each member's own (checked on a few images when the group is stacked).
+BatchNorm2d or Linear, its logits equal each member's own and no member's logits depend on another's weights
+(checked on a few images). On the CPU the members are stacked in chunks small enough for the caches (chunk_size).
 """
 import copy
 import functools
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 # SGD hyperparameters. Everything else (models, data, teacher, epochs, batch size, schedule) is the group's key.
 FUSED_KEYS = ("seed", "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum")
 LOSS_STRUCTURE = ("_target_", "standardize")  # the loss keys that are part of the group's key
+CPU_CHUNK_BYTES = 4 << 20  # the largest activation of a stacked model on the CPU (chunk_size)
 # Logit losses: a criterion with no adapter, no feature hook and no init stage, so a member is its student alone.
 FUSABLE_LOSSES = ("kd.methods.kd.KDLoss", "kd.methods.kd.SoftTargets", "kd.methods.dkd.DKDLoss",
                   "kd.methods.dist.DISTLoss", "kd.methods.base.CELoss", "kd.methods.base.Combined")
@@ -186,20 +188,36 @@ def group_size(job: Job, memory_gb: Optional[float]) -> int:
 
 def member_bytes(job: Job) -> int:
     """One member's estimated memory: 5x its parameters' bytes (its model's parameters and momentum, their stacked
-    copies and the stacked gradients), plus the activations a training forward at the batch size saves for backward
-    (counted on a forward of a copy of its model)."""
+    copies and the stacked gradients), plus the activations a training forward at the batch size saves for backward."""
     weights = sum(p.numel() * p.element_size() for p in job.model.parameters())
-    saved = [0]
+    return 5 * weights + saved_activations(job)[0]
+
+
+def saved_activations(job: Job) -> tuple[int, int]:
+    """The bytes a training forward of the member at its batch size saves for backward, and the largest saved
+    tensor's (counted on a forward of a copy of its model, on at most a batch of images, scaled to the batch)."""
+    sizes = []
 
     def pack(tensor: Tensor) -> Tensor:
-        saved[0] += tensor.numel() * tensor.element_size()
+        sizes.append(tensor.numel() * tensor.element_size())
         return tensor
 
     images = job.data.sample_inputs(min(job.batch_size, job.data.num_train))
     model = copy.deepcopy(job.model).train()  # its own BatchNorm statistics: the member's stay untouched
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model(images)
-    return 5 * weights + saved[0] * job.batch_size // len(images)
+    scale = job.batch_size / len(images)
+    return int(sum(sizes) * scale), int(max(sizes) * scale)
+
+
+def chunk_size(job: Job) -> int:
+    """How many members one stacked model holds. On the CPU, as many as keep a layer's activations of all of them
+    within CPU_CHUNK_BYTES: a grouped layer larger than the caches costs more per member than a lone one (resnet8 x0.5
+    at 32 px, batch 64, on 2 AMD EPYC cores: 14 ms per member step in stacks of 2 or 4, 16 in stacks of 8, 26 in stacks
+    of 16; resnet20: 67 ms alone, 84 in stacks of 2). On a GPU, all of them (the memory cap bounds the group)."""
+    if job.data.device.type != "cpu":
+        return 1 << 30
+    return max(1, CPU_CHUNK_BYTES // saved_activations(job)[1])
 
 
 def train_fused(members: list[Member], started: float) -> None:
@@ -208,11 +226,12 @@ def train_fused(members: list[Member], started: float) -> None:
     try:
         for member in members:
             start_member(member, len(members))
+        how = plan([m.job for m in members])
         for epoch in range(members[0].epoch + 1, members[0].cfg.epochs + 1):
             active = [m for m in members if m.outcome is None]
             if not active:
                 break
-            fused_epoch(active, epoch)
+            fused_epoch(active, epoch, how)
         for member in members:
             finish_member(member, started)
     except Exception as error:  # noqa: BLE001 (each job fails with it, as each would alone; last.pt is kept)
@@ -254,13 +273,13 @@ def close_logger(member: Member) -> None:
         member.logger = None
 
 
-def fused_epoch(members: list[Member], epoch: int) -> None:
+def fused_epoch(members: list[Member], epoch: int, how: "Plan") -> None:
     """One epoch of the stacked members; then each member's schedule, evaluation and records as a lone run's, or
     its stop when its loss turned non-finite (its last.pt stays that of the epoch before, as alone)."""
     started = time.perf_counter()
     jobs = [m.job for m in members]
     lrs = [job.optimizer.param_groups[0]["lr"] for job in jobs]
-    students = stack_students(jobs)
+    students = stack_students(jobs, how)
     sums = [EpochSums(job.data.device) for job in jobs]
     fused_steps(jobs, students, epoch, sums)
     students.write_back(jobs)
@@ -378,6 +397,7 @@ class StackedStudents:
 
     def __init__(self, jobs: list[Job]):
         models = [job.model for job in jobs]
+        self.members = len(jobs)
         self.params, self.buffers = stack_module_state(models)
         self.base = copy.deepcopy(models[0]).to("meta")
         groups = [job.optimizer.param_groups[0] for job in jobs]
@@ -425,28 +445,67 @@ def momentum_buffer(job: Job, name: str) -> Tensor:
     return buffer if buffer is not None else torch.zeros_like(param)
 
 
-def stack_students(jobs: list[Job]) -> StackedStudents:
-    """The members as GroupedStudents where their model allows it (see the module's docstring), else vmap's."""
-    grouped = GroupedStudents(jobs)
-    return grouped if grouped.model is not None else StackedStudents(jobs)
+@dataclass(frozen=True)
+class Plan:
+    """How a group's members are stacked, decided once per group (plan): `chunk` members per stacked model, as
+    GroupedStudents (`grouped`) or StackedStudents."""
+
+    chunk: int
+    grouped: bool
+
+
+def plan(jobs: list[Job]) -> Plan:
+    """chunk_size's chunks, grouped where the first chunk's members pass GroupedStudents' check."""
+    chunk = chunk_size(jobs[0])
+    return Plan(chunk, GroupedStudents(jobs[:chunk]).checked(jobs[:chunk]))
+
+
+def stack_students(jobs: list[Job], how: Optional[Plan] = None) -> "Stacks":
+    """The members as stacked models as `how` says (default: plan(jobs))."""
+    how = how or plan(jobs)
+    kind = GroupedStudents if how.grouped else StackedStudents
+    return Stacks([kind(jobs[start:start + how.chunk]) for start in range(0, len(jobs), how.chunk)])
+
+
+class Stacks:
+    """Stacked models run one after another, as one StackedStudents: their logits (members, batch, classes) in
+    member order, their SGD steps, their write-backs."""
+
+    def __init__(self, stacks: list[StackedStudents]):
+        self.stacks = stacks
+
+    def __call__(self, images: Tensor, shared: bool) -> Tensor:
+        logits, start = [], 0
+        for stack in self.stacks:
+            logits.append(stack(images if shared else images[start:start + stack.members], shared))
+            start += stack.members
+        return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    def step(self) -> None:
+        for stack in self.stacks:
+            stack.step()
+
+    def write_back(self, jobs: list[Job]) -> None:
+        start = 0
+        for stack in self.stacks:
+            stack.write_back(jobs[start:start + stack.members])
+            start += stack.members
 
 
 class GroupedStudents(StackedStudents):
     """The members as one model on (batch, members x channels, H, W) tensors, member-major: each Conv2d a grouped
     convolution with members x its groups, each BatchNorm2d one over every member's channels (per-channel statistics
     are per member), each Linear a batched matrix product; their weights are views of the stacked parameters, so
-    step() and write_back() are StackedStudents'. `model` is None where the members' model cannot be grouped."""
+    step() and write_back() are StackedStudents'. `model` is None where the members' model has a layer with weights
+    that has no grouped counterpart; checked() says whether the grouped model is right for the members."""
 
     CHECK_IMAGES = 16  # images of the check that the grouped logits equal each member's
     CHECK_TOLERANCE = 1e-3  # largest difference allowed, relative to the largest logit (float32 order: 1e-7 to 1e-4)
 
     def __init__(self, jobs: list[Job]):
         super().__init__(jobs)
-        self.members = len(jobs)
         self.memory_format = hardware.memory_format(jobs[0].data)
         self.model = grouped_model(jobs[0].model, self.params, self.buffers, self.members)
-        if self.model is not None and not self.agrees(jobs):
-            self.model = None
 
     def __call__(self, images: Tensor, shared: bool) -> Tensor:
         """Logits (members, batch, classes), as StackedStudents'."""
@@ -461,11 +520,13 @@ class GroupedStudents(StackedStudents):
         logits = self.model(x.contiguous(memory_format=self.memory_format))
         return logits.view(logits.shape[0], self.members, -1).transpose(0, 1)
 
-    def agrees(self, jobs: list[Job]) -> bool:
-        """Whether the grouped model is the members side by side, on a few images in train mode (every BatchNorm
-        statistic put back after): its logits equal each member's own, and the first and last member's logits have
-        no gradient in any other member's parameters. A model that mixes channels (concatenating or shuffling them,
-        as ShuffleNets do) fails either."""
+    def checked(self, jobs: list[Job]) -> bool:
+        """Whether the grouped model exists and is the members side by side, on a few images in train mode (every
+        BatchNorm statistic put back after): its logits equal each member's own, and the first and last member's
+        logits have no gradient in any other member's parameters. A model that mixes channels (concatenating or
+        shuffling them, as ShuffleNets do) fails either."""
+        if self.model is None:
+            return False
         images = jobs[0].data.sample_inputs(min(self.CHECK_IMAGES, jobs[0].data.num_train))
         kept = [(job.model.training, {k: v.clone() for k, v in job.model.named_buffers()}) for job in jobs]
         stacked = {k: v.clone() for k, v in self.buffers.items()}
@@ -500,7 +561,7 @@ class GroupedStudents(StackedStudents):
 
 @functools.cache
 def say_once(message: str) -> None:
-    """Why a group runs through vmap, logged once per process (every epoch checks again)."""
+    """Why a group runs through vmap, logged once per process (each group checks)."""
     log.info("%s", message)
 
 

@@ -71,7 +71,8 @@ def first_steps(group: list[fused.Member], steps: int, stack=fused.stack_student
         lone.append((losses[id(m.job.criterion)][:], job.model.state_dict()))
     jobs = [m.job for m in group]
     students = stack(jobs)
-    assert type(students) is (fused.GroupedStudents if stack is fused.stack_students else stack)  # simple_cnn groups
+    if stack is fused.stack_students:  # simple_cnn groups; 3 members at 16 px are one chunk
+        assert [type(chunk) for chunk in students.stacks] == [fused.GroupedStudents]
     fused.fused_steps(jobs, students, 1, [loop.EpochSums(data.device) for _ in jobs])
     students.write_back(jobs)
     together = [(losses[id(m.job.criterion)][steps:], m.job.model.state_dict()) for m in group]
@@ -94,7 +95,9 @@ def test_each_logit_method_fused_equals_its_lone_runs_first_steps_at_fp32(loss, 
         assert fused_losses == pytest.approx(lone_losses, rel=FP32_LOSS)
 
 
-@pytest.mark.parametrize("stack", [fused.GroupedStudents, fused.StackedStudents], ids=["grouped", "vmap"])
+@pytest.mark.parametrize("stack", [fused.GroupedStudents, fused.StackedStudents,
+                                   lambda jobs: fused.stack_students(jobs, fused.Plan(2, True))],
+                         ids=["grouped", "vmap", "chunks"])
 def test_members_of_different_seeds_equal_their_lone_runs_at_fp64(stack, teacher, tmp_path):
     """At fp64 five steps agree to 1e-12 (a last bit at most), so the fp32 differences above are the order of
     the stacked model's sums, not another computation."""
@@ -126,13 +129,14 @@ def test_a_model_that_mixes_channels_is_stacked_through_vmap(teacher, tmp_path, 
     group = members(tmp_path, teacher, MEMBERS["kd"])
     fused.set_up_members(group)
     jobs = [m.job for m in group]
-    assert type(fused.stack_students(jobs)) is fused.GroupedStudents
+    assert fused.plan(jobs) == fused.Plan(fused.chunk_size(jobs[0]), True)
     for job in jobs:
         job.model = ShuffledCNN(job.model)
     fused.say_once.cache_clear()
     with caplog.at_level(logging.INFO, logger="kd.fused"):
-        students = fused.stack_students(jobs)
-    assert type(students) is fused.StackedStudents
+        how = fused.plan(jobs)
+    assert not how.grouped
+    assert [type(chunk) for chunk in fused.stack_students(jobs, how).stacks] == [fused.StackedStudents]
     assert "runs through vmap: the grouped model's logits differ" in caplog.text
     assert "member 0's depend on other members" in caplog.text
 

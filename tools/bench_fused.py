@@ -91,8 +91,9 @@ def fused_ratio(pair: list[str], args: argparse.Namespace) -> dict[str, Any]:
     jobs = [engine.build_job(cfg, Phase.student, instantiate(cfg.loss), data, device, teacher) for cfg in configs]
     for job in jobs:
         job.progress_bar = False
+    how = fused.plan(jobs)  # once per group, as kd.fused.train_fused
     windows = {"sequential": lambda n: [loop.train_one_epoch(job, n + 1) for job in jobs],
-               "fused": lambda n: fused_window(jobs, n + 1), "teacher": lambda n: teacher_window(jobs[0], n + 1)}
+               "fused": lambda n: fused_window(jobs, how, n + 1), "teacher": lambda n: teacher_window(jobs[0], n + 1)}
     seconds = {name: statistics.median(times) for name, times in timed(windows, args.windows, device).items()}
     once = seconds["sequential"] - (len(jobs) - 1) * seconds["teacher"]
     return {"device": str(device), "jobs": len(jobs), "steps": args.steps, "sequential_s": seconds["sequential"],
@@ -100,8 +101,8 @@ def fused_ratio(pair: list[str], args: argparse.Namespace) -> dict[str, Any]:
             seconds["sequential"], "ratio_teacher_once": seconds["fused"] / once}
 
 
-def fused_window(jobs: list, epoch: int) -> None:
-    students = fused.stack_students(jobs)
+def fused_window(jobs: list, how: fused.Plan, epoch: int) -> None:
+    students = fused.stack_students(jobs, how)
     fused.fused_steps(jobs, students, epoch, [loop.EpochSums(jobs[0].data.device) for _ in jobs])
     students.write_back(jobs)
 
