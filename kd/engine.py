@@ -333,7 +333,7 @@ def set_up(
     info = profiling.profile_model(job.model, image_shape, cfg.batch_size, device, job.amp_dtype) if cfg.profile else {}
     if teacher is not None:
         facts.update(teacher_checks.check_teacher(job, cfg, teacher_path, teacher_file))
-        job.cache = open_teacher_cache(cfg, job, teacher_path, facts["teacher/sha256"])
+        job.cache = open_teacher_cache(cfg, job, facts["teacher/sha256"])
     return job, facts, info
 
 
@@ -491,7 +491,7 @@ def _stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def open_teacher_cache(cfg: DictConfig, job: Job, teacher_path: Path, teacher_sha256: str) -> Optional[TeacherCache]:
+def open_teacher_cache(cfg: DictConfig, job: Job, teacher_sha256: str) -> Optional[TeacherCache]:
     """The cache entry for this teacher, training data, views and numerics; None when the cache cannot serve the run."""
     if not cfg.teacher_cache or not job.criterion.needs_teacher:
         return None

@@ -1,10 +1,11 @@
 """Fused sweeps: the jobs of a sweep that differ only in settings that keep the student's shapes (loss weights and
 temperature, seed, learning rate, weight decay, momentum) train in one process as one stacked model array (HFTA,
-Wang et al., MLSys 2021), through torch.func.stack_module_state and vmap(functional_call).
+Wang et al., MLSys 2021).
 
 Each member keeps its own run folder and records (run.json, metrics.jsonl, last.pt, best.pt, run_info.json,
 result.json, W&B run) in the form a lone run writes them, with its own criterion, its own SGD state and its own
-seed's batch order and augmentation; members of one seed share the batch and the teacher pass. A finished member is
+seed's batch order and augmentation; members of one seed share the batch and the teacher pass (or the teacher
+cache entry of their seed, which lone runs and fused groups read and write alike). A finished member is
 returned without training, an interrupted one resumes from its own last.pt, a member whose loss turns non-finite is
 stopped with the lone run's error while the others go on. hydra_plugins/kd_fused_launcher groups a sweep's jobs.
 
@@ -35,7 +36,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from kd import config, distributed, engine, feedback, fileio, hardware, records, tracking
 from kd.config import Phase
-from kd.loop import EpochSums, Job, predict, score
+from kd.loop import EpochSums, EpochTeacher, Job, predict, score
 from kd.methods.base import Step
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 # SGD hyperparameters. Everything else (models, data, teacher, epochs, batch size, schedule) is the group's key.
 FUSED_KEYS = ("seed", "optimizer.lr", "optimizer.weight_decay", "optimizer.momentum")
 LOSS_STRUCTURE = ("_target_", "standardize")  # the loss keys that are part of the group's key
-CPU_CHUNK_BYTES = 4 << 20  # the largest activation of a stacked model on the CPU (chunk_size)
+CPU_CHUNK_BYTES = 8 << 20  # the largest activation of a stacked model on the CPU (chunk_size)
 # Logit losses: a criterion with no adapter, no feature hook and no init stage, so a member is its student alone.
 FUSABLE_LOSSES = ("kd.methods.kd.KDLoss", "kd.methods.kd.SoftTargets", "kd.methods.dkd.DKDLoss",
                   "kd.methods.dist.DISTLoss", "kd.methods.base.CELoss", "kd.methods.base.Combined")
@@ -162,11 +163,12 @@ def train_part(members: list[Member], memory_gb: Optional[float], started: float
 
 
 def set_up_members(members: list[Member]) -> None:
-    """The leader's set-up as a lone run's (teacher found, read and measured; data loaded), shared by the others,
-    each with its own criterion, model (from its seed), optimizer and schedule."""
+    """The leader's set-up as a lone run's (teacher found, read and measured; data loaded, teacher cache opened),
+    shared by the others, each with its own criterion, model (from its seed), optimizer and schedule, and the teacher
+    cache entry of its seed (one per seed: the views, so the teacher's outputs, are the seed's)."""
     leader = members[0]
     leader.job, leader.facts, leader.info = engine.set_up(leader.cfg, leader.overrides, leader.checkpoint)
-    leader.job.cache = None  # the fused group runs its teacher live, once per seed's batch
+    caches = {leader.cfg.seed: leader.job.cache}
     for member in members[1:]:
         engine.check_resumed_data(member.cfg, member.checkpoint, leader.job.data)
         precision = member.checkpoint.get("precision") if member.checkpoint else None
@@ -174,6 +176,10 @@ def set_up_members(members: list[Member]) -> None:
                                       leader.job.data.device, leader.job.teacher, precision)
         member.job.teacher_predictions = leader.job.teacher_predictions
         member.facts, member.info = dict(leader.facts), dict(leader.info)
+        if leader.job.cache is not None and member.cfg.seed not in caches:
+            sha256 = leader.facts["teacher/sha256"]
+            caches[member.cfg.seed] = engine.open_teacher_cache(member.cfg, member.job, sha256)
+        member.job.cache = caches.get(member.cfg.seed)
 
 
 def group_size(job: Job, memory_gb: Optional[float]) -> int:
@@ -212,9 +218,10 @@ def saved_activations(job: Job) -> tuple[int, int]:
 
 def chunk_size(job: Job) -> int:
     """How many members one stacked model holds. On the CPU, as many as keep a layer's activations of all of them
-    within CPU_CHUNK_BYTES: a grouped layer larger than the caches costs more per member than a lone one (resnet8 x0.5
-    at 32 px, batch 64, on 2 AMD EPYC cores: 14 ms per member step in stacks of 2 or 4, 16 in stacks of 8, 26 in stacks
-    of 16; resnet20: 67 ms alone, 84 in stacks of 2). On a GPU, all of them (the memory cap bounds the group)."""
+    within CPU_CHUNK_BYTES: a grouped layer much larger than the caches costs more per member than a lone one. 8 jobs
+    of tools.bench --fused on 2 AMD EPYC cores, fused time over sequential time by stack size 1/2/4/8: quickstart
+    pair (resnet8 x0.5, 2 MiB per member) 0.56/0.51/0.50/0.48; resnet56 -> resnet20 (4 MiB per member)
+    0.63/0.65/0.72/0.93. On a GPU, all of them (the memory cap bounds the group)."""
     if job.data.device.type != "cpu":
         return 1 << 30
     return max(1, CPU_CHUNK_BYTES // saved_activations(job)[1])
@@ -301,17 +308,20 @@ def fused_epoch(members: list[Member], epoch: int, how: "Plan") -> None:
         record_epoch(member, metrics)
 
 
-def fused_steps(jobs: list[Job], students: "StackedStudents", epoch: int, sums: list[EpochSums]) -> None:
-    """The epoch's steps: each seed's batches (one loader and one teacher pass per distinct seed), the stacked
+def fused_steps(jobs: list[Job], students: "Stacks", epoch: int, sums: list[EpochSums]) -> None:
+    """The epoch's steps: each seed's batches (one loader and one teacher pass or cache read per seed), the stacked
     forward, each member's criterion on its own logits, one backward, the stacked SGD step."""
     data, batch_size = jobs[0].data, jobs[0].batch_size
     seeds = list(dict.fromkeys(job.seed for job in jobs))
     slot = [seeds.index(job.seed) for job in jobs]
     loaders = [data.epoch(seed, epoch, batch_size) for seed in seeds]
+    teachers = [EpochTeacher(jobs[slot.index(k)], epoch) for k in range(len(seeds))]  # live, or the seed's cache
     for step, batches in enumerate(zip(*loaders)):
         images = [data.inputs(batch.views) for batch in batches]
+        for seed_teacher, batch in zip(teachers, batches):
+            seed_teacher.seen += batch.size
         with jobs[0].autocast():
-            teacher = [teacher_logits(jobs[0], x) for x in images]
+            teacher = [t(x, batch.rows)[0] for t, x, batch in zip(teachers, images, batches)]
             shared = len(seeds) == 1
             logits = students(images[0] if shared else torch.stack([images[k] for k in slot]), shared)
             losses = []
@@ -323,15 +333,8 @@ def fused_steps(jobs: list[Job], students: "StackedStudents", epoch: int, sums: 
                 sums[i].add(step, losses[-1], terms, logits[i], batch.labels)
         torch.stack(losses).sum().backward()  # each member's gradient is its own loss's: the members are independent
         students.step()
-
-
-def teacher_logits(job: Job, images: Tensor) -> Optional[Tensor]:
-    """The teacher's float32 logits for a batch, as kd.loop.EpochTeacher computes them live; None without one."""
-    if job.teacher is None or not job.criterion.needs_teacher:
-        return None
-    with torch.inference_mode():
-        logits = job.teacher(images)
-    return logits.to(torch.float32, copy=True)
+    for seed_teacher in teachers:
+        seed_teacher.finish()  # an epoch run live, whole: into the seed's cache
 
 
 def evaluate(job: Job) -> dict[str, float]:
@@ -382,6 +385,8 @@ def finish_member(member: Member, started: float) -> None:
         if error is stopped:
             return
         raise
+    if job.cache is not None:
+        info.update(engine.teacher_cache_summary(job.cache))
     info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
     info["resumed_from_epoch"] = member.checkpoint["epoch"] if member.checkpoint else None
     result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))

@@ -168,14 +168,15 @@ def fused_sweep(teacher, tmp_path_factory) -> Path:
 
 
 def test_records_have_the_lone_runs_form_and_a_rerun_gives_the_same_bits(fused_sweep, teacher, tmp_path):
+    """... and the teacher cache entry a lone run wrote serves the member of its seed in a fused group (the others
+    run their teacher live), with the same bits."""
     lone = tmp_path / "lone"
-    engine.run(student(tmp_path, teacher, *MEMBERS["kd"][2]), lone)
+    engine.run(student(tmp_path, teacher, *MEMBERS["kd"][2]), lone)  # its cache: tmp_path / "teacher_cache"
     run = fused_sweep / "job2"
     assert listing(run) == listing(lone)
     for name in ("result.json", "run_info.json", "run.json"):
         ours, theirs = (json.loads((r / name).read_text()).keys() for r in (run, lone))
-        # A fused group runs its teacher live: run_info.json has no teacher-cache counts.
-        assert ours == {k for k in theirs if not k.startswith("teacher_cache/")}, name
+        assert ours == theirs, name
     for name in ("last.pt", "best.pt"):
         ours, theirs = (torch.load(r / name, weights_only=False) for r in (run, lone))
         assert ours.keys() == theirs.keys()
@@ -184,7 +185,10 @@ def test_records_have_the_lone_runs_form_and_a_rerun_gives_the_same_bits(fused_s
     assert [line.keys() for line in without_times(run)] == [line.keys() for line in without_times(lone)]
     assert "fused: trained in one process with the 2 other jobs" in (run / "train.log").read_text()
     again = tmp_path / "again"
-    fused.run_group(members(again, teacher, MEMBERS["kd"]))
+    fused.run_group(members(again, teacher, MEMBERS["kd"], f"teacher_cache_dir={tmp_path / 'teacher_cache'}"))
+    cache = [(info["teacher_cache/hits"], info["teacher_cache/misses"])
+             for info in (json.loads((again / f"job{i}" / "run_info.json").read_text()) for i in range(3))]
+    assert cache == [(0, 2), (0, 2), (2, 0)]  # seed 0's two members share one live pass; seed 1 reads lone's entry
     for i in range(3):
         assert same_bits(weights(fused_sweep / f"job{i}"), weights(again / f"job{i}"))
         assert without_times(fused_sweep / f"job{i}") == without_times(again / f"job{i}")

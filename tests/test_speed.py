@@ -118,7 +118,7 @@ def test_an_fp32_gpu_run_keeps_apart_from_entries_computed_with_tf32(tmp_path, t
         stand_in = SimpleNamespace(device=torch.device(device), channels_last=False, num_train=8,
                                    train_digest=lambda: "digest")
         job = SimpleNamespace(criterion=criterion, teacher=teacher, data=stand_in, amp_dtype=amp_dtype)
-        return engine.open_teacher_cache(cfg, job, tmp_path / "teacher.pt", "sha256").key
+        return engine.open_teacher_cache(cfg, job, "sha256").key
 
     torch.backends.cudnn.allow_tf32 = True  # set back by tf32_flags
     hardware.set_tf32(None)  # as build_job does for an fp32 job

@@ -108,9 +108,10 @@ def fused_window(jobs: list, how: fused.Plan, epoch: int) -> None:
 
 
 def teacher_window(job, epoch: int) -> None:
+    teacher = loop.EpochTeacher(job, epoch)  # live: the bench's jobs have no cache
     for batch in job.data.epoch(job.seed, epoch, job.batch_size):
         with job.autocast():
-            fused.teacher_logits(job, job.data.inputs(batch.views))
+            teacher(job.data.inputs(batch.views), batch.rows)
 
 
 def timed(windows: dict[str, Callable[[int], Any]], rounds: int, device: torch.device) -> dict[str, list[float]]:
