@@ -22,7 +22,6 @@ completion.install()  # tab completion of model@student= and of the Enum keys' v
 # write points (kd.records) raise for a read-only folder or a full disk. Not OSError at large: that would print a bug
 # or a failing disk as one line, without the traceback that locates it.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, TimeoutError, FolderBusy, CannotWrite)
-IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # its jobs see this command's argv
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -41,7 +40,7 @@ def main(cfg: DictConfig) -> Optional[float]:
     try:
         choices = dict(hydra_cfg.runtime.choices)  # which option of each config group (loss=kd): W&B tags
         result = engine.run(cfg, out_dir, overrides=list(hydra_cfg.overrides.task), choices=choices,
-                            resume_with="" if multirun else resume_command(cfg, hydra_cfg))
+                            resume_with="" if multirun else feedback.resume_command(cfg, hydra_cfg))
     except KeyboardInterrupt:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -66,20 +65,9 @@ def stop_interrupted(cfg: DictConfig, out_dir: Path, hydra_cfg: DictConfig) -> N
     if distributed.is_main():
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         epochs = engine.phase_config(cfg).epochs
-        print(feedback.interrupted_line(out_dir, epochs, resume_command(cfg, hydra_cfg), multirun), file=sys.stderr)
+        command = feedback.resume_command(cfg, hydra_cfg)
+        print(feedback.interrupted_line(out_dir, epochs, command, multirun), file=sys.stderr)
     raise SystemExit(130) from None
-
-
-def resume_command(cfg: DictConfig, hydra_cfg: DictConfig) -> str:
-    """The command that resumes this run (a sweep's job: relaunches the sweep) where it stopped: this command, plus
-    the folder when its name came from the time (run_name, hydra.run.dir or hydra.sweep.dir gives a lasting one)."""
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    key, folder = ("hydra.sweep.dir", hydra_cfg.sweep.dir) if multirun else ("hydra.run.dir", hydra_cfg.run.dir)
-    given = {o.split("=", 1)[0].lstrip("+~") for o in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]}
-    named = [] if cfg.run_name or key in given else [f"{key}={folder}"]
-    if multirun and hydra_cfg.launcher._target_ != IN_PROCESS_LAUNCHER:  # a worker process: argv is the launcher's
-        return f"the sweep's command{' with ' + named[0] if named else ''}"
-    return feedback.shell_command(["python", *sys.argv, *named])
 
 
 def skip_busy_job(out_dir: Path, busy: FolderBusy) -> None:

@@ -5,12 +5,14 @@ import fcntl
 import logging
 import os
 import shlex
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kd import fileio, records
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Launchers that run the jobs in this process: they see this command's argv.
+IN_PROCESS_LAUNCHERS = ("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                        "hydra_plugins.kd_fused_launcher.FusedLauncher")
 MAX_BEST_LINES = 3  # best configurations tied at the tables' precision shown at the end of a sweep
 
 
@@ -94,6 +99,18 @@ def interrupted_line(out_dir: Path, epochs: int, command: str, sweep: bool = Fal
     if sweep:
         return f"interrupted job {Path(out_dir).name} {where}: the sweep stopped; relaunch it with: {command}"
     return f"interrupted {where}; resume with: {command}"
+
+
+def resume_command(cfg: DictConfig, hydra_cfg: DictConfig) -> str:
+    """The command that resumes this run (a sweep's job: relaunches the sweep) where it stopped: this command, plus
+    the folder when its name came from the time (run_name, hydra.run.dir or hydra.sweep.dir gives a lasting one)."""
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    key, folder = ("hydra.sweep.dir", hydra_cfg.sweep.dir) if multirun else ("hydra.run.dir", hydra_cfg.run.dir)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in [*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task]}
+    named = [] if cfg.run_name or key in given else [f"{key}={folder}"]
+    if multirun and hydra_cfg.launcher._target_ not in IN_PROCESS_LAUNCHERS:  # a worker: argv is the launcher's
+        return f"the sweep's command{' with ' + named[0] if named else ''}"
+    return shell_command(["python", *sys.argv, *named])
 
 
 def shell_command(argv: list[str]) -> str:

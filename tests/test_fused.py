@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from hydra import compose, initialize
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fused, loop
 from support import tree_state
-from support.runs import TINY, compose_cfg, launch, report_text
+from support.runs import LABELS_ONLY, REPO, TINY, compose_cfg, launch, report_text, train_in_process
 
 # fp32: after the first step each parameter is within FP32_PARAMS of the lone run's (relative to the tensor's largest
 # value), and the loss of each of the first 3 steps within FP32_LOSS (relative). fp64: within FP64 after 5 steps.
@@ -311,3 +312,27 @@ def test_the_launcher_groups_fusable_jobs_and_says_why_a_job_runs_alone(teacher,
         groups = FusedLauncher().groups([Prepared(i, c) for i, c in enumerate(configs)], fused)
     assert [[job.index for job in group] for group in groups] == [[0, 1], [2], [3]]
     assert "#2 runs alone: loss kd.methods.crd.CRDLoss reads features or keeps state (logit losses fuse)" in caplog.text
+
+
+def test_ctrl_c_in_a_fused_group_prints_each_jobs_line_and_the_relaunch_resumes_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["-m", "hydra/launcher=fused", *LABELS_ONLY, "teacher_store=teachers", "epochs=2", "seed=0,1"]
+    real_epoch = fused.fused_epoch
+
+    def epoch(members, number, how):
+        if number == 2:
+            raise KeyboardInterrupt
+        real_epoch(members, number, how)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fused, "fused_epoch", epoch)
+        assert train_in_process(argv) == 130
+    [sweep] = (tmp_path / "outputs" / "multirun").glob("*/*")
+    command = shlex.join(["python", str(REPO / "train.py"), *argv, f"hydra.sweep.dir={sweep.relative_to(tmp_path)}"])
+    relaunch = f"the sweep stopped; relaunch it with: {command}"
+    assert capsys.readouterr().err == "".join(f"interrupted job seed={seed} after epoch 1 of 2: {relaunch}\n"
+                                              for seed in (0, 1))
+    assert train_in_process(shlex.split(command)[2:]) == 0
+    for seed in (0, 1):
+        info = json.loads((sweep / f"seed={seed}" / "run_info.json").read_text())
+        assert info["resumed_from_epoch"] == 1

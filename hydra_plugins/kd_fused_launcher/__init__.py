@@ -8,9 +8,11 @@ Each job gets its Hydra job folder as the basic launcher makes it, its own recor
 the sweep callback (kd.sweep) and kd.report see the sweep as if its jobs had run one after another.
 """
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence
 
 from hydra._internal.callbacks import Callbacks
 from hydra.core.hydra_config import HydraConfig
@@ -102,11 +104,30 @@ class FusedLauncher(Launcher):
                                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             job.member = returns[job.index].return_value
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        outcomes = fused.run_group([job.member for job in group], self.memory_gb)
+        try:
+            outcomes = fused.run_group([job.member for job in group], self.memory_gb)
+        except KeyboardInterrupt:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            stop_interrupted(group, self.config)
         for job, outcome in zip(group, outcomes):
             settle(returns[job.index], outcome)
             self.hydra_context.callbacks.on_job_end(config=job.config, job_return=returns[job.index])
         return returns
+
+
+def stop_interrupted(group: list[Prepared], config: DictConfig) -> NoReturn:
+    """Ctrl-C in a fused group: as train.py's jobs stop a sweep, one line per job the group had not finished (how far
+    it got, the command that relaunches the sweep) and the exit status a shell gives SIGINT."""
+    from kd import engine, feedback
+
+    command = feedback.resume_command(task_config(config), config.hydra)
+    for job in group:
+        member = job.member
+        if member is not None and member.outcome is None:
+            epochs = engine.phase_config(member.cfg).epochs
+            print(feedback.interrupted_line(member.out_dir, epochs, command, sweep=True), file=sys.stderr)
+    raise SystemExit(130) from None
 
 
 def task_config(config: DictConfig) -> DictConfig:
