@@ -95,6 +95,7 @@ class Member:
     info: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # [metrics, best] of its last epoch
     logger: Optional[logging.Logger] = None
+    tracker: Any = None  # its W&B run while it trains
 
     @property
     def epoch(self) -> int:
@@ -229,7 +230,7 @@ def chunk_size(job: Job) -> int:
 
 def train_fused(members: list[Member], started: float) -> None:
     """Each member's records begin as a lone run's (run.json, train.log, its last.pt restored), then one epoch loop
-    trains the members still going; each ends with run_info.json, its W&B run and result.json."""
+    trains the members still going; each ends with its W&B run, run_info.json and result.json."""
     try:
         for member in members:
             start_member(member, len(members))
@@ -244,13 +245,15 @@ def train_fused(members: list[Member], started: float) -> None:
     except Exception as error:  # noqa: BLE001 (each job fails with it, as each would alone; last.pt is kept)
         for member in members:
             member.outcome = error if member.outcome is None else member.outcome
-    finally:
+    finally:  # Ctrl-C or an error: the W&B runs still open end failed, as a lone run's
         for member in members:
+            end_run(member, failed=True)
             close_logger(member)
 
 
 def start_member(member: Member, size: int) -> None:
-    """What a lone run does once its checks have passed: run.json, train.log, its start line, last.pt restored."""
+    """What a lone run does once its checks have passed: run.json, train.log, its start line, last.pt restored, its
+    W&B run started (each member's run is open while the group trains, and logs each epoch as it ends)."""
     cfg, job = member.cfg, member.job
     member.record = member.record or engine.start_record(cfg, member.out_dir, member.overrides)
     member.logger = member_logger(member.out_dir)
@@ -260,6 +263,10 @@ def start_member(member: Member, size: int) -> None:
         engine.restore(job, member.checkpoint)
         member.history = [member.checkpoint["metrics"], member.checkpoint["best"]]
     fileio.keep_epochs(member.out_dir / "metrics.jsonl", member.epoch)
+    teacher_facts = {k: v for k, v in member.facts.items() if k.startswith("teacher")}
+    member.tracker = tracking.start(cfg, member.out_dir, member.record["wandb_id"], teacher_facts, member.choices)
+    member.tracker.summary.update({**member.facts, **member.info})
+    tracking.log_history(member.tracker, member.out_dir / "metrics.jsonl")  # a resumed member's epochs before
 
 
 def member_logger(out_dir: Path) -> logging.Logger:
@@ -297,6 +304,7 @@ def fused_epoch(members: list[Member], epoch: int, how: "Plan") -> None:
         except FloatingPointError as error:
             member.logger.error("%s", error)
             member.outcome = error
+            end_run(member, failed=True)  # as a lone run's, when it stops
             continue
         metrics = {"epoch": epoch, "lr": lr, **{f"train/{k}": v for k, v in averages.items()}}
         with warnings.catch_warnings():  # the stacked step, not this optimizer's step(), moved its parameters
@@ -354,6 +362,7 @@ def record_epoch(member: Member, metrics: dict[str, Any]) -> None:
     best = member.history[1] if member.history else None
     best = metrics if best is None or metrics[best_key] > best[best_key] else best
     member.history = [metrics, best]
+    member.tracker.log(metrics, step=metrics["epoch"])
     member.logger.info(engine.epoch_line(metrics, cfg.epochs))
     fileio.append_jsonl(member.out_dir / "metrics.jsonl", metrics)
     engine.save_checkpoints(job, cfg, member.out_dir, metrics, best, teacher_of(member))
@@ -365,34 +374,33 @@ def teacher_of(member: Member) -> dict[str, Any]:
 
 
 def finish_member(member: Member, started: float) -> None:
-    """The member's W&B run (its whole history, from metrics.jsonl), run_info.json and result.json (the commit
-    point); a stopped member's W&B run ends failed, as a lone run's does, and it writes neither file."""
+    """The member's W&B run ends, then run_info.json and result.json (the commit point) are written; a stopped
+    member's W&B run ends failed, as a lone run's does, and it writes neither file."""
     cfg, job, out_dir = member.cfg, member.job, member.out_dir
-    teacher_facts = {k: v for k, v in member.facts.items() if k.startswith("teacher")}
-    stopped = member.outcome
+    if member.outcome is not None:
+        end_run(member, failed=True)
+        return
     info = dict(member.info)
-    try:
-        with tracking.tracked(cfg, out_dir, member.record["wandb_id"], teacher_facts, member.choices) as tracker:
-            tracker.summary.update({**member.facts, **info})
-            tracking.log_history(tracker, out_dir / "metrics.jsonl")
-            if stopped is not None:
-                raise stopped
-            metrics, best = member.history
-            best_key = "val/acc1" if "val" in job.data.splits else "test/acc1"
-            result = {**member.facts, **engine.summarize(metrics, best, best_key)}
-            tracker.summary.update({**result, **info})
-    except BaseException as error:
-        if error is stopped:
-            return
-        raise
     if job.cache is not None:
         info.update(engine.teacher_cache_summary(job.cache))
+    metrics, best = member.history
+    best_key = "val/acc1" if "val" in job.data.splits else "test/acc1"
+    result = {**member.facts, **engine.summarize(metrics, best, best_key)}
+    member.tracker.summary.update({**result, **info})
+    end_run(member, failed=False)
     info.update(wall_time_s=time.perf_counter() - started, env=records.environment(job.data.device))
     info["resumed_from_epoch"] = member.checkpoint["epoch"] if member.checkpoint else None
     result.update(world_size=distributed.world_size(), config=records.plain_config(cfg))
     fileio.write_json(out_dir / "run_info.json", info)
     fileio.write_json(out_dir / "result.json", result)  # the commit point: the member is finished
     member.outcome = result
+
+
+def end_run(member: Member, failed: bool) -> None:
+    """Finish the member's W&B run (exit code 1 when it failed or its group stopped), once."""
+    if member.tracker is not None:
+        member.tracker.finish(exit_code=1 if failed else None)
+        member.tracker = None
 
 
 class StackedStudents:

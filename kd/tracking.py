@@ -158,7 +158,8 @@ def _init(cfg: DictConfig, mode: str, args: dict[str, Any]):
     # Settings and copies of the arguments per call: wandb.init writes into what it is given, and a failed online
     # start is tried again offline.
     settings = wandb.Settings(console="off", silent=True, init_timeout=cfg.logger.init_timeout_s)
-    return wandb.init(mode=mode, settings=settings, **copy.deepcopy(args))
+    # create_new: runs of one process are independent (a fused group's members log at once, kd.fused).
+    return wandb.init(mode=mode, settings=settings, reinit="create_new", **copy.deepcopy(args))
 
 
 def announce(run, out_dir: Path) -> None:

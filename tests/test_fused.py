@@ -21,7 +21,7 @@ from hydra import compose, initialize
 
 import kd.config  # noqa: F401  (registers the schema)
 from kd import engine, fused, loop
-from support import tree_state
+from support import tree_state, wandb_history, wandb_records, wandb_segments
 from support.runs import LABELS_ONLY, REPO, TINY, compose_cfg, launch, report_text, train_in_process
 
 # fp32: after the first step each parameter is within FP32_PARAMS of the lone run's (relative to the tensor's largest
@@ -229,6 +229,19 @@ def listing(folder: Path) -> list[str]:
 
 def state(folder: Path) -> dict[str, str]:
     return {k: v for k, v in tree_state(folder).items() if Path(k).name != ".lock"}
+
+
+def test_each_member_logs_its_epochs_to_its_own_wandb_run_as_a_lone_run_does(teacher, tmp_path):
+    group = members(tmp_path, teacher, MEMBERS["kd"][:2], "logger.mode=offline")
+    assert all(isinstance(outcome, dict) for outcome in fused.run_group(group))
+    for member in group:
+        [segment] = wandb_segments(member.out_dir)
+        records = wandb_records(segment)
+        history = [{k: v for k, v in row.items() if not k.startswith("_")} for row in wandb_history(segment)]
+        assert history == [json.loads(line) for line in (member.out_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r.exit.exit_code for r in records if r.HasField("exit")] == [0]
+        run_id = json.loads((member.out_dir / "run.json").read_text())["wandb_id"]
+        assert [r.run.run_id for r in records if r.HasField("run")] == [run_id]
 
 
 def test_a_diverging_member_stops_as_alone_and_its_group_goes_on(teacher, tmp_path):
