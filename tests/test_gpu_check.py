@@ -31,11 +31,14 @@ def test_quick_form_on_the_cpu_runs_what_it_can_and_says_why_it_skips_the_rest(t
     assert fp16["status"] == "pass", fp16
     assert fp16["runs"]["fp16"]["initial_scale"] == 65536.0 and fp16["runs"]["fp32"]["final_scale"] is None
     assert fp16["relative_difference"] <= gpu_check.FP16_TOLERANCE
-    for name in ("bench", "deterministic", "bf16_accuracy"):
+    for name in ("bench", "deterministic", "bf16_accuracy", "fused"):
         assert items[name]["status"] == "pass", items[name]
         assert items[name]["wall_s"] > 0 and items[name]["summary"]
     assert items["bench"]["bf16_peak"] == "skipped: no CUDA device"
     assert items["bench"]["figures"]["c_engine_cached"]["steps_per_s"] > 0
+    fused = items["fused"]["figures"]["quickstart"]
+    assert fused["jobs"] == 2 and fused["ratio"] == fused["fused_s"] / fused["sequential_s"] and fused["vmap_s"] > 0
+    assert fused["plan"] == {"chunk": fused["plan"]["chunk"], "grouped": True}
     assert items["deterministic"]["differing"] == {} and items["deterministic"]["metrics"]["test/acc1"] >= 0
     bf16 = items["bf16_accuracy"]
     assert bf16["bf16_minus_fp32"]["student_acc1"] == pytest.approx(

@@ -8,7 +8,8 @@ A window is `--steps` training steps of every job: one after another, each job's
 (kd.loop.train_one_epoch, its teacher run live), or all jobs at once (kd.fused.fused_steps, one batch and one
 teacher pass shared, as the jobs share their seed); the fused window includes stacking the members and writing them
 back, which a fused epoch does once. The two take turns window by window after a warm-up window of each, and each
-one's median window is compared. The lone jobs' teacher pass is also timed alone: a sweep whose teacher cache is
+one's median window is compared; the fused jobs are also timed through vmap (kd.fused.StackedStudents) in the
+same stacks. The lone jobs' teacher pass is also timed alone: a sweep whose teacher cache is
 warm skips it, so the ratio against the jobs with that pass taken out of all but one job is printed beside it.
 """
 import argparse
@@ -39,10 +40,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {}
     for name in args.pairs:
         results[name] = figures = fused_ratio(PAIRS[name], args)
+        how = figures["plan"]
         print(f"{name}: {args.jobs} jobs, {args.steps} steps, {figures['device']}: sequential "
-              f"{figures['sequential_s']:.3f}s, fused {figures['fused_s']:.3f}s, ratio {figures['ratio']:.3f} "
-              f"(x{1 / figures['ratio']:.2f}); teacher pass {figures['teacher_s']:.3f}s per job, ratio against the "
-              f"jobs with it counted once {figures['ratio_teacher_once']:.3f}", flush=True)
+              f"{figures['sequential_s']:.3f}s, fused {figures['fused_s']:.3f}s "
+              f"({'grouped' if how.grouped else 'vmap'}, stacks of {min(how.chunk, args.jobs)}), ratio "
+              f"{figures['ratio']:.3f} (x{1 / figures['ratio']:.2f}); through vmap {figures['vmap_s']:.3f}s, ratio "
+              f"{figures['vmap_s'] / figures['sequential_s']:.3f}; teacher pass {figures['teacher_s']:.3f}s per job, "
+              f"ratio against the jobs with it counted once {figures['ratio_teacher_once']:.3f}", flush=True)
     return results
 
 
@@ -93,12 +97,14 @@ def fused_ratio(pair: list[str], args: argparse.Namespace) -> dict[str, Any]:
         job.progress_bar = False
     how = fused.plan(jobs)  # once per group, as kd.fused.train_fused
     windows = {"sequential": lambda n: [loop.train_one_epoch(job, n + 1) for job in jobs],
-               "fused": lambda n: fused_window(jobs, how, n + 1), "teacher": lambda n: teacher_window(jobs[0], n + 1)}
+               "fused": lambda n: fused_window(jobs, how, n + 1),
+               "vmap": lambda n: fused_window(jobs, fused.Plan(how.chunk, grouped=False), n + 1),
+               "teacher": lambda n: teacher_window(jobs[0], n + 1)}
     seconds = {name: statistics.median(times) for name, times in timed(windows, args.windows, device).items()}
     once = seconds["sequential"] - (len(jobs) - 1) * seconds["teacher"]
     return {"device": str(device), "jobs": len(jobs), "steps": args.steps, "sequential_s": seconds["sequential"],
-            "fused_s": seconds["fused"], "teacher_s": seconds["teacher"], "ratio": seconds["fused"] /
-            seconds["sequential"], "ratio_teacher_once": seconds["fused"] / once}
+            "fused_s": seconds["fused"], "vmap_s": seconds["vmap"], "plan": how, "teacher_s": seconds["teacher"],
+            "ratio": seconds["fused"] / seconds["sequential"], "ratio_teacher_once": seconds["fused"] / once}
 
 
 def fused_window(jobs: list, how: fused.Plan, epoch: int) -> None:

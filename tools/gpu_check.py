@@ -23,13 +23,15 @@ every item, so a run cut short keeps what it finished. An item starts only while
   compile        one short KD student run eager, one with compile=true and, on CUDA, one with
                  compile_mode=reduce-overhead (CUDA graphs): losses, accuracies, seconds per epoch (the first includes
                  the compilation) and milliseconds per training step.
+  fused          tools.bench --fused: a 16-job sweep trained as fused groups (kd.fused) against the same jobs one
+                 after another, on the quickstart pair and resnet56 -> resnet20 at CIFAR shapes (--quick: 2 jobs).
 
 Without CUDA, syncs and the bench's bf16 peak are "skipped: no CUDA device". --quick shrinks every run to seconds on
 a CPU (quarter-width CNNs on 16x16 digits, 1 epoch, one-step bench windows); compile is then skipped on the CPU,
 where inductor's first compile alone takes minutes.
 
 Never run on a GPU yet (written on a CPU-only machine, their logic tested there with CUDA stood in for): the syncs
-cases beyond KD and CRD (every loss, live and cached), fp16, and compile's reduce_overhead run.
+cases beyond KD and CRD (every loss, live and cached), fp16, compile's reduce_overhead run, and fused.
 """
 import argparse
 import json
@@ -60,7 +62,7 @@ from kd import engine, fileio, hardware, loop, records
 from kd.config import Phase
 from kd.methods.base import Step
 from kd.teacher_cache import TeacherCache
-from tools import bench
+from tools import bench, bench_fused
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10"
@@ -78,6 +80,10 @@ CIFAR = ["dataset=imagefolder", "model@teacher=resnet20", "model@student=resnet8
          "epochs=5", "scheduler=cosine"]
 # tools.bench, short: its default pair and window length (100 steps on CUDA), 3 timed windows; --quick: one step.
 BENCH = ["--windows", "3"]
+# fused: the quickstart pair's 16-job sweep fused against its jobs one after another (the issue's goal: 5x on a GPU).
+FUSED_BENCH = ["--jobs", "16", "--pairs", "quickstart", "cifar_resnet56_resnet20"]
+QUICK_FUSED_BENCH = ["++dataset.source.image_size=16", "student.width=0.25", "--jobs", "2", "--steps", "1",
+                     "--windows", "1", "--pairs", "quickstart"]
 QUICK_BENCH = ["--teacher", "resnet8", "--student", "resnet8", "--window-steps", "1", "--windows", "1",
                "--workers", "0", "--num-classes", "10"]
 
@@ -335,6 +341,14 @@ def check_bench(check: Check) -> dict[str, Any]:
     return {**result, "summary": summary}
 
 
+def check_fused(check: Check) -> dict[str, Any]:
+    """tools.bench --fused: a fused sweep against the same jobs one after another, on each pair."""
+    figures = bench_fused.main([f"device={check.device}", *(QUICK_FUSED_BENCH if check.quick else FUSED_BENCH)])
+    figures = {pair: {k: (vars(v) if k == "plan" else v) for k, v in f.items()} for pair, f in figures.items()}
+    summary = ", ".join(f"{pair} {f['jobs']} jobs x{1 / f['ratio']:.2f}" for pair, f in figures.items())
+    return {"status": "pass", "figures": figures, "summary": summary}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # deterministic, bf16_accuracy: train.py processes
 
@@ -522,8 +536,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 ITEMS: dict[str, Callable[[Check], dict[str, Any]]] = {
     "syncs": check_syncs, "bench": check_bench, "deterministic": check_deterministic,
-    "bf16_accuracy": check_bf16_accuracy, "fp16": check_fp16, "compile": check_compile,
-    # The fused sweep's item (kd/fused*.py: one process training several students) goes here, with its section above.
+    "bf16_accuracy": check_bf16_accuracy, "fp16": check_fp16, "compile": check_compile, "fused": check_fused,
 }
 NEEDS_CUDA = {"syncs"}
 
