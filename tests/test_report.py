@@ -5,11 +5,12 @@ import shutil
 import statistics
 from pathlib import Path
 
+import matplotlib.figure
 import matplotlib.image
 import pytest
 
 from kd import report
-from support import forked
+from support import forked, tree_state
 from support.jobs import fake_config, fake_job, section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +143,24 @@ def test_plots_are_valid_pngs(out):
         assert f"![{name}]({name})" in markdown
     assert not (out / "acc_vs_params.png").exists()  # one student width: nothing to plot against
     assert "acc_vs_params.png skipped" in markdown
+
+
+def test_a_report_that_fails_while_writing_leaves_the_previous_files_whole(sweep, out, tmp_path, monkeypatch):
+    """Every file is written atomically: a plot that fails half-written (a full disk) changes no file, where
+    savefig into the file itself would have truncated the previous plot."""
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    before = tree_state(again)
+
+    def half_written(figure, target, **options):
+        target.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
+    options = report.Options(pivots=[("loss.alpha", "loss.temperature")], latex=True)
+    with pytest.raises(OSError, match="No space left"):
+        report.write_report([sweep], again, options)
+    assert tree_state(again) == before
 
 
 def test_deleted_result_is_listed_and_its_group_is_short(sweep, tmp_path, capsys):

@@ -113,9 +113,10 @@ def write_report(sweep_dirs: Sequence[Path], out_dir: Optional[Path] = None, opt
     for name, csv_rows in report.csvs.items():
         write_csv(out_dir / name, csv_rows)
     plot_lines = write_plots(report.rows, out_dir, options.primary)
-    (out_dir / "report.md").write_text("\n".join([*report.markdown, "## Plots", "", *[f"{x}\n" for x in plot_lines]]))
+    markdown = "\n".join([*report.markdown, "## Plots", "", *[f"{x}\n" for x in plot_lines]])
+    fileio.atomic_write_bytes(out_dir / "report.md", markdown.encode())
     if options.latex:
-        (out_dir / "report.tex").write_text("\n".join(report.latex))
+        fileio.atomic_write_bytes(out_dir / "report.tex", "\n".join(report.latex).encode())
     print(aligned_table(report.main))
     for line in report.warnings:
         print(f"kd.report: {line}", file=sys.stderr)

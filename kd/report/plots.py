@@ -1,4 +1,5 @@
 """PNG plots for kd.report: heatmaps, accuracy against model size, training curves (matplotlib, Agg)."""
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from kd import fileio  # noqa: E402
 
 
 @dataclass
@@ -84,6 +87,9 @@ def finish(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str, path: Path) 
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """The figure in `path`'s format, written atomically (a reader sees the old file or the new one)."""
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix.lstrip("."), dpi=120, bbox_inches="tight")
     plt.close(fig)
+    fileio.atomic_write_bytes(path, image.getvalue())
     return path

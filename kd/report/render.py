@@ -1,11 +1,13 @@
 """Rows -> tables: the cells (mean ± std, n, Δ), the main table's columns, pivot tables, and each table as Markdown,
 aligned text (the terminal), LaTeX (pandas' Styler) and CSV."""
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from kd import fileio
 from kd.report.aggregate import Group, Panel, Row, best_rows, key_columns, varying_keys
 from kd.report.keys import (
     METHOD,
@@ -295,8 +297,10 @@ def csv_value(value: Optional[float]) -> Any:
 
 
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """The records as a CSV file, written atomically (a reader sees the old file or the new one)."""
     names = list(dict.fromkeys(k for record in records for k in record))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        writer.writerows(records)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=names)
+    writer.writeheader()
+    writer.writerows(records)
+    fileio.atomic_write_bytes(path, text.getvalue().encode())
