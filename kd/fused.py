@@ -543,6 +543,9 @@ class GroupedStudents(StackedStudents):
         images = jobs[0].data.sample_inputs(min(self.CHECK_IMAGES, jobs[0].data.num_train))
         kept = [(job.model.training, {k: v.clone() for k, v in job.model.named_buffers()}) for job in jobs]
         stacked = {k: v.clone() for k, v in self.buffers.items()}
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        # IEEE fp32 on a GPU too (a bf16 run leaves TF32 on): the logits then differ by the sums' order alone
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         try:
             with torch.no_grad():
                 alone = torch.stack([job.model.train()(images) for job in jobs]).float()
@@ -553,6 +556,7 @@ class GroupedStudents(StackedStudents):
             say_once(f"fused group runs through vmap: the grouped model failed ({error})")
             return False
         finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
             for job, (mode, buffers) in zip(jobs, kept):
                 job.model.train(mode).load_state_dict(buffers, strict=False)
             for name, value in stacked.items():

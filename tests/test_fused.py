@@ -130,7 +130,13 @@ def test_a_model_that_mixes_channels_is_stacked_through_vmap(teacher, tmp_path, 
     group = members(tmp_path, teacher, MEMBERS["kd"])
     fused.set_up_members(group)
     jobs = [m.job for m in group]
-    assert fused.plan(jobs) == fused.Plan(fused.chunk_size(jobs[0]), True)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a bf16 run leaves them
+    try:  # the check turns them off while it runs, then back on
+        assert fused.plan(jobs) == fused.Plan(fused.chunk_size(jobs[0]), True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     for job in jobs:
         job.model = ShuffledCNN(job.model)
     fused.say_once.cache_clear()
