@@ -235,6 +235,8 @@ def train_fused(members: list[Member], started: float) -> None:
         for member in members:
             start_member(member, len(members))
         how = plan([m.job for m in members])
+        log.info("fused group of %d: %s, in stacks of %d", len(members),
+                 "grouped convolutions" if how.grouped else "vmap", min(how.chunk, len(members)))
         for epoch in range(members[0].epoch + 1, members[0].cfg.epochs + 1):
             active = [m for m in members if m.outcome is None]
             if not active:

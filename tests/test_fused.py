@@ -311,6 +311,7 @@ def test_the_fused_launcher_runs_a_sweep_that_kd_report_reads_as_a_lone_sweep(te
                   "loss.alpha=0.5,0.9", "seed=0,1", multirun=True)
     assert proc.returncode == 0, proc.stdout
     assert "fused group of 4: #0, #1, #2, #3" in proc.stdout
+    assert "fused group of 4: grouped convolutions, in stacks of 4" in proc.stdout
     assert "sweep " + str(sweep) + ": 4 finished" in proc.stdout
     for run in sweep.iterdir():
         if run.is_dir():
