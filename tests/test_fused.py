@@ -132,11 +132,14 @@ def test_a_model_that_mixes_channels_is_stacked_through_vmap(teacher, tmp_path, 
     jobs = [m.job for m in group]
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a bf16 run leaves them
+    before = [copy.deepcopy(job.model.state_dict()) for job in jobs]
     try:  # the check turns them off while it runs, then back on
         assert fused.plan(jobs) == fused.Plan(fused.chunk_size(jobs[0]), True)
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    # its train-mode forwards put every BatchNorm statistic back
+    assert all(same_bits(b, job.model.state_dict()) for b, job in zip(before, jobs))
     for job in jobs:
         job.model = ShuffledCNN(job.model)
     fused.say_once.cache_clear()
@@ -146,6 +149,18 @@ def test_a_model_that_mixes_channels_is_stacked_through_vmap(teacher, tmp_path, 
     assert [type(chunk) for chunk in fused.stack_students(jobs, how).stacks] == [fused.StackedStudents]
     assert "runs through vmap: the grouped model's logits differ" in caplog.text
     assert "member 0's depend on other members" in caplog.text
+
+
+def test_a_model_with_a_layer_that_has_no_grouped_counterpart_is_stacked_through_vmap(teacher, tmp_path, caplog):
+    group = members(tmp_path, teacher, MEMBERS["kd"])
+    fused.set_up_members(group)
+    jobs = [m.job for m in group]
+    for job in jobs:
+        job.model.block2[1] = torch.nn.GroupNorm(2, job.model.block2[1].num_features)
+    fused.say_once.cache_clear()
+    with caplog.at_level(logging.INFO, logger="kd.fused"):
+        assert not fused.plan(jobs).grouped
+    assert "runs through vmap: block2.1 (GroupNorm) has no grouped counterpart" in caplog.text
 
 
 def without_times(run: Path) -> list[dict]:
